@@ -1,0 +1,359 @@
+//! Portcullis as an MCP client of one upstream server over Streamable HTTP.
+//!
+//! This is the only module that touches rmcp's client. It speaks the newest protocol the
+//! upstream supports (2026-07-28 via `server/discover`, falling back to the 2025 `initialize`
+//! handshake), keeps the tool catalog fresh (on `list_changed` and on a timer), reconnects after
+//! failures with backoff, and reports health.
+
+use chrono::{DateTime, Utc};
+use portcullis_crds::snapshot::Upstream;
+use rmcp::ClientHandler;
+use rmcp::model::{
+    CallToolRequestParams, CallToolResult, ClientCapabilities, ClientConfig, Implementation, ProtocolVersion, Tool,
+};
+use rmcp::service::{
+    ClientCacheConfig, ClientInitializeError, ClientLifecycleMode, ClientServiceExt, NotificationContext, RoleClient,
+    RunningService, ServiceError,
+};
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::sync::{Mutex, Notify};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+const LIST_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Health of an upstream as this process observes it.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct ConnectionHealth {
+    /// `unknown` (not yet contacted), `healthy` or `unhealthy`.
+    pub health: String,
+    /// Protocol version spoken with the upstream, once connected.
+    pub protocol_version: Option<String>,
+    /// Tools in the last catalog fetched.
+    pub tool_count: usize,
+    /// Why the last contact failed.
+    pub last_error: Option<String>,
+    /// When the catalog was last fetched.
+    pub catalog_fetched_at: Option<DateTime<Utc>>,
+}
+
+/// Why a tool call did not produce an upstream result.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The upstream did not answer in time; the call was cancelled upstream.
+    #[error("the upstream did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The upstream cannot be reached or its session failed.
+    #[error("the upstream is unavailable: {0}")]
+    Unavailable(String),
+    /// The upstream answered with a JSON-RPC error.
+    #[error("the upstream refused the call: {}", .0.message)]
+    Rpc(rmcp::ErrorData),
+}
+
+/// Receives the upstream's notifications.
+#[derive(Clone)]
+struct Listener {
+    catalog_changed: Arc<Notify>,
+}
+
+impl ClientHandler for Listener {
+    async fn on_tool_list_changed(&self, _context: NotificationContext<RoleClient>) {
+        self.catalog_changed.notify_one();
+    }
+
+    fn get_info(&self) -> ClientConfig {
+        ClientConfig::new(ClientCapabilities::default(), Implementation::new("portcullis", env!("CARGO_PKG_VERSION")))
+    }
+}
+
+struct State {
+    health: portcullis_crds::kinds::Health,
+    protocol_version: Option<String>,
+    last_error: Option<String>,
+    catalog: Arc<Vec<Tool>>,
+    catalog_fetched_at: Option<DateTime<Utc>>,
+}
+
+/// One upstream MCP server and its background refresher.
+pub struct McpUpstream {
+    /// Tenant of the Connection.
+    pub tenant: String,
+    /// Connection name.
+    pub name: String,
+    upstream: Upstream,
+    http: reqwest::Client,
+    live: Mutex<Option<Arc<RunningService<RoleClient, Listener>>>>,
+    state: RwLock<State>,
+    catalog_changed: Arc<Notify>,
+    refresher: RwLock<Option<tokio::task::AbortHandle>>,
+    // True once the first catalog fetch has succeeded or failed.
+    first_attempt: tokio::sync::watch::Sender<bool>,
+}
+
+impl Drop for McpUpstream {
+    fn drop(&mut self) {
+        if let Some(handle) = self.refresher.get_mut().ok().and_then(|h| h.take()) {
+            handle.abort();
+        }
+    }
+}
+
+impl McpUpstream {
+    /// Creates the connection and starts refreshing its catalog in the background.
+    pub fn start(tenant: String, name: String, upstream: Upstream, http: reqwest::Client) -> Arc<Self> {
+        let this = Arc::new(Self {
+            tenant,
+            name,
+            upstream,
+            http,
+            live: Mutex::new(None),
+            state: RwLock::new(State {
+                health: portcullis_crds::kinds::Health::Unknown,
+                protocol_version: None,
+                last_error: None,
+                catalog: Arc::default(),
+                catalog_fetched_at: None,
+            }),
+            catalog_changed: Arc::new(Notify::new()),
+            refresher: RwLock::new(None),
+            first_attempt: tokio::sync::watch::channel(false).0,
+        });
+        // The task holds only a weak reference, so dropping the connection ends it.
+        let weak = Arc::downgrade(&this);
+        let handle = tokio::spawn(refresh_loop(weak));
+        *this.refresher.write().unwrap_or_else(|e| e.into_inner()) = Some(handle.abort_handle());
+        this
+    }
+
+    /// Waits (at most `limit`) until the first catalog fetch has finished, so that the first
+    /// requests after a start or reload see the upstream's tools instead of an empty list.
+    pub async fn wait_first_attempt(&self, limit: Duration) {
+        let mut done = self.first_attempt.subscribe();
+        let _ = tokio::time::timeout(limit, done.wait_for(|d| *d)).await;
+    }
+
+    /// The settings this connection was started with.
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
+    /// The last tool catalog fetched (the upstream's own names).
+    pub fn catalog(&self) -> Arc<Vec<Tool>> {
+        self.read_state().catalog.clone()
+    }
+
+    /// Health as observed.
+    pub fn health(&self) -> ConnectionHealth {
+        let s = self.read_state();
+        ConnectionHealth {
+            health: format!("{:?}", s.health).to_lowercase(),
+            protocol_version: s.protocol_version.clone(),
+            tool_count: s.catalog.len(),
+            last_error: s.last_error.clone(),
+            catalog_fetched_at: s.catalog_fetched_at,
+        }
+    }
+
+    fn read_state(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn url(&self) -> &str {
+        let Upstream::Mcp { url, .. } = &self.upstream;
+        url
+    }
+
+    fn refresh_interval(&self) -> Duration {
+        let Upstream::Mcp { refresh_interval_seconds, .. } = &self.upstream;
+        Duration::from_secs(u64::from(*refresh_interval_seconds))
+    }
+
+    fn transport(&self) -> Result<StreamableHttpClientTransport<reqwest::Client>, String> {
+        let Upstream::Mcp { url, headers, .. } = &self.upstream;
+        let mut config = StreamableHttpClientTransportConfig::with_uri(url.as_str());
+        let mut custom = HashMap::new();
+        for (name, value) in headers {
+            if name.eq_ignore_ascii_case("authorization")
+                && let Some(token) = value.expose().strip_prefix("Bearer ")
+            {
+                config = config.auth_header(token.to_string());
+                continue;
+            }
+            let name =
+                http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| format!("invalid header name {name:?}"))?;
+            let value =
+                http::HeaderValue::from_str(value.expose()).map_err(|_| format!("invalid value for header {name}"))?;
+            custom.insert(name, value);
+        }
+        Ok(StreamableHttpClientTransport::with_client(self.http.clone(), config.custom_headers(custom)))
+    }
+
+    async fn handshake(
+        &self,
+        lifecycle: ClientLifecycleMode,
+    ) -> Result<RunningService<RoleClient, Listener>, ClientInitializeError> {
+        let listener = Listener { catalog_changed: self.catalog_changed.clone() };
+        let transport = self.transport().map_err(ClientInitializeError::ConnectionClosed)?;
+        match tokio::time::timeout(CONNECT_TIMEOUT, listener.serve_with_lifecycle(transport, lifecycle)).await {
+            Ok(result) => result,
+            Err(_) => Err(ClientInitializeError::ConnectionClosed(format!("no answer within {CONNECT_TIMEOUT:?}"))),
+        }
+    }
+
+    async fn connect(&self) -> Result<Arc<RunningService<RoleClient, Listener>>, String> {
+        let auto = ClientLifecycleMode::Auto {
+            preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+            legacy_version: Some(ProtocolVersion::V_2025_11_25),
+        };
+        let service = match self.handshake(auto).await {
+            Ok(service) => service,
+            // A server that answers discovery but lists only 2025 versions is served through
+            // the initialize handshake, at the newest version it offers.
+            Err(ClientInitializeError::NoCompatibleProtocolVersion { server_supported, .. })
+                if server_supported.iter().any(|v| v.has_initialize()) =>
+            {
+                self.handshake(ClientLifecycleMode::Initialize)
+                    .await
+                    .map_err(|e| format!("cannot initialize a session with {}: {e}", self.url()))?
+            }
+            Err(e) => return Err(format!("cannot connect to {}: {e}", self.url())),
+        };
+        // Portcullis keeps its own catalog; rmcp's response cache would only add staleness.
+        service.peer().set_response_cache_config(ClientCacheConfig::disabled()).await;
+        let protocol = service.peer().peer_info().map(|info| info.protocol_version.to_string());
+        tracing::info!(tenant = %self.tenant, connection = %self.name, protocol = ?protocol, "Connected to upstream");
+        self.write_state().protocol_version = protocol;
+        Ok(Arc::new(service))
+    }
+
+    /// The live client, connecting (or reconnecting after a failure) when needed.
+    async fn live(&self) -> Result<Arc<RunningService<RoleClient, Listener>>, String> {
+        let mut live = self.live.lock().await;
+        if let Some(service) = live.as_ref()
+            && !service.peer().is_transport_closed()
+        {
+            return Ok(service.clone());
+        }
+        *live = None;
+        let service = self.connect().await.inspect_err(|e| self.mark_unhealthy(e.clone()))?;
+        *live = Some(service.clone());
+        Ok(service)
+    }
+
+    fn mark_unhealthy(&self, error: String) {
+        let mut state = self.write_state();
+        if state.health != portcullis_crds::kinds::Health::Unhealthy {
+            tracing::warn!(tenant = %self.tenant, connection = %self.name, %error, "Upstream unhealthy");
+        }
+        state.health = portcullis_crds::kinds::Health::Unhealthy;
+        state.last_error = Some(error);
+    }
+
+    fn mark_healthy(&self) {
+        let mut state = self.write_state();
+        if state.health == portcullis_crds::kinds::Health::Unhealthy {
+            tracing::info!(tenant = %self.tenant, connection = %self.name, "Upstream healthy again");
+        }
+        state.health = portcullis_crds::kinds::Health::Healthy;
+        state.last_error = None;
+    }
+
+    async fn forget_live(&self) {
+        *self.live.lock().await = None;
+    }
+
+    /// Fetches the whole tool catalog, following pagination.
+    pub async fn refresh(&self) -> Result<(), String> {
+        let service = self.live().await?;
+        let result = tokio::time::timeout(LIST_TIMEOUT, service.peer().list_all_tools()).await;
+        let tools = match result {
+            Ok(Ok(tools)) => tools,
+            Ok(Err(e)) => {
+                let error = format!("tools/list failed: {e}");
+                self.mark_unhealthy(error.clone());
+                self.forget_live().await;
+                return Err(error);
+            }
+            Err(_) => {
+                let error = format!("tools/list did not answer within {LIST_TIMEOUT:?}");
+                self.mark_unhealthy(error.clone());
+                self.forget_live().await;
+                return Err(error);
+            }
+        };
+        self.mark_healthy();
+        let mut state = self.write_state();
+        state.catalog = Arc::new(tools);
+        state.catalog_fetched_at = Some(Utc::now());
+        Ok(())
+    }
+
+    /// Calls an upstream tool (by the upstream's own name), cancelling it after `timeout`.
+    pub async fn call(
+        &self,
+        tool: &str,
+        arguments: Option<serde_json::Map<String, serde_json::Value>>,
+        timeout: Duration,
+    ) -> Result<CallToolResult, CallError> {
+        let service = self.live().await.map_err(CallError::Unavailable)?;
+        let mut params = CallToolRequestParams::new(tool.to_string());
+        if let Some(arguments) = arguments {
+            params = params.with_arguments(arguments);
+        }
+        // Dropping the call future on timeout makes rmcp send a cancellation upstream.
+        match tokio::time::timeout(timeout, service.peer().call_tool(params)).await {
+            Err(_) => Err(CallError::Timeout(timeout)),
+            Ok(Ok(result)) => {
+                self.mark_healthy();
+                Ok(result)
+            }
+            Ok(Err(ServiceError::McpError(error))) => {
+                self.mark_healthy();
+                Err(CallError::Rpc(error))
+            }
+            Ok(Err(e)) => {
+                let error = format!("{e}");
+                self.mark_unhealthy(error.clone());
+                self.forget_live().await;
+                self.catalog_changed.notify_one();
+                Err(CallError::Unavailable(error))
+            }
+        }
+    }
+}
+
+async fn refresh_loop(connection: std::sync::Weak<McpUpstream>) {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let Some(this) = connection.upgrade() else { return };
+        let outcome = this.refresh().await;
+        this.first_attempt.send_replace(true);
+        let wait = match outcome {
+            Ok(()) => {
+                backoff = Duration::from_millis(500);
+                this.refresh_interval()
+            }
+            Err(_) => {
+                let wait = backoff;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                wait
+            }
+        };
+        let changed = this.catalog_changed.clone();
+        drop(this);
+        tokio::select! {
+            _ = changed.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}

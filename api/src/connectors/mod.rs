@@ -1,0 +1,48 @@
+//! Upstream connections: one live client per Connection of the current snapshot, kept in step
+//! with the snapshot (added, replaced when their settings change, dropped when removed).
+
+pub mod mcp;
+
+use portcullis_crds::Snapshot;
+use portcullis_crds::snapshot::Upstream;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+pub use mcp::{CallError, ConnectionHealth, McpUpstream};
+
+/// All upstream connections, by (tenant, connection name).
+pub struct Upstreams {
+    http: reqwest::Client,
+    connections: RwLock<HashMap<(String, String), Arc<McpUpstream>>>,
+}
+
+impl Upstreams {
+    /// An empty registry; `sync` fills it from a snapshot.
+    pub fn new(http: reqwest::Client) -> Self {
+        Self { http, connections: RwLock::default() }
+    }
+
+    /// Makes the live connections match the snapshot's.
+    pub fn sync(&self, snapshot: &Snapshot) {
+        let mut wanted: HashMap<(String, String), Upstream> = HashMap::new();
+        for (tenant_name, tenant) in &snapshot.tenants {
+            for (name, connection) in &tenant.connections {
+                wanted.insert((tenant_name.clone(), name.clone()), connection.upstream.clone());
+            }
+        }
+        let mut connections = self.connections.write().unwrap_or_else(|e| e.into_inner());
+        connections.retain(|key, existing| wanted.get(key).is_some_and(|u| existing.upstream() == u));
+        for (key, upstream) in wanted {
+            if let std::collections::hash_map::Entry::Vacant(slot) = connections.entry(key) {
+                let (tenant, name) = slot.key().clone();
+                slot.insert(McpUpstream::start(tenant, name, upstream, self.http.clone()));
+            }
+        }
+    }
+
+    /// The live connection `name` of `tenant`.
+    pub fn get(&self, tenant: &str, name: &str) -> Option<Arc<McpUpstream>> {
+        let connections = self.connections.read().unwrap_or_else(|e| e.into_inner());
+        connections.get(&(tenant.to_string(), name.to_string())).cloned()
+    }
+}

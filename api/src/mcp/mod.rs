@@ -1,0 +1,488 @@
+//! The MCP server at `/mcp/{namespace}/{endpoint}`, serving both protocol generations on one
+//! URL: 2026-07-28 (stateless, per-request `_meta`, mirrored headers) and 2025-11-25 / 2025-06-18
+//! / 2025-03-26 (initialize, `Mcp-Session-Id`, DELETE). See `README.md` beside this file.
+
+pub mod methods;
+pub mod protocol;
+
+use crate::audit::{AuditEvent, Status};
+use crate::identity::{self, Identity};
+use crate::limits::Class;
+use crate::rest::problem::Problem;
+use crate::sessions::Session;
+use crate::state::{AppState, Loaded};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use chrono::Utc;
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use methods::CallContext;
+use portcullis_crds::snapshot::CompiledEndpoint;
+use protocol::{Framing, RpcError};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Routes of the MCP server.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/mcp/{tenant}/{endpoint}", post(post_message).get(get_stream).delete(delete_session))
+}
+
+const SESSION_HEADER: &str = "Mcp-Session-Id";
+const VERSION_HEADER: &str = "MCP-Protocol-Version";
+
+/// The parts of a request every MCP handler establishes first.
+struct Admitted {
+    loaded: Arc<Loaded>,
+    identity: Identity,
+    endpoint: String,
+}
+
+/// Origin check against DNS rebinding: browsers may call only from localhost or from origins
+/// the endpoint lists. Requests without `Origin` (non-browser clients) pass.
+fn origin_allowed(headers: &HeaderMap, endpoint: Option<&CompiledEndpoint>) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else { return true };
+    let Ok(origin) = origin.to_str() else { return false };
+    let host_port = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"));
+    let Some(host_port) = host_port else { return false };
+    let host = if let Some(rest) = host_port.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host_port.split(':').next().unwrap_or("")
+    };
+    matches!(host, "localhost" | "127.0.0.1" | "::1")
+        || endpoint.is_some_and(|e| e.allowed_origins.iter().any(|o| o == origin))
+}
+
+/// Origin, authentication, endpoint visibility, audit capacity and the request rate limit:
+/// everything decided before the body is read.
+fn admit(
+    app: &AppState,
+    headers: &HeaderMap,
+    tenant: &str,
+    endpoint: &str,
+    event: &mut AuditEvent,
+) -> Result<Admitted, Problem> {
+    let Some(loaded) = app.current() else {
+        event.status = Status::Error;
+        event.detail = Some("no configuration loaded".into());
+        return Err(Problem::unavailable("the gateway has no configuration loaded yet"));
+    };
+    let declared = loaded.snapshot.tenant(tenant).and_then(|t| t.endpoints.get(endpoint));
+    if !origin_allowed(headers, declared) {
+        event.status = Status::Denied;
+        event.detail = Some("origin not allowed".into());
+        return Err(Problem::forbidden("this Origin may not call this endpoint"));
+    }
+    let identity = match identity::authenticate(headers, &loaded.snapshot, Utc::now()) {
+        Ok(identity) => identity,
+        Err(error) => {
+            event.status = Status::Denied;
+            event.error_code = Some("401".into());
+            event.detail = Some(error.reason().into());
+            return Err(Problem::unauthorized(error));
+        }
+    };
+    event.subject = Some(identity.subject.clone());
+    event.persona = Some(identity.persona.clone());
+    event.auth_method = Some(identity.method.into());
+    // Another tenant's endpoint, or one the persona may not use, does not exist for this caller.
+    let visible = identity.tenant == tenant
+        && loaded.snapshot.tenant(tenant).and_then(|t| t.endpoint_for(endpoint, &identity.persona)).is_some();
+    if !visible {
+        event.status = Status::Denied;
+        event.error_code = Some("404".into());
+        event.detail = Some("endpoint not found".into());
+        return Err(Problem::not_found(format!("there is no MCP endpoint at /mcp/{tenant}/{endpoint}")));
+    }
+    if !app.audit.has_capacity() {
+        event.status = Status::Error;
+        event.detail = Some("audit queue full".into());
+        return Err(Problem::unavailable("the audit log is not keeping up; retry shortly"));
+    }
+    let persona = &loaded.snapshot.tenants[tenant].personas[&identity.persona];
+    let decision = app.limits.check(tenant, &identity.subject, Class::Requests, persona.limits.requests_per_minute);
+    if !decision.allowed {
+        event.status = Status::Throttled;
+        event.error_code = Some("429".into());
+        return Err(Problem::throttled(&decision, "request"));
+    }
+    Ok(Admitted { loaded, identity, endpoint: endpoint.to_string() })
+}
+
+async fn finish(app: &AppState, mut event: AuditEvent, started: Instant, response: Response) -> Response {
+    event.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    if app.audit.record(event).await.is_err() {
+        tracing::error!("Audit writer stopped; refusing to answer unaudited");
+        return Problem::unavailable("the audit log is unavailable").into_response();
+    }
+    response
+}
+
+async fn post_message(
+    State(app): State<AppState>,
+    Path((tenant, endpoint)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let started = Instant::now();
+    let request_id = crate::http_context::request_id();
+    let mut event = AuditEvent::new(&tenant, "mcp", "POST", &request_id, Utc::now());
+    event.endpoint = Some(endpoint.clone());
+    let response = match admit(&app, &headers, &tenant, &endpoint, &mut event) {
+        Err(problem) => problem.into_response(),
+        Ok(admitted) => handle_message(&app, admitted, &headers, body, &mut event).await,
+    };
+    finish(&app, event, started, response).await
+}
+
+fn rpc_error_response(id: &Value, error: RpcError, event: &mut AuditEvent) -> Response {
+    event.status = if error.code == -32700 || error.code == -32600 || error.status == StatusCode::BAD_REQUEST {
+        Status::Invalid
+    } else {
+        Status::Error
+    };
+    event.error_code = Some(error.code.to_string());
+    let status = error.status;
+    protocol::framed(Framing::Json, status, &protocol::response_message(id, &Err(error)))
+}
+
+async fn handle_message(
+    app: &AppState,
+    admitted: Admitted,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    event: &mut AuditEvent,
+) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            let error = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                let mut e = RpcError::invalid_request(format!(
+                    "Request body exceeds the limit of {} bytes",
+                    app.settings.max_body_bytes
+                ));
+                e.status = StatusCode::PAYLOAD_TOO_LARGE;
+                e
+            } else {
+                RpcError::invalid_request(format!("Cannot read the request body: {rejection}"))
+            };
+            return rpc_error_response(&Value::Null, error, event);
+        }
+    };
+    let Some(framing) = protocol::negotiate_framing(headers) else {
+        let mut e = RpcError::invalid_request("Not Acceptable: accept application/json or text/event-stream");
+        e.status = StatusCode::NOT_ACCEPTABLE;
+        return rpc_error_response(&Value::Null, e, event);
+    };
+    let message: Value = match serde_json::from_slice(&body) {
+        Ok(message) => message,
+        Err(e) => return rpc_error_response(&Value::Null, RpcError::parse_error(e), event),
+    };
+    if message.is_array() {
+        return rpc_error_response(
+            &Value::Null,
+            RpcError::invalid_request("Invalid Request: JSON-RPC batches are not supported"),
+            event,
+        );
+    }
+    let id = message.get("id").cloned();
+    let method = message.get("method").and_then(Value::as_str).map(str::to_string);
+    let valid_id = id.as_ref().is_none_or(|id| id.is_string() || id.is_i64() || id.is_u64());
+    if message.get("jsonrpc") != Some(&json!("2.0")) || !valid_id || (method.is_none() && !is_response(&message)) {
+        return rpc_error_response(
+            &id.unwrap_or(Value::Null),
+            RpcError::invalid_request("Invalid Request: expected a JSON-RPC 2.0 request or notification"),
+            event,
+        );
+    }
+    let params = message.get("params").cloned().unwrap_or(Value::Null);
+    if !(params.is_null() || params.is_object()) {
+        return rpc_error_response(
+            &id.unwrap_or(Value::Null),
+            RpcError::invalid_params("params must be an object"),
+            event,
+        );
+    }
+    let meta_version = params.get("_meta").and_then(|m| m.get(protocol::META_PROTOCOL_VERSION)).cloned();
+    let method_name = method.clone().unwrap_or_default();
+    event.operation = if method_name.is_empty() { "response".into() } else { method_name.clone() };
+
+    if meta_version.is_some() {
+        return modern(
+            app,
+            &admitted,
+            headers,
+            framing,
+            id,
+            &method_name,
+            params,
+            meta_version.unwrap_or(Value::Null),
+            event,
+        )
+        .await;
+    }
+    if method_name != "initialize" && headers.get(SESSION_HEADER).is_none() {
+        if headers.get(VERSION_HEADER).and_then(|v| v.to_str().ok()) == Some(protocol::MODERN_VERSION) {
+            return rpc_error_response(
+                &id.unwrap_or(Value::Null),
+                RpcError::missing_meta(protocol::META_PROTOCOL_VERSION),
+                event,
+            );
+        }
+        return rpc_error_response(
+            &id.unwrap_or(Value::Null),
+            RpcError::invalid_request(
+                "Bad Request: no Mcp-Session-Id header. Send initialize first (2025 protocol versions) or per-request _meta (2026-07-28)",
+            ),
+            event,
+        );
+    }
+    legacy(app, &admitted, headers, framing, id, &method_name, params, &message, event).await
+}
+
+fn is_response(message: &Value) -> bool {
+    message.get("result").is_some() || message.get("error").is_some()
+}
+
+#[allow(clippy::too_many_arguments, reason = "one request's parts, passed once")]
+async fn modern(
+    app: &AppState,
+    admitted: &Admitted,
+    headers: &HeaderMap,
+    framing: Framing,
+    id: Option<Value>,
+    method: &str,
+    params: Value,
+    version: Value,
+    event: &mut AuditEvent,
+) -> Response {
+    let reply_id = id.clone().unwrap_or(Value::Null);
+    if version.as_str() != Some(protocol::MODERN_VERSION) {
+        return rpc_error_response(&reply_id, RpcError::unsupported_version(&version), event);
+    }
+    if method.is_empty() {
+        return rpc_error_response(
+            &reply_id,
+            RpcError::invalid_request("Invalid Request: clients do not send responses in 2026-07-28"),
+            event,
+        );
+    }
+    if let Err(e) = protocol::check_mirrored(headers, VERSION_HEADER, protocol::MODERN_VERSION) {
+        return rpc_error_response(&reply_id, e, event);
+    }
+    let Some(id) = id else {
+        // Core 2026-07-28 defines no client notifications over HTTP; accept and ignore them.
+        return StatusCode::ACCEPTED.into_response();
+    };
+    if let Err(e) = protocol::check_mirrored(headers, "Mcp-Method", method) {
+        return rpc_error_response(&id, e, event);
+    }
+    let name_field = match method {
+        "tools/call" | "prompts/get" => Some("name"),
+        "resources/read" => Some("uri"),
+        _ => None,
+    };
+    if let Some(field) = name_field {
+        let Some(value) = params.get(field).and_then(Value::as_str) else {
+            return rpc_error_response(&id, RpcError::invalid_params(format!("params.{field} is required")), event);
+        };
+        if let Err(e) = protocol::check_mirrored(headers, "Mcp-Name", value) {
+            return rpc_error_response(&id, e, event);
+        }
+    }
+    let meta = params.get("_meta").cloned().unwrap_or(Value::Null);
+    if !meta.get(protocol::META_CLIENT_CAPABILITIES).is_some_and(Value::is_object) {
+        return rpc_error_response(&id, RpcError::missing_meta(protocol::META_CLIENT_CAPABILITIES), event);
+    }
+    event.client_name =
+        meta.get(protocol::META_CLIENT_INFO).and_then(|c| c.get("name")).and_then(Value::as_str).map(str::to_string);
+    let ctx = CallContext::new(app, &admitted.loaded, &admitted.identity, &admitted.endpoint, true);
+    let outcome = match method {
+        "server/discover" => Ok(methods::discover(&ctx)),
+        "tools/list" => methods::tools_list(&ctx, &params).await,
+        "tools/call" => methods::tools_call(&ctx, &params, event).await,
+        other => Err(RpcError::method_not_found(other, true)),
+    };
+    respond(&id, outcome, framing, event)
+}
+
+fn respond(id: &Value, outcome: Result<Value, RpcError>, framing: Framing, event: &mut AuditEvent) -> Response {
+    match outcome {
+        Ok(result) => protocol::framed(framing, StatusCode::OK, &protocol::response_message(id, &Ok(result))),
+        Err(error) if error.status == StatusCode::TOO_MANY_REQUESTS => {
+            event.status = Status::Throttled;
+            event.error_code = Some("429".into());
+            let retry =
+                error.data.as_ref().and_then(|d| d.get("retryAfterSeconds")).and_then(Value::as_u64).unwrap_or(1);
+            let mut response =
+                protocol::framed(Framing::Json, error.status, &protocol::response_message(id, &Err(error)));
+            if let Ok(v) = HeaderValue::from_str(&retry.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            response
+        }
+        Err(error) => rpc_error_response(id, error, event),
+    }
+}
+
+#[allow(clippy::too_many_arguments, reason = "one request's parts, passed once")]
+async fn legacy(
+    app: &AppState,
+    admitted: &Admitted,
+    headers: &HeaderMap,
+    framing: Framing,
+    id: Option<Value>,
+    method: &str,
+    params: Value,
+    message: &Value,
+    event: &mut AuditEvent,
+) -> Response {
+    let reply_id = id.clone().unwrap_or(Value::Null);
+    let tenant = &admitted.identity.tenant;
+    if method == "initialize" {
+        let Some(id) = id else {
+            return rpc_error_response(
+                &Value::Null,
+                RpcError::invalid_request("initialize must be a request with an id"),
+                event,
+            );
+        };
+        let requested = params.get("protocolVersion").and_then(Value::as_str).unwrap_or("");
+        // Standard negotiation: echo a version we speak, else offer our newest stateful one.
+        let version = protocol::LEGACY_VERSIONS
+            .iter()
+            .find(|v| **v == requested)
+            .copied()
+            .unwrap_or(protocol::LEGACY_VERSIONS[0]);
+        let client_name =
+            params.get("clientInfo").and_then(|c| c.get("name")).and_then(Value::as_str).map(str::to_string);
+        event.client_name = client_name.clone();
+        let session = Session {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            tenant: tenant.clone(),
+            endpoint: admitted.endpoint.clone(),
+            subject: admitted.identity.subject.clone(),
+            protocol_version: version.to_string(),
+            client_name,
+            created_at: Utc::now(),
+        };
+        if let Err(error) = app.sessions.create(session.clone()).await {
+            tracing::error!(?error, "Cannot store session");
+            return rpc_error_response(&id, RpcError::internal("Cannot create a session; retry"), event);
+        }
+        let ctx = CallContext::new(app, &admitted.loaded, &admitted.identity, &admitted.endpoint, false);
+        let result = methods::initialize_result(&ctx, version);
+        let mut response = protocol::framed(framing, StatusCode::OK, &protocol::response_message(&id, &Ok(result)));
+        if let Ok(value) = HeaderValue::from_str(&session.id) {
+            response.headers_mut().insert(http::HeaderName::from_static("mcp-session-id"), value);
+        }
+        return response;
+    }
+    let session_id = headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let session = match app.sessions.touch(session_id).await {
+        Ok(session) => session,
+        Err(error) => {
+            tracing::error!(?error, "Session store failed");
+            return rpc_error_response(&reply_id, RpcError::internal("Session store unavailable; retry"), event);
+        }
+    };
+    // A session of another caller or endpoint is indistinguishable from an unknown one.
+    let Some(session) = session
+        .filter(|s| s.tenant == *tenant && s.endpoint == admitted.endpoint && s.subject == admitted.identity.subject)
+    else {
+        event.status = Status::Invalid;
+        event.error_code = Some("404".into());
+        event.detail = Some("session not found".into());
+        let body = json!({"jsonrpc": "2.0", "id": reply_id, "error": {"code": -32001, "message": "Session not found: initialize a new session"}});
+        return protocol::framed(Framing::Json, StatusCode::NOT_FOUND, &body);
+    };
+    event.client_name = session.client_name.clone();
+    if let Some(header_version) = headers.get(VERSION_HEADER)
+        && header_version.to_str().ok() != Some(session.protocol_version.as_str())
+    {
+        {
+            return rpc_error_response(
+                &reply_id,
+                RpcError::invalid_request(format!(
+                    "Bad Request: unsupported MCP-Protocol-Version {:?}; this session negotiated {}",
+                    header_version.to_str().unwrap_or("?"),
+                    session.protocol_version
+                )),
+                event,
+            );
+        }
+    }
+    let Some(id) = id else {
+        // Notifications (initialized, cancelled…) and responses are accepted.
+        let _ = message;
+        return StatusCode::ACCEPTED.into_response();
+    };
+    let ctx = CallContext::new(app, &admitted.loaded, &admitted.identity, &admitted.endpoint, false);
+    let outcome = match method {
+        "ping" => Ok(json!({})),
+        "tools/list" => methods::tools_list(&ctx, &params).await,
+        "tools/call" => methods::tools_call(&ctx, &params, event).await,
+        other => Err(RpcError::method_not_found(other, false)),
+    };
+    respond(&id, outcome, framing, event)
+}
+
+async fn get_stream(
+    State(app): State<AppState>,
+    Path((tenant, endpoint)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let started = Instant::now();
+    let mut event = AuditEvent::new(&tenant, "mcp", "GET", &crate::http_context::request_id(), Utc::now());
+    event.endpoint = Some(endpoint.clone());
+    let response = match admit(&app, &headers, &tenant, &endpoint, &mut event) {
+        Err(problem) => problem.into_response(),
+        Ok(_) => {
+            // No server-initiated stream is offered yet; the 2025 transport allows 405 here.
+            event.status = Status::Invalid;
+            event.error_code = Some("405".into());
+            let mut response = StatusCode::METHOD_NOT_ALLOWED.into_response();
+            response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST, DELETE"));
+            response
+        }
+    };
+    finish(&app, event, started, response).await
+}
+
+async fn delete_session(
+    State(app): State<AppState>,
+    Path((tenant, endpoint)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let started = Instant::now();
+    let mut event = AuditEvent::new(&tenant, "mcp", "DELETE", &crate::http_context::request_id(), Utc::now());
+    event.endpoint = Some(endpoint.clone());
+    let response = match admit(&app, &headers, &tenant, &endpoint, &mut event) {
+        Err(problem) => problem.into_response(),
+        Ok(admitted) => match headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()) {
+            None => {
+                event.status = Status::Invalid;
+                event.error_code = Some("405".into());
+                let mut response = StatusCode::METHOD_NOT_ALLOWED.into_response();
+                response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
+                response
+            }
+            Some(id) => {
+                let owned = matches!(app.sessions.touch(id).await, Ok(Some(s))
+                    if s.tenant == tenant && s.endpoint == endpoint && s.subject == admitted.identity.subject);
+                if owned && app.sessions.delete(id).await.unwrap_or(false) {
+                    StatusCode::NO_CONTENT.into_response()
+                } else {
+                    event.status = Status::Invalid;
+                    event.error_code = Some("404".into());
+                    StatusCode::NOT_FOUND.into_response()
+                }
+            }
+        },
+    };
+    finish(&app, event, started, response).await
+}

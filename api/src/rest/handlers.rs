@@ -1,0 +1,420 @@
+//! REST handlers. Each sees only what the caller's persona may see.
+
+use super::problem::Problem;
+use super::{AuditNote, Caller};
+use crate::audit::{AuditEvent, AuditFilter, AuditPage, Status};
+use crate::connectors::ConnectionHealth;
+use crate::policy::{self, ExposedTool};
+use crate::state::AppState;
+use crate::tool_call::{self, CallFailure};
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Extension, Query, State};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use http::StatusCode;
+use portcullis_crds::kinds::Limits;
+use portcullis_crds::snapshot::{CompiledPersona, Tenant};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use utoipa::{IntoParams, ToSchema};
+
+type ApiResult<T> = Result<Json<T>, Problem>;
+
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, Problem> {
+    q.map(|Query(q)| q).map_err(|e| Problem::bad_request(format!("invalid query parameters: {}", e.body_text())))
+}
+
+fn scope(caller: &Caller) -> (&Tenant, &CompiledPersona) {
+    let tenant = &caller.loaded.snapshot.tenants[&caller.identity.tenant];
+    (tenant, &tenant.personas[&caller.identity.persona])
+}
+
+async fn visible_tools(app: &AppState, caller: &Caller) -> Vec<ExposedTool> {
+    let (tenant, persona) = scope(caller);
+    policy::tenant_tools(&caller.identity.tenant, tenant, persona, &app.upstreams).await
+}
+
+/// An MCP endpoint the caller may use.
+#[derive(Serialize, ToSchema)]
+pub struct EndpointRef {
+    /// Endpoint name.
+    pub name: String,
+    /// Path MCP clients connect to.
+    pub url: String,
+}
+
+/// The caller as Portcullis sees it.
+#[derive(Serialize, ToSchema)]
+pub struct Me {
+    /// Tenant (namespace).
+    pub tenant: String,
+    /// Subject, e.g. `apikey:ci-bot`.
+    pub subject: String,
+    /// Persona in effect.
+    pub persona: String,
+    /// How the caller authenticated.
+    pub auth_method: String,
+    /// Public id of the key used.
+    pub key_id: Option<String>,
+    /// Whether the persona may administer the tenant.
+    pub admin: bool,
+    /// The persona's limits.
+    #[schema(value_type = Object)]
+    pub limits: Limits,
+    /// MCP endpoints this persona may use.
+    pub endpoints: Vec<EndpointRef>,
+}
+
+/// Who am I, as which persona, with which limits and endpoints.
+#[utoipa::path(get, path = "/api/v1/portal/me", tag = "portal",
+    responses((status = 200, body = Me), (status = 401, description = "No or invalid credential", content_type = "application/problem+json")))]
+pub async fn me(Extension(caller): Extension<Caller>) -> ApiResult<Me> {
+    let (tenant, persona) = scope(&caller);
+    let endpoints = tenant
+        .endpoints
+        .values()
+        .filter(|e| e.personas.is_match(&persona.name))
+        .map(|e| EndpointRef { name: e.name.clone(), url: format!("/mcp/{}/{}", caller.identity.tenant, e.name) })
+        .collect();
+    Ok(Json(Me {
+        tenant: caller.identity.tenant.clone(),
+        subject: caller.identity.subject.clone(),
+        persona: persona.name.clone(),
+        auth_method: caller.identity.method.to_string(),
+        key_id: caller.identity.key_id.clone(),
+        admin: persona.admin,
+        limits: persona.limits.clone(),
+        endpoints,
+    }))
+}
+
+/// Paging of list endpoints.
+#[derive(Deserialize, IntoParams)]
+pub struct Paging {
+    /// Page number, from 1.
+    #[param(minimum = 1, default = 1)]
+    pub page: Option<u32>,
+    /// Items per page, 1 to 500.
+    #[param(minimum = 1, maximum = 500, default = 50)]
+    pub per_page: Option<u32>,
+}
+
+impl Paging {
+    fn bounds(&self) -> Result<(u32, u32), Problem> {
+        let page = self.page.unwrap_or(1);
+        let per_page = self.per_page.unwrap_or(50);
+        if page == 0 {
+            return Err(Problem::bad_request("page starts at 1"));
+        }
+        if !(1..=500).contains(&per_page) {
+            return Err(Problem::bad_request("per_page must be between 1 and 500"));
+        }
+        Ok((page, per_page))
+    }
+
+    fn slice<T>(&self, items: Vec<T>) -> Result<Page<T>, Problem> {
+        let (page, per_page) = self.bounds()?;
+        let total = items.len();
+        let start = ((page - 1) as usize).saturating_mul(per_page as usize);
+        let items = items.into_iter().skip(start).take(per_page as usize).collect();
+        Ok(Page { items, total, page, per_page })
+    }
+}
+
+/// One page of a list.
+#[derive(Serialize, ToSchema)]
+pub struct Page<T> {
+    /// Items of this page.
+    pub items: Vec<T>,
+    /// Items in all pages.
+    pub total: usize,
+    /// This page, from 1.
+    pub page: u32,
+    /// Page size.
+    pub per_page: u32,
+}
+
+/// A tool in the catalog.
+#[derive(Serialize, ToSchema)]
+pub struct ToolSummary {
+    /// Name to call it by (`<prefix>.<tool>`).
+    pub name: String,
+    /// Display title.
+    pub title: Option<String>,
+    /// What it does.
+    pub description: Option<String>,
+    /// Connection that serves it.
+    pub connection: String,
+}
+
+/// The tools this persona may call, sorted by name.
+#[utoipa::path(get, path = "/api/v1/admin/tools", tag = "admin", params(Paging),
+    responses((status = 200, body = Page<ToolSummary>), (status = 400, content_type = "application/problem+json")))]
+pub async fn list_tools(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    paging: Result<Query<Paging>, QueryRejection>,
+) -> ApiResult<Page<ToolSummary>> {
+    let paging = query(paging)?;
+    let tools = visible_tools(&app, &caller)
+        .await
+        .into_iter()
+        .map(|t| ToolSummary {
+            name: t.canonical,
+            title: t.definition.title.clone(),
+            description: t.definition.description.as_deref().map(str::to_string),
+            connection: t.connection,
+        })
+        .collect();
+    Ok(Json(paging.slice(tools)?))
+}
+
+/// A tool's input and output schemas.
+#[derive(Serialize, ToSchema)]
+pub struct ToolSchema {
+    /// Tool name.
+    pub name: String,
+    /// JSON Schema of the arguments.
+    #[schema(value_type = Object)]
+    pub input_schema: Value,
+    /// JSON Schema of structured results, when the tool declares one.
+    #[schema(value_type = Option<Object>)]
+    pub output_schema: Option<Value>,
+}
+
+/// Input and output schemas of the tools this persona may call.
+#[utoipa::path(get, path = "/api/v1/admin/tools/schemas", tag = "admin", params(Paging),
+    responses((status = 200, body = Page<ToolSchema>)))]
+pub async fn tool_schemas(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    paging: Result<Query<Paging>, QueryRejection>,
+) -> ApiResult<Page<ToolSchema>> {
+    let paging = query(paging)?;
+    let tools = visible_tools(&app, &caller)
+        .await
+        .into_iter()
+        .map(|t| ToolSchema {
+            name: t.canonical,
+            input_schema: Value::Object((*t.definition.input_schema).clone()),
+            output_schema: t.definition.output_schema.as_ref().map(|s| Value::Object((**s).clone())),
+        })
+        .collect();
+    Ok(Json(paging.slice(tools)?))
+}
+
+/// A tool call.
+#[derive(Deserialize, ToSchema)]
+pub struct CallToolRequest {
+    /// Tool name (`<prefix>.<tool>`).
+    pub name: String,
+    /// Arguments, as the tool's input schema describes.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub arguments: Option<Map<String, Value>>,
+}
+
+fn with_note(mut response: Response, note: AuditNote) -> Response {
+    response.extensions_mut().insert(note);
+    response
+}
+
+fn note_of(event: &AuditEvent) -> AuditNote {
+    AuditNote {
+        tool: event.tool.clone(),
+        connection: event.connection.clone(),
+        status: Some(event.status),
+        error_code: event.error_code.clone(),
+        detail: event.detail.clone(),
+    }
+}
+
+/// Calls a tool. The result is the MCP `CallToolResult` (`content`, `structuredContent`,
+/// `isError`); tool failures are results with `isError: true`.
+#[utoipa::path(post, path = "/api/v1/admin/tools/call", tag = "admin", request_body = CallToolRequest,
+    responses(
+        (status = 200, description = "The tool's result", body = Object),
+        (status = 400, description = "Malformed request", content_type = "application/problem+json"),
+        (status = 404, description = "No such tool (or not visible to this persona)", content_type = "application/problem+json"),
+        (status = 422, description = "The upstream rejected the arguments", content_type = "application/problem+json"),
+        (status = 429, description = "Tool-call rate limit", content_type = "application/problem+json"),
+        (status = 502, description = "The upstream failed", content_type = "application/problem+json")))]
+pub async fn call_tool(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Json<CallToolRequest>, JsonRejection>,
+) -> Response {
+    let Json(request) = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            let problem = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                Problem::too_large(app.settings.max_body_bytes)
+            } else {
+                Problem::bad_request(format!("invalid request body: {}", rejection.body_text()))
+            };
+            return problem.into_response();
+        }
+    };
+    let (_, persona) = scope(&caller);
+    let Some(tool) = visible_tools(&app, &caller).await.into_iter().find(|t| t.canonical == request.name) else {
+        let note = AuditNote { tool: Some(request.name.clone()), ..Default::default() };
+        return with_note(
+            Problem::not_found(format!("there is no tool named {:?}", request.name)).into_response(),
+            note,
+        );
+    };
+    let mut event = AuditEvent::new(&caller.identity.tenant, "rest", "", "", Utc::now());
+    let outcome = tool_call::call(
+        &app,
+        &caller.identity.tenant,
+        &caller.identity.subject,
+        persona,
+        &tool,
+        request.arguments,
+        &mut event,
+    )
+    .await;
+    let response = match outcome {
+        Ok(mut result) => {
+            // `resultType` belongs to the MCP 2026-07-28 wire format, not to REST.
+            if let Some(object) = result.as_object_mut() {
+                object.remove("resultType");
+            }
+            Json(result).into_response()
+        }
+        Err(CallFailure::Throttled(decision)) => Problem::throttled(&decision, "tool-call").into_response(),
+        Err(CallFailure::Upstream(error)) if error.code.0 == -32602 => Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-arguments",
+            "Unprocessable Entity",
+            format!("the tool rejected the request: {}", error.message),
+        )
+        .into_response(),
+        Err(CallFailure::Upstream(error)) => Problem::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream-error",
+            "Bad Gateway",
+            format!("the tool's server answered with an error: {}", error.message),
+        )
+        .into_response(),
+    };
+    with_note(response, note_of(&event))
+}
+
+/// A connection this persona can reach, with its health.
+#[derive(Serialize, ToSchema)]
+pub struct ConnectionView {
+    /// Connection name.
+    pub name: String,
+    /// Prefix of its tools.
+    pub prefix: String,
+    /// Health as this replica observes it.
+    pub health: ConnectionHealth,
+}
+
+/// Connections behind the endpoints this persona may use, with health.
+#[utoipa::path(get, path = "/api/v1/admin/connections", tag = "admin", params(Paging),
+    responses((status = 200, body = Page<ConnectionView>)))]
+pub async fn list_connections(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    paging: Result<Query<Paging>, QueryRejection>,
+) -> ApiResult<Page<ConnectionView>> {
+    let paging = query(paging)?;
+    let (tenant, persona) = scope(&caller);
+    let views = tenant
+        .connections_for(&persona.name)
+        .into_iter()
+        .filter_map(|c| {
+            let upstream = app.upstreams.get(&caller.identity.tenant, &c.name)?;
+            Some(ConnectionView { name: c.name.clone(), prefix: c.prefix.clone(), health: upstream.health() })
+        })
+        .collect();
+    Ok(Json(paging.slice(views)?))
+}
+
+/// Filters of the audit query.
+#[derive(Deserialize, IntoParams)]
+pub struct AuditQuery {
+    /// Events at or after this time (RFC 3339).
+    pub from: Option<DateTime<Utc>>,
+    /// Events before this time (RFC 3339).
+    pub to: Option<DateTime<Utc>>,
+    /// Exact subject, e.g. `apikey:ci-bot`.
+    pub subject: Option<String>,
+    /// Exact persona.
+    pub persona: Option<String>,
+    /// Exact tool name (`<prefix>.<tool>`).
+    pub tool: Option<String>,
+    /// `ok`, `error`, `denied`, `throttled` or `invalid`.
+    pub status: Option<String>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// Page size, 1 to 1000.
+    #[param(minimum = 1, maximum = 1000, default = 50)]
+    pub limit: Option<u32>,
+}
+
+/// The tenant's audit events, newest first (admin personas only).
+#[utoipa::path(get, path = "/api/v1/admin/audit/events", tag = "admin", params(AuditQuery),
+    responses((status = 200, body = AuditPage), (status = 403, description = "Not an admin persona", content_type = "application/problem+json")))]
+pub async fn audit_events(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    q: Result<Query<AuditQuery>, QueryRejection>,
+) -> ApiResult<AuditPage> {
+    let (_, persona) = scope(&caller);
+    if !persona.admin {
+        return Err(Problem::forbidden(format!("persona {:?} is not an admin persona", persona.name)));
+    }
+    let q = query(q)?;
+    if let Some(status) = &q.status
+        && !["ok", "error", "denied", "throttled", "invalid"].contains(&status.as_str())
+    {
+        return Err(Problem::bad_request("status must be one of ok, error, denied, throttled, invalid"));
+    }
+    if let Some(cursor) = &q.cursor
+        && !crate::audit::valid_cursor(cursor)
+    {
+        return Err(Problem::bad_request("cursor is not one this API issued"));
+    }
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return Err(Problem::bad_request("limit must be between 1 and 1000"));
+    }
+    let filter = AuditFilter {
+        from: q.from,
+        to: q.to,
+        subject: q.subject,
+        persona: q.persona,
+        tool: q.tool,
+        status: q.status,
+        cursor: q.cursor,
+        limit,
+    };
+    let page = app.audit.query(&caller.identity.tenant, &filter).await.map_err(|error| {
+        tracing::error!(?error, "Audit query failed");
+        Problem::internal()
+    })?;
+    Ok(Json(page))
+}
+
+/// Unknown routes under `/api/v1`.
+pub async fn unknown_route(uri: http::Uri) -> Response {
+    with_note(
+        Problem::not_found(format!("there is no API route {}; see /api/v1/openapi.json", uri.path())).into_response(),
+        AuditNote { status: Some(Status::Invalid), ..Default::default() },
+    )
+}
+
+/// Known routes with another method.
+pub async fn method_not_allowed(method: http::Method, uri: http::Uri) -> Response {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "Method Not Allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+    .into_response()
+}

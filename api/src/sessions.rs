@@ -1,0 +1,112 @@
+//! Sessions of the stateful (2025) MCP protocol versions, behind a store trait: in process in
+//! dev mode; the Redis store of the production data plane implements the same trait.
+
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// What a 2025 session remembers between requests.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Session {
+    /// The `Mcp-Session-Id`.
+    pub id: String,
+    /// Tenant of the endpoint.
+    pub tenant: String,
+    /// Endpoint name.
+    pub endpoint: String,
+    /// Subject that initialised it; other credentials cannot use it.
+    pub subject: String,
+    /// Negotiated protocol version.
+    pub protocol_version: String,
+    /// Client name and version from `initialize`.
+    pub client_name: Option<String>,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Storage of sessions, shared by every replica in production.
+pub trait SessionStore: Send + Sync {
+    /// Stores a new session.
+    fn create(&self, session: Session) -> BoxFuture<'_, anyhow::Result<()>>;
+    /// Loads a live session and extends its idle deadline.
+    fn touch<'a>(&'a self, id: &'a str) -> BoxFuture<'a, anyhow::Result<Option<Session>>>;
+    /// Ends a session; true if it existed.
+    fn delete<'a>(&'a self, id: &'a str) -> BoxFuture<'a, anyhow::Result<bool>>;
+}
+
+/// In-process sessions with an idle timeout.
+pub struct MemorySessions {
+    idle: Duration,
+    sessions: Mutex<HashMap<String, (Session, std::time::Instant)>>,
+}
+
+impl MemorySessions {
+    /// Sessions expire after `idle` without requests.
+    pub fn new(idle: Duration) -> Self {
+        Self { idle, sessions: Mutex::default() }
+    }
+}
+
+impl SessionStore for MemorySessions {
+    fn create(&self, session: Session) -> BoxFuture<'_, anyhow::Result<()>> {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        sessions.retain(|_, (_, seen)| now.duration_since(*seen) < self.idle);
+        sessions.insert(session.id.clone(), (session, now));
+        Box::pin(async { Ok(()) })
+    }
+
+    fn touch<'a>(&'a self, id: &'a str) -> BoxFuture<'a, anyhow::Result<Option<Session>>> {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        let found = match sessions.get_mut(id) {
+            Some((session, seen)) if now.duration_since(*seen) < self.idle => {
+                *seen = now;
+                Some(session.clone())
+            }
+            Some(_) => {
+                sessions.remove(id);
+                None
+            }
+            None => None,
+        };
+        Box::pin(async move { Ok(found) })
+    }
+
+    fn delete<'a>(&'a self, id: &'a str) -> BoxFuture<'a, anyhow::Result<bool>> {
+        let existed = self.sessions.lock().unwrap_or_else(|e| e.into_inner()).remove(id).is_some();
+        Box::pin(async move { Ok(existed) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(id: &str) -> Session {
+        Session {
+            id: id.into(),
+            tenant: "t".into(),
+            endpoint: "e".into(),
+            subject: "apikey:k".into(),
+            protocol_version: "2025-11-25".into(),
+            client_name: None,
+            created_at: Utc::now(),
+        }
+    }
+
+    #[tokio::test]
+    async fn sessions_expire_when_idle_and_can_be_deleted() {
+        let store = MemorySessions::new(Duration::from_millis(50));
+        store.create(session("a")).await.unwrap();
+        assert!(store.touch("a").await.unwrap().is_some());
+        assert!(store.delete("a").await.unwrap());
+        assert!(store.touch("a").await.unwrap().is_none());
+        store.create(session("b")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        assert!(store.touch("b").await.unwrap().is_none());
+    }
+}

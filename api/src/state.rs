@@ -1,0 +1,75 @@
+//! Shared state of the HTTP server: the current snapshot (swapped atomically), upstreams,
+//! sessions, limits and the audit log.
+
+use crate::audit::AuditLog;
+use crate::connectors::Upstreams;
+use crate::limits::Limiter;
+use crate::sessions::SessionStore;
+use chrono::{DateTime, Utc};
+use portcullis_crds::Snapshot;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// A snapshot as loaded by this process.
+pub struct Loaded {
+    /// Version, increasing with every successful load.
+    pub version: u64,
+    /// The compiled configuration.
+    pub snapshot: Snapshot,
+    /// When this process loaded it.
+    pub loaded_at: DateTime<Utc>,
+}
+
+/// Settings of the HTTP server.
+#[derive(Clone, Debug)]
+pub struct ServerSettings {
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// Largest page of tools/list.
+    pub page_size: usize,
+}
+
+/// Cheap to clone; one per process.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+/// What `AppState` holds.
+pub struct Inner {
+    /// The current snapshot; `None` until the first successful load.
+    pub snapshot: watch::Sender<Option<Arc<Loaded>>>,
+    /// Live upstream connections.
+    pub upstreams: Upstreams,
+    /// 2025-protocol sessions.
+    pub sessions: Box<dyn SessionStore>,
+    /// Rate limits.
+    pub limits: Limiter,
+    /// Audit queue.
+    pub audit: AuditLog,
+    /// Server settings.
+    pub settings: ServerSettings,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl AppState {
+    /// Wraps the parts.
+    pub fn new(inner: Inner) -> Self {
+        Self(Arc::new(inner))
+    }
+
+    /// The snapshot requests should run on, if one is loaded.
+    pub fn current(&self) -> Option<Arc<Loaded>> {
+        self.snapshot.borrow().clone()
+    }
+
+    /// Swaps in a new snapshot and brings upstream connections in line with it.
+    pub fn install(&self, version: u64, snapshot: Snapshot) {
+        self.upstreams.sync(&snapshot);
+        self.snapshot.send_replace(Some(Arc::new(Loaded { version, snapshot, loaded_at: Utc::now() })));
+    }
+}

@@ -1,0 +1,85 @@
+//! One tool call, the same for MCP and REST: tool-call rate limit, the upstream call with the
+//! persona's timeout and result-size cap, and the audit fields it fills in.
+
+use crate::audit::{AuditEvent, Status};
+use crate::connectors::CallError;
+use crate::limits::{Class, Decision};
+use crate::policy::ExposedTool;
+use crate::state::AppState;
+use portcullis_crds::snapshot::CompiledPersona;
+use serde_json::{Map, Value, json};
+use std::time::Duration;
+
+/// Why a call produced no tool result.
+pub enum CallFailure {
+    /// The tool-call rate limit refused it.
+    Throttled(Decision),
+    /// The upstream answered with a JSON-RPC error, passed on as is.
+    Upstream(rmcp::ErrorData),
+}
+
+fn error_result(text: String) -> Value {
+    json!({ "content": [{ "type": "text", "text": text }], "isError": true })
+}
+
+/// Calls `tool` for `persona`. Failures the model should read (timeout, an upstream that is
+/// down, a result over the size cap) come back as tool results with `isError: true`.
+pub async fn call(
+    app: &AppState,
+    tenant: &str,
+    subject: &str,
+    persona: &CompiledPersona,
+    tool: &ExposedTool,
+    arguments: Option<Map<String, Value>>,
+    event: &mut AuditEvent,
+) -> Result<Value, CallFailure> {
+    event.tool = Some(tool.canonical.clone());
+    event.connection = Some(tool.connection.clone());
+    let decision = app.limits.check(tenant, subject, Class::ToolCalls, persona.limits.tool_calls_per_minute);
+    if !decision.allowed {
+        event.status = Status::Throttled;
+        event.error_code = Some("429".into());
+        return Err(CallFailure::Throttled(decision));
+    }
+    let timeout = Duration::from_secs(u64::from(persona.limits.tool_timeout_seconds));
+    match tool.upstream.call(&tool.upstream_name, arguments, timeout).await {
+        Ok(result) => {
+            let value = serde_json::to_value(&result)
+                .unwrap_or_else(|_| error_result("the upstream result could not be encoded".into()));
+            let size = value.to_string().len() as u64;
+            if size > persona.limits.max_result_bytes {
+                event.status = Status::Error;
+                event.error_code = Some("result_too_large".into());
+                return Ok(error_result(format!(
+                    "The result of {} is {size} bytes, over this persona's limit of {} bytes (maxResultBytes).",
+                    tool.name, persona.limits.max_result_bytes
+                )));
+            }
+            if result.is_error == Some(true) {
+                event.status = Status::Error;
+                event.error_code = Some("tool_error".into());
+            }
+            Ok(value)
+        }
+        Err(CallError::Timeout(after)) => {
+            event.status = Status::Error;
+            event.error_code = Some("timeout".into());
+            Ok(error_result(format!("{} did not answer within {} s and was cancelled.", tool.name, after.as_secs())))
+        }
+        Err(CallError::Unavailable(detail)) => {
+            tracing::warn!(connection = %tool.connection, %detail, "Tool call failed: upstream unavailable");
+            event.status = Status::Error;
+            event.error_code = Some("upstream_unavailable".into());
+            event.detail = Some("upstream unavailable".into());
+            Ok(error_result(format!(
+                "The server behind {} (connection {:?}) is unavailable right now; try again later.",
+                tool.name, tool.connection
+            )))
+        }
+        Err(CallError::Rpc(error)) => {
+            event.status = Status::Error;
+            event.error_code = Some(error.code.0.to_string());
+            Err(CallFailure::Upstream(error))
+        }
+    }
+}

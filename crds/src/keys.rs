@@ -1,0 +1,47 @@
+//! API key format, digests and key ids. Keys are compared by digest, never by plaintext.
+
+use sha2::{Digest, Sha256};
+
+/// Every Portcullis API key starts with this, so scanners and people recognise it.
+pub const KEY_PREFIX: &str = "pcl_";
+/// Shortest key accepted (prefix plus at least 128 bits of base64url randomness).
+pub const MIN_KEY_LEN: usize = KEY_PREFIX.len() + 22;
+
+/// Hex SHA-256 of a key: the only form in which stores and snapshots hold keys.
+pub fn digest(key: &str) -> String {
+    hex(&Sha256::digest(key.as_bytes()))
+}
+
+/// Public identifier of a key, derived from its digest; safe to log and show.
+pub fn key_id(digest: &str) -> String {
+    format!("key_{}", &digest[..16.min(digest.len())])
+}
+
+/// Whether `candidate` has the shape of a Portcullis key (used to route `Authorization: Bearer`).
+pub fn looks_like_key(candidate: &str) -> bool {
+    candidate.starts_with(KEY_PREFIX)
+}
+
+/// Lowercase hex of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_is_stable_and_distinct() {
+        let a = digest("pcl_aaaaaaaaaaaaaaaaaaaaaaaaaaaa");
+        assert_eq!(a, digest("pcl_aaaaaaaaaaaaaaaaaaaaaaaaaaaa"));
+        assert_ne!(a, digest("pcl_aaaaaaaaaaaaaaaaaaaaaaaaaaab"));
+        assert_eq!(a.len(), 64);
+        assert!(key_id(&a).starts_with("key_"));
+        assert!(!key_id(&a).contains("pcl_"));
+    }
+}

@@ -1,0 +1,291 @@
+//! MCP clients (the official Rust SDK, rmcp) of both protocol generations against the real
+//! gateway in front of the real notes server; raw HTTP for the transport's edge cases.
+
+mod support;
+
+use rmcp::ServiceError;
+use rmcp::model::{CallToolRequestParams, ClientCapabilities, ClientConfig, Implementation, ProtocolVersion};
+use rmcp::service::{ClientLifecycleMode, ClientServiceExt, RoleClient, RunningService};
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use serde_json::{Value, json};
+use support::*;
+
+async fn connect(url: &str, key: &str, mode: ClientLifecycleMode) -> RunningService<RoleClient, ClientConfig> {
+    let transport = StreamableHttpClientTransport::with_client(
+        reqwest::Client::new(),
+        StreamableHttpClientTransportConfig::with_uri(url).auth_header(key),
+    );
+    ClientConfig::new(ClientCapabilities::default(), Implementation::new("e2e-client", "1.0"))
+        .serve_with_lifecycle(transport, mode)
+        .await
+        .expect("MCP client connects")
+}
+
+fn modern() -> ClientLifecycleMode {
+    ClientLifecycleMode::Discover { preferred_versions: vec![ProtocolVersion::V_2026_07_28] }
+}
+
+fn legacy() -> ClientLifecycleMode {
+    ClientLifecycleMode::Initialize
+}
+
+async fn names(client: &RunningService<RoleClient, ClientConfig>) -> Vec<String> {
+    let mut names: Vec<String> =
+        client.peer().list_all_tools().await.expect("tools/list").into_iter().map(|t| t.name.to_string()).collect();
+    names.sort();
+    names
+}
+
+fn call(name: &str, arguments: Value) -> CallToolRequestParams {
+    CallToolRequestParams::new(name.to_string()).with_arguments(arguments.as_object().cloned().unwrap_or_default())
+}
+
+async fn expect_unknown_tool(client: &RunningService<RoleClient, ClientConfig>, name: &str) -> String {
+    match client.peer().call_tool(call(name, json!({"id": 1}))).await {
+        Err(ServiceError::McpError(e)) => {
+            assert_eq!(e.code.0, -32602, "{e:?}");
+            e.message.to_string()
+        }
+        other => panic!("expected the unknown-tool error for {name}, got {other:?}"),
+    }
+}
+
+const ANALYST_TOOLS: [&str; 6] =
+    ["notes.add_note", "notes.echo", "notes.get_note", "notes.list_notes", "notes.search_notes", "notes.sleep"];
+
+#[tokio::test]
+async fn both_generations_see_only_their_personas_tools_and_hidden_tools_do_not_exist() {
+    let upstream = Upstream::start("both").await;
+    let gateway = Gateway::start(&quickstart(&upstream.url())).await;
+    let url = gateway.mcp_url("demo", "notes");
+    for (mode, version) in [(modern(), "2026-07-28"), (legacy(), "2025-11-25")] {
+        let client = connect(&url, ANALYST_KEY, mode).await;
+        let info = client.peer().peer_info().expect("peer info");
+        assert_eq!(info.protocol_version.to_string(), version);
+        assert_eq!(names(&client).await, ANALYST_TOOLS);
+
+        let result = client
+            .peer()
+            .call_tool(call("notes.add_note", json!({"title": "t", "body": version})))
+            .await
+            .expect("call");
+        assert_ne!(result.is_error, Some(true));
+        let text = serde_json::to_string(&result.content).unwrap();
+        assert!(text.contains("added note"), "{text}");
+
+        // The hidden tool answers exactly like one that does not exist.
+        let hidden = expect_unknown_tool(&client, "notes.delete_note").await;
+        let missing = expect_unknown_tool(&client, "notes.no_such_tool").await;
+        assert_eq!(hidden.replace("notes.delete_note", "X"), missing.replace("notes.no_such_tool", "X"));
+        client.cancel().await.ok();
+    }
+    // The admin persona sees the delete tool.
+    let admin = connect(&url, ADMIN_KEY, modern()).await;
+    assert!(names(&admin).await.contains(&"notes.delete_note".to_string()));
+    // Every call above is in the audit log.
+    wait_until(std::time::Duration::from_secs(5), || async {
+        gateway.audit("tool=notes.add_note").await.len() == 2
+            && gateway.audit("tool=notes.delete_note&status=error").await.len() == 2
+    })
+    .await;
+    let events = gateway.audit("tool=notes.add_note").await;
+    assert!(
+        events.iter().all(|e| e["subject"] == "apikey:analyst-key" && e["channel"] == "mcp" && e["status"] == "ok")
+    );
+    assert!(events.iter().any(|e| e["client_name"] == "e2e-client"), "{events:?}");
+}
+
+#[tokio::test]
+async fn legacy_upstreams_are_reached_through_initialize_and_served_to_both_generations() {
+    let upstream = Upstream::start("legacy").await;
+    let gateway = Gateway::start(&quickstart(&upstream.url())).await;
+    wait_until(std::time::Duration::from_secs(10), || async {
+        let body: Value = gateway.get(ADMIN_KEY, "/api/v1/admin/connections").await.json().await.unwrap();
+        body["items"][0]["health"]["protocol_version"] == "2025-11-25"
+    })
+    .await;
+    for mode in [modern(), legacy()] {
+        let client = connect(&gateway.mcp_url("demo", "notes"), ANALYST_KEY, mode).await;
+        assert_eq!(names(&client).await, ANALYST_TOOLS);
+        let r = client.peer().call_tool(call("notes.echo", json!({"text": "hi"}))).await.expect("call");
+        assert!(serde_json::to_string(&r.content).unwrap().contains("hi"));
+    }
+}
+
+#[tokio::test]
+async fn legacy_session_lifecycle() {
+    let upstream = Upstream::start("both").await;
+    let gateway = Gateway::start(&quickstart(&upstream.url())).await;
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"raw","version":"1"}}}"#;
+    let r = gateway.mcp_raw(ANALYST_KEY, &[], init).await;
+    assert_eq!(r.status(), 200);
+    let session = r.headers()["mcp-session-id"].to_str().unwrap().to_string();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["result"]["protocolVersion"], "2025-06-18");
+    assert!(body["result"].get("resultType").is_none());
+
+    let list = r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#;
+    let with = |s: &str| vec![("Mcp-Session-Id", s.to_string()), ("MCP-Protocol-Version", "2025-06-18".to_string())];
+    let send = |headers: Vec<(&'static str, String)>, key: &'static str, body: &'static str| {
+        let gateway = &gateway;
+        async move {
+            let h: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            gateway.mcp_raw(key, &h, body).await
+        }
+    };
+    assert_eq!(send(with(&session), ANALYST_KEY, list).await.status(), 200);
+    // A notification is accepted.
+    let note = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+    assert_eq!(send(with(&session), ANALYST_KEY, note).await.status(), 202);
+    // No session header: 400. Unknown session: 404. Someone else's session: 404.
+    assert_eq!(send(vec![], ANALYST_KEY, list).await.status(), 400);
+    assert_eq!(send(with("nope"), ANALYST_KEY, list).await.status(), 404);
+    assert_eq!(send(with(&session), ADMIN_KEY, list).await.status(), 404);
+    // A protocol version other than the negotiated one: 400.
+    let wrong = vec![("Mcp-Session-Id", session.clone()), ("MCP-Protocol-Version", "2025-03-26".to_string())];
+    assert_eq!(send(wrong, ANALYST_KEY, list).await.status(), 400);
+    // Unknown methods inside a session are 200 with -32601, never 404.
+    let r = send(with(&session), ANALYST_KEY, r#"{"jsonrpc":"2.0","id":3,"method":"prompts/list"}"#).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], -32601);
+    // DELETE ends it.
+    let client = reqwest::Client::new();
+    let del = client
+        .delete(gateway.mcp_url("demo", "notes"))
+        .header("X-API-Key", ANALYST_KEY)
+        .header("Mcp-Session-Id", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status(), 204);
+    assert_eq!(send(with(&session), ANALYST_KEY, list).await.status(), 404);
+}
+
+#[tokio::test]
+async fn malformed_and_mismatched_requests_get_the_spec_errors() {
+    let upstream = Upstream::start("both").await;
+    let gateway = Gateway::start(&quickstart(&upstream.url())).await;
+    const MODERN_HEADERS: [(&str, &str); 2] = [("MCP-Protocol-Version", "2026-07-28"), ("Mcp-Method", "tools/list")];
+    let meta = r#""_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}"#;
+
+    let check = |status: u16, code: i64, r: (u16, Value)| {
+        assert_eq!(r.0, status, "{:?}", r.1);
+        assert_eq!(r.1["error"]["code"], code, "{:?}", r.1);
+        r.1
+    };
+    let raw = |headers: &'static [(&'static str, &'static str)], body: String| {
+        let gateway = &gateway;
+        async move {
+            let r = gateway.mcp_raw(ANALYST_KEY, headers, &body).await;
+            (r.status().as_u16(), r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    check(400, -32700, raw(&[], "{not json".into()).await);
+    check(400, -32600, raw(&[], "[]".into()).await);
+    check(400, -32600, raw(&MODERN_HEADERS, r#"{"jsonrpc":"1.0","id":1,"method":"tools/list"}"#.into()).await);
+    // Header and body disagree.
+    let body = format!(r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"notes.echo",{meta}}}}}"#);
+    let e = check(400, -32020, raw(&MODERN_HEADERS, body).await);
+    assert!(e["error"]["message"].as_str().unwrap().contains("Mcp-Method"));
+    // Missing protocol version header.
+    let body = format!(r#"{{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{{{meta}}}}}"#);
+    check(400, -32020, raw(&[("Mcp-Method", "tools/list")], body).await);
+    // Mcp-Name must match, base64-encoded values are decoded.
+    let body = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"notes.echo","arguments":{{"text":"x"}},{meta}}}}}"#
+    );
+    const CALL_HEADERS: [(&str, &str); 3] =
+        [("MCP-Protocol-Version", "2026-07-28"), ("Mcp-Method", "tools/call"), ("Mcp-Name", "notes.list_notes")];
+    check(400, -32020, raw(&CALL_HEADERS, body.clone()).await);
+    // "notes.echo" in base64.
+    const ENCODED: [(&str, &str); 3] = [
+        ("MCP-Protocol-Version", "2026-07-28"),
+        ("Mcp-Method", "tools/call"),
+        ("Mcp-Name", "=?base64?bm90ZXMuZWNobw==?="),
+    ];
+    let ok = raw(&ENCODED, body).await;
+    assert_eq!(ok.0, 200, "{:?}", ok.1);
+    assert_eq!(ok.1["result"]["resultType"], "complete");
+    // Unsupported version lists what is supported.
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"1900-01-01","io.modelcontextprotocol/clientCapabilities":{}}}}"#;
+    let e = check(
+        400,
+        -32022,
+        raw(&[("MCP-Protocol-Version", "1900-01-01"), ("Mcp-Method", "tools/list")], body.into()).await,
+    );
+    assert_eq!(e["error"]["data"]["requested"], "1900-01-01");
+    assert!(e["error"]["data"]["supported"].as_array().unwrap().contains(&json!("2026-07-28")));
+    // Missing clientCapabilities.
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}"#;
+    check(400, -32602, raw(&MODERN_HEADERS, body.into()).await);
+    // Unknown method: 404 on the stateless generation.
+    let r = gateway.mcp_modern(ANALYST_KEY, 9, "prompts/list", json!({})).await;
+    check(404, -32601, r);
+    // A bad cursor.
+    let r = gateway.mcp_modern(ANALYST_KEY, 10, "tools/list", json!({"cursor": "%%%"})).await;
+    check(200, -32602, r);
+    // Oversized bodies are refused before parsing.
+    let big = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{{"pad":"{}"}}}}"#,
+        "x".repeat(5 * 1024 * 1024)
+    );
+    let r = raw(&[], big).await;
+    assert_eq!(r.0, 413);
+    // SSE when the client accepts only SSE.
+    let r = reqwest::Client::new()
+        .post(gateway.mcp_url("demo", "notes"))
+        .header("X-API-Key", ANALYST_KEY)
+        .header("accept", "text/event-stream")
+        .header("MCP-Protocol-Version", "2026-07-28")
+        .header("Mcp-Method", "server/discover")
+        .body(format!(r#"{{"jsonrpc":"2.0","id":1,"method":"server/discover","params":{{{meta}}}}}"#))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let text = r.text().await.unwrap();
+    assert!(text.starts_with("event: message\ndata: {") && text.contains("supportedVersions"), "{text}");
+}
+
+#[tokio::test]
+async fn authentication_fails_closed_and_foreign_endpoints_do_not_exist() {
+    let upstream = Upstream::start("both").await;
+    let gateway = Gateway::start(&quickstart(&upstream.url())).await;
+    let http = reqwest::Client::new();
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"x","version":"1"}}}"#;
+    for key in [None, Some("pcl_wrongwrongwrongwrongwrongwrong"), Some("not-a-portcullis-key")] {
+        let mut r = http.post(gateway.mcp_url("demo", "notes")).header("content-type", "application/json").body(body);
+        if let Some(key) = key {
+            r = r.header("authorization", format!("Bearer {key}"));
+        }
+        let r = r.send().await.unwrap();
+        assert_eq!(r.status(), 401);
+        assert!(r.headers()["www-authenticate"].to_str().unwrap().starts_with("Bearer"));
+        assert_eq!(r.headers()["content-type"], "application/problem+json");
+    }
+    // A persona the endpoint does not admit gets exactly what a missing endpoint gives.
+    let hidden = gateway.mcp_raw(OUTSIDER_KEY, &[], body).await;
+    assert_eq!(hidden.status(), 404);
+    let hidden: Value = hidden.json().await.unwrap();
+    let missing = http
+        .post(gateway.mcp_url("demo", "nothing-here"))
+        .header("X-API-Key", OUTSIDER_KEY)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    let missing: Value = missing.json().await.unwrap();
+    assert_eq!(without_request_details(hidden, "notes"), without_request_details(missing, "nothing-here"));
+    // Browser origins other than localhost are refused (DNS rebinding).
+    let evil = gateway.mcp_raw(ANALYST_KEY, &[("Origin", "http://evil.example")], body).await;
+    assert_eq!(evil.status(), 403);
+    let local = gateway.mcp_raw(ANALYST_KEY, &[("Origin", "http://localhost:6274")], body).await;
+    assert_eq!(local.status(), 200);
+    // Auth failures are audited under the tenant named in the URL.
+    wait_until(std::time::Duration::from_secs(5), || async {
+        gateway.audit("status=denied").await.iter().filter(|e| e["channel"] == "mcp").count() >= 3
+    })
+    .await;
+}
