@@ -30,6 +30,12 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Installs the TLS crypto backend the workspace's reqwest is built with (the gateway does the
+/// same at start); every harness entry point calls it before any HTTP client exists.
+pub fn init() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// A free local port.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
@@ -75,6 +81,7 @@ pub struct Upstream {
 impl Upstream {
     /// Starts one speaking `protocol` (`both` or `legacy`).
     pub async fn start(protocol: &str) -> Self {
+        init();
         let mut upstream = Upstream { child: None, port: free_port(), protocol: protocol.to_string() };
         upstream.restart().await;
         upstream
@@ -226,6 +233,7 @@ impl Gateway {
 
     /// Like `start`, without waiting for a configuration to load.
     pub async fn start_unready(files: &[(&str, String)]) -> Self {
+        init();
         let manifests = tempfile::tempdir().expect("tempdir");
         for (name, text) in files {
             std::fs::write(manifests.path().join(name), text).expect("write manifest");
