@@ -279,3 +279,24 @@ async fn without_a_valid_configuration_the_gateway_is_not_ready() {
     // Requests fail closed while there is no configuration.
     assert_eq!(gateway.get(ANALYST_KEY, "/api/v1/portal/me").await.status(), 503);
 }
+
+#[tokio::test]
+async fn upstream_list_changed_refreshes_the_catalog_in_both_generations() {
+    for protocol in ["both", "legacy"] {
+        let upstream = Upstream::start_with(protocol, &["--dynamic-tools"]).await;
+        let mut files = quickstart(&upstream.url());
+        // Only the notification can explain a refresh within the test's window.
+        files[1].1 = files[1].1.replace("refreshIntervalSeconds: 5", "refreshIntervalSeconds: 3600");
+        let gateway = Gateway::start(&files).await;
+        wait_until(Duration::from_secs(10), || async { !gateway.tool_names(ADMIN_KEY).await.is_empty() }).await;
+        assert!(!gateway.tool_names(ADMIN_KEY).await.contains(&"notes.archive_note".to_string()));
+        let (status, r) = gateway.call_tool(ADMIN_KEY, "notes.toggle_archive", json!({})).await;
+        assert_eq!(status, 200, "{r}");
+        wait_until(Duration::from_secs(3), || async {
+            gateway.tool_names(ADMIN_KEY).await.contains(&"notes.archive_note".to_string())
+        })
+        .await;
+        let (status, r) = gateway.call_tool(ADMIN_KEY, "notes.archive_note", json!({"id": 7})).await;
+        assert_eq!((status, r["content"][0]["text"].as_str()), (200, Some("archived note 7")), "{protocol}: {r}");
+    }
+}

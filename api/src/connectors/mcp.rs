@@ -9,7 +9,8 @@ use chrono::{DateTime, Utc};
 use portcullis_crds::snapshot::Upstream;
 use rmcp::ClientHandler;
 use rmcp::model::{
-    CallToolRequestParams, CallToolResult, ClientCapabilities, ClientConfig, Implementation, ProtocolVersion, Tool,
+    CallToolRequestParams, CallToolResult, ClientCapabilities, ClientConfig, ClientRequest, Implementation,
+    PingRequest, ProtocolVersion, ServerNotification, SubscriptionFilter, Tool,
 };
 use rmcp::service::{
     ClientCacheConfig, ClientInitializeError, ClientLifecycleMode, ClientServiceExt, NotificationContext, RoleClient,
@@ -24,8 +25,12 @@ use std::time::Duration;
 use tokio::sync::{Mutex, Notify};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-const LIST_TIMEOUT: Duration = Duration::from_secs(30);
+const LIST_TIMEOUT: Duration = Duration::from_secs(15);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+// 2025 sessions can die silently (an upstream restart, an idle timeout); some servers then answer
+// with an error rmcp cannot tie to the request, which would leave calls hanging. A ping finds out.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Health of an upstream as this process observes it.
 #[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
@@ -91,16 +96,19 @@ pub struct McpUpstream {
     live: Mutex<Option<Arc<RunningService<RoleClient, Listener>>>>,
     state: RwLock<State>,
     catalog_changed: Arc<Notify>,
-    refresher: RwLock<Option<tokio::task::AbortHandle>>,
+    tasks: RwLock<Vec<tokio::task::AbortHandle>>,
+    // The `subscriptions/listen` stream of a 2026-07-28 upstream, while connected.
+    change_listener: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
     // True once the first catalog fetch has succeeded or failed.
     first_attempt: tokio::sync::watch::Sender<bool>,
 }
 
 impl Drop for McpUpstream {
     fn drop(&mut self) {
-        if let Some(handle) = self.refresher.get_mut().ok().and_then(|h| h.take()) {
-            handle.abort();
+        for task in self.tasks.get_mut().map(std::mem::take).unwrap_or_default() {
+            task.abort();
         }
+        self.stop_change_listener();
     }
 }
 
@@ -121,13 +129,14 @@ impl McpUpstream {
                 catalog_fetched_at: None,
             }),
             catalog_changed: Arc::new(Notify::new()),
-            refresher: RwLock::new(None),
+            tasks: RwLock::new(Vec::new()),
+            change_listener: std::sync::Mutex::new(None),
             first_attempt: tokio::sync::watch::channel(false).0,
         });
         // The task holds only a weak reference, so dropping the connection ends it.
-        let weak = Arc::downgrade(&this);
-        let handle = tokio::spawn(refresh_loop(weak));
-        *this.refresher.write().unwrap_or_else(|e| e.into_inner()) = Some(handle.abort_handle());
+        let refresher = tokio::spawn(refresh_loop(Arc::downgrade(&this))).abort_handle();
+        let keepalive = tokio::spawn(keepalive_loop(Arc::downgrade(&this))).abort_handle();
+        *this.tasks.write().unwrap_or_else(|e| e.into_inner()) = vec![refresher, keepalive];
         this
     }
 
@@ -224,12 +233,13 @@ impl McpUpstream {
             {
                 self.handshake(ClientLifecycleMode::Initialize)
                     .await
-                    .map_err(|e| format!("cannot initialize a session with {}: {e}", self.url()))?
+                    .map_err(|e| format!("cannot initialize a session with {}: {}", self.url(), root_cause(&e)))?
             }
-            Err(e) => return Err(format!("cannot connect to {}: {e}", self.url())),
+            Err(e) => return Err(format!("cannot connect to {}: {}", self.url(), root_cause(&e))),
         };
         // Portcullis keeps its own catalog; rmcp's response cache would only add staleness.
         service.peer().set_response_cache_config(ClientCacheConfig::disabled()).await;
+        self.listen_for_changes(&service);
         let protocol = service.peer().peer_info().map(|info| info.protocol_version.to_string());
         tracing::info!(tenant = %self.tenant, connection = %self.name, protocol = ?protocol, "Connected to upstream");
         self.write_state().protocol_version = protocol;
@@ -270,6 +280,73 @@ impl McpUpstream {
 
     async fn forget_live(&self) {
         *self.live.lock().await = None;
+        self.stop_change_listener();
+    }
+
+    fn stop_change_listener(&self) {
+        if let Some(task) = self.change_listener.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            task.abort();
+        }
+    }
+
+    /// A 2026-07-28 upstream announces tool changes on a `subscriptions/listen` stream (2025
+    /// upstreams use the session's GET stream, which rmcp keeps and hands to `Listener`).
+    fn listen_for_changes(&self, service: &RunningService<RoleClient, Listener>) {
+        let Some(info) = service.peer().peer_info() else { return };
+        let announces = info.capabilities.tools.as_ref().and_then(|t| t.list_changed) == Some(true);
+        if info.protocol_version.has_initialize() || !announces {
+            return;
+        }
+        let peer = service.peer().clone();
+        let changed = self.catalog_changed.clone();
+        let task = tokio::spawn(async move {
+            let mut backoff = Duration::from_secs(1);
+            while !peer.is_transport_closed() {
+                let filter = SubscriptionFilter::builder().tools_list_changed().build();
+                if let Ok(mut subscription) = peer.listen(filter).await {
+                    backoff = Duration::from_secs(1);
+                    while let Ok(Some(notification)) = subscription.next().await {
+                        if matches!(notification, ServerNotification::ToolListChangedNotification(_)) {
+                            changed.notify_one();
+                        }
+                    }
+                    // Changes may have been missed while the stream was down.
+                    changed.notify_one();
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        });
+        if let Some(previous) =
+            self.change_listener.lock().unwrap_or_else(|e| e.into_inner()).replace(task.abort_handle())
+        {
+            previous.abort();
+        }
+    }
+
+    /// Pings a 2025 session; when it does not answer, drops it so the next use starts a new one.
+    async fn keepalive(&self) {
+        let Some(service) = self.live.lock().await.clone() else { return };
+        let stateful = service.peer().peer_info().is_some_and(|info| info.protocol_version.has_initialize());
+        if !stateful {
+            // 2026-07-28 has neither sessions nor ping.
+            return;
+        }
+        let ping =
+            ClientRequest::PingRequest(PingRequest { method: Default::default(), extensions: Default::default() });
+        match tokio::time::timeout(KEEPALIVE_TIMEOUT, service.peer().send_request(ping)).await {
+            Ok(Ok(_)) | Ok(Err(ServiceError::McpError(_))) => {}
+            Ok(Err(e)) => self.session_lost(root_cause(&e)).await,
+            Err(_) => {
+                self.session_lost(format!("the session did not answer a ping within {KEEPALIVE_TIMEOUT:?}")).await
+            }
+        }
+    }
+
+    async fn session_lost(&self, error: String) {
+        self.mark_unhealthy(error);
+        self.forget_live().await;
+        self.catalog_changed.notify_one();
     }
 
     /// Fetches the whole tool catalog, following pagination.
@@ -279,7 +356,7 @@ impl McpUpstream {
         let tools = match result {
             Ok(Ok(tools)) => tools,
             Ok(Err(e)) => {
-                let error = format!("tools/list failed: {e}");
+                let error = format!("tools/list failed: {}", root_cause(&e));
                 self.mark_unhealthy(error.clone());
                 self.forget_live().await;
                 return Err(error);
@@ -322,13 +399,31 @@ impl McpUpstream {
                 Err(CallError::Rpc(error))
             }
             Ok(Err(e)) => {
-                let error = format!("{e}");
+                let error = root_cause(&e);
                 self.mark_unhealthy(error.clone());
                 self.forget_live().await;
                 self.catalog_changed.notify_one();
                 Err(CallError::Unavailable(error))
             }
         }
+    }
+}
+
+/// The innermost cause of an error: rmcp's outer messages name Rust types, the innermost one
+/// ("Connection refused", "HTTP status 401") is what an operator can act on.
+fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = error;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
+}
+
+async fn keepalive_loop(connection: std::sync::Weak<McpUpstream>) {
+    loop {
+        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
+        let Some(this) = connection.upgrade() else { return };
+        this.keepalive().await;
     }
 }
 

@@ -313,7 +313,8 @@ pub struct ConnectionView {
     pub health: ConnectionHealth,
 }
 
-/// Connections behind the endpoints this persona may use, with health.
+/// Connections behind the endpoints this persona may use, with health (error details for
+/// admin personas only).
 #[utoipa::path(get, path = "/api/v1/admin/connections", tag = "admin", params(Paging),
     responses((status = 200, body = Page<ConnectionView>)))]
 pub async fn list_connections(
@@ -328,7 +329,12 @@ pub async fn list_connections(
         .into_iter()
         .filter_map(|c| {
             let upstream = app.upstreams.get(&caller.identity.tenant, &c.name)?;
-            Some(ConnectionView { name: c.name.clone(), prefix: c.prefix.clone(), health: upstream.health() })
+            let mut health = upstream.health();
+            // Error texts can name internal hosts: only administrators see them.
+            if !persona.admin {
+                health.last_error = health.last_error.map(|_| "hidden: ask an administrator".to_string());
+            }
+            Some(ConnectionView { name: c.name.clone(), prefix: c.prefix.clone(), health })
         })
         .collect();
     Ok(Json(paging.slice(views)?))

@@ -6,12 +6,15 @@
 
 use clap::{Parser, ValueEnum};
 use rmcp::{
-    ServerHandler,
+    RoleServer, ServerHandler,
     handler::server::{router::tool::ToolRouter, wrapper::Parameters},
     model::{
         CallToolResult, ContentBlock as Content, Implementation, ProtocolVersion, ServerCapabilities, ServerConfig,
+        SubscriptionFilter,
     },
-    schemars, tool, tool_handler, tool_router,
+    schemars,
+    service::{RequestContext, SubscriptionContext},
+    tool, tool_handler, tool_router,
     transport::streamable_http_server::{
         StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
     },
@@ -37,6 +40,10 @@ struct Args {
     /// Which protocol generations to speak.
     #[arg(long, value_enum, default_value_t = Protocol::Both)]
     protocol: Protocol,
+    /// Offer `toggle_archive`, which adds or removes the `archive_note` tool and announces the
+    /// change with `notifications/tools/list_changed` (for testing catalog refreshes).
+    #[arg(long)]
+    dynamic_tools: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -46,10 +53,12 @@ struct Note {
     body: String,
 }
 
-#[derive(Default)]
 struct Store {
     next_id: u64,
     notes: Vec<Note>,
+    dynamic_tools: bool,
+    archive_enabled: bool,
+    tools_changed: tokio::sync::broadcast::Sender<()>,
 }
 
 #[derive(Clone)]
@@ -102,6 +111,37 @@ fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
 impl Notes {
     fn with_store(store: Arc<Mutex<Store>>, protocol: Protocol) -> Self {
         Self { store, protocol, tool_router: Self::tool_router() }
+    }
+
+    /// The tools offered right now: the dynamic ones only when enabled.
+    fn router(&self) -> ToolRouter<Self> {
+        let store = lock(&self.store);
+        let mut router = self.tool_router.clone();
+        if !store.dynamic_tools {
+            router.remove_route("toggle_archive");
+        }
+        if !store.archive_enabled {
+            router.remove_route("archive_note");
+        }
+        router
+    }
+
+    #[tool(description = "Add or remove the archive_note tool (announces the change)")]
+    async fn toggle_archive(&self, context: RequestContext<RoleServer>) -> String {
+        let enabled = {
+            let mut store = lock(&self.store);
+            store.archive_enabled = !store.archive_enabled;
+            let _ = store.tools_changed.send(());
+            store.archive_enabled
+        };
+        // 2025 sessions hear it on their GET stream; 2026-07-28 listeners through `listen`.
+        let _ = context.peer.notify_tool_list_changed().await;
+        format!("archive_note {}", if enabled { "enabled" } else { "disabled" })
+    }
+
+    #[tool(description = "Archive a note by id (present only while enabled)")]
+    fn archive_note(&self, Parameters(NoteId { id }): Parameters<NoteId>) -> String {
+        format!("archived note {id}")
     }
 
     #[tool(description = "Add a note; returns its id")]
@@ -168,12 +208,30 @@ impl Notes {
     }
 }
 
-#[tool_handler(router = self.tool_router)]
+#[tool_handler(router = self.router())]
 impl ServerHandler for Notes {
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().enable_tool_list_changed().build())
             .with_server_info(Implementation::new("notes-mcp-server", env!("CARGO_PKG_VERSION")))
             .with_instructions("Keeps short notes in memory. Use add_note, list_notes, search_notes, get_note.")
+    }
+
+    fn accepted_subscription_filter(&self, requested: &SubscriptionFilter) -> Option<SubscriptionFilter> {
+        Some(requested.intersection(&SubscriptionFilter::builder().tools_list_changed().build()))
+    }
+
+    async fn listen(&self, context: SubscriptionContext) -> Result<(), rmcp::ErrorData> {
+        let mut changes = lock(&self.store).tools_changed.subscribe();
+        loop {
+            tokio::select! {
+                _ = context.cancelled() => return Ok(()),
+                change = changes.recv() => {
+                    if change.is_err() || context.sink().notify_tool_list_changed().await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
     }
 
     fn supported_protocol_versions(&self) -> Cow<'static, [ProtocolVersion]> {
@@ -190,7 +248,13 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();
-    let store: Arc<Mutex<Store>> = Arc::default();
+    let store = Arc::new(Mutex::new(Store {
+        next_id: 0,
+        notes: Vec::new(),
+        dynamic_tools: args.dynamic_tools,
+        archive_enabled: false,
+        tools_changed: tokio::sync::broadcast::channel(16).0,
+    }));
     let protocol = args.protocol;
     let service: StreamableHttpService<Notes, LocalSessionManager> = StreamableHttpService::new(
         move || Ok(Notes::with_store(store.clone(), protocol)),

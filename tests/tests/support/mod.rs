@@ -76,13 +76,24 @@ pub struct Upstream {
     /// Port it listens on (kept across restarts).
     pub port: u16,
     protocol: String,
+    extra: Vec<String>,
 }
 
 impl Upstream {
     /// Starts one speaking `protocol` (`both` or `legacy`).
     pub async fn start(protocol: &str) -> Self {
+        Self::start_with(protocol, &[]).await
+    }
+
+    /// Starts one with extra command-line flags.
+    pub async fn start_with(protocol: &str, extra: &[&str]) -> Self {
         init();
-        let mut upstream = Upstream { child: None, port: free_port(), protocol: protocol.to_string() };
+        let mut upstream = Upstream {
+            child: None,
+            port: free_port(),
+            protocol: protocol.to_string(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
         upstream.restart().await;
         upstream
     }
@@ -102,6 +113,7 @@ impl Upstream {
         self.child = None;
         let child = Command::new(bin("notes-mcp-server"))
             .args(["--listen", &format!("127.0.0.1:{}", self.port), "--protocol", &self.protocol])
+            .args(&self.extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
