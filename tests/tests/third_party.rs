@@ -15,7 +15,6 @@ use support::*;
 
 struct Everything {
     child: Child,
-    port: u16,
 }
 
 impl Drop for Everything {
@@ -42,7 +41,7 @@ impl Everything {
             tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
         })
         .await;
-        Everything { child, port }
+        Everything { child }
     }
 }
 
