@@ -4,6 +4,7 @@
 use crate::audit::AuditLog;
 use crate::connectors::Upstreams;
 use crate::limits::Limiter;
+use crate::manifest_dir::{fingerprint, read_dir};
 use crate::sessions::MemorySessions;
 use crate::state::{AppState, Inner, ServerSettings};
 use anyhow::Context;
@@ -11,12 +12,12 @@ use base64::Engine;
 use chrono::Utc;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use portcullis_crds::{Object, Problem, Severity, Snapshot, compile, parse_manifests};
+use portcullis_crds::{Object, Problem, Severity, Snapshot, compile};
 use rand::RngCore;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 /// Settings of `portcullis dev`.
 #[derive(clap::Args, Debug, Clone)]
@@ -56,31 +57,6 @@ struct Loaded {
     dev_keys: Vec<DevKey>,
 }
 
-/// Files that can hold manifests, with size and modification time: a change to any reloads.
-fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let Ok(meta) = entry.metadata() else { continue };
-            if meta.is_dir() {
-                stack.push(path);
-            } else if is_manifest(&path) {
-                out.push((path, meta.len(), meta.modified().ok()));
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
-fn is_manifest(path: &Path) -> bool {
-    matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
-        && !path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
-}
-
 fn mint_key() -> String {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
@@ -105,23 +81,7 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
 /// Reads and compiles the directory; ApiKeys whose Secret is not among the manifests get a key
 /// from the data directory, minted there on first use (the operator's job in a cluster).
 fn load(manifests: &Path, data: &Path) -> Result<Loaded, Vec<Problem>> {
-    let mut objects = Vec::new();
-    let mut problems = Vec::new();
-    for (path, _, _) in fingerprint(manifests) {
-        let source = path.strip_prefix(manifests).unwrap_or(&path).display().to_string();
-        match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                let (o, p) = parse_manifests(&source, &text);
-                objects.extend(o);
-                problems.extend(p);
-            }
-            Err(e) => problems.push(Problem::error(
-                &portcullis_crds::ObjectRef::new("File", "", &source),
-                "",
-                format!("cannot read: {e}"),
-            )),
-        }
-    }
+    let (mut objects, mut problems) = read_dir(manifests);
     let secrets: BTreeSet<(String, String)> = objects
         .iter()
         .filter(|o| matches!(o, Object::Secret(_)))
@@ -245,7 +205,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create data directory {}", args.data.display()))?;
     anyhow::ensure!(args.manifests.is_dir(), "{} is not a directory of manifests", args.manifests.display());
     let pool = crate::store::open_sqlite(&args.data).await.context("cannot open the dev database")?;
-    let (audit, writer) = AuditLog::start(pool.clone(), 10_000);
+    let (audit, writer) = AuditLog::start(crate::audit::AuditStore::Sqlite(pool.clone()), 10_000);
     let http = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .build()
@@ -254,9 +214,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         snapshot: tokio::sync::watch::channel(None).0,
         upstreams: Upstreams::new(http),
         sessions: Box::new(MemorySessions::new(Duration::from_secs(args.session_idle_seconds))),
-        limits: Limiter::default(),
+        limits: Box::new(Limiter::default()),
         audit,
         settings: ServerSettings { max_body_bytes: args.max_body_bytes, page_size: 100 },
+        backends: None,
     });
 
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -327,7 +288,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

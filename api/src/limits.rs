@@ -1,6 +1,9 @@
-//! Rate limits, in process (dev mode): GCRA per (tenant, principal, class), so a persona's
-//! `requestsPerMinute` allows that many requests in any minute, with bursts up to the same number.
+//! Rate limits: GCRA per (tenant, principal, class), so a persona's `requestsPerMinute` allows
+//! that many requests in any minute, with bursts up to the same number. In process in dev mode;
+//! in Redis in production (one atomic script per decision, on Redis's clock, shared by every
+//! replica). When Redis cannot answer, the decision is "unavailable" and callers fail closed.
 
+use futures::future::BoxFuture;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -44,6 +47,117 @@ pub struct Decision {
 
 const WINDOW: Duration = Duration::from_secs(60);
 
+/// No decision could be made (Redis unreachable); the request must be refused.
+#[derive(Debug, thiserror::Error)]
+#[error("the rate limiter is unavailable")]
+pub struct LimitUnavailable;
+
+/// A rate limiter shared by every request of this process.
+pub trait RateLimiter: Send + Sync {
+    /// Decides one request of `class` for `principal` in `tenant` at `per_minute`.
+    fn check<'a>(
+        &'a self,
+        tenant: &'a str,
+        principal: &'a str,
+        class: Class,
+        per_minute: u32,
+    ) -> BoxFuture<'a, Result<Decision, LimitUnavailable>>;
+}
+
+impl RateLimiter for Limiter {
+    fn check<'a>(
+        &'a self,
+        tenant: &'a str,
+        principal: &'a str,
+        class: Class,
+        per_minute: u32,
+    ) -> BoxFuture<'a, Result<Decision, LimitUnavailable>> {
+        let decision = self.check_at(tenant, principal, class, per_minute, Instant::now());
+        Box::pin(async move { Ok(decision) })
+    }
+}
+
+fn decision(allowed: bool, per_minute: u32, used: Duration, retry: Duration, interval: Duration) -> Decision {
+    let remaining =
+        if allowed { (WINDOW.saturating_sub(used).as_nanos() / interval.as_nanos().max(1)) as u32 } else { 0 };
+    Decision {
+        allowed,
+        limit: per_minute,
+        remaining,
+        reset_seconds: used.as_secs_f64().ceil() as u64,
+        retry_after_seconds: if allowed { 0 } else { retry.as_secs_f64().ceil().max(1.0) as u64 },
+    }
+}
+
+// GCRA on Redis's clock. KEYS[1]: the bucket; ARGV[1]: emission interval (µs); ARGV[2]: window
+// (µs). Returns {allowed, used µs, retry µs}.
+const GCRA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + interval
+local used = new_tat - now
+if used > window then
+  return {0, tat - now, used - window}
+end
+redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil(used / 1000) + 1000)
+return {1, used, 0}
+"#;
+
+/// GCRA in Redis, shared by every replica.
+pub struct RedisLimiter {
+    connection: redis::aio::ConnectionManager,
+    script: redis::Script,
+    prefix: String,
+}
+
+impl RedisLimiter {
+    /// Uses `connection`; keys start with `prefix`.
+    pub fn new(connection: redis::aio::ConnectionManager, prefix: &str) -> Self {
+        Self { connection, script: redis::Script::new(GCRA), prefix: prefix.to_string() }
+    }
+}
+
+impl RateLimiter for RedisLimiter {
+    fn check<'a>(
+        &'a self,
+        tenant: &'a str,
+        principal: &'a str,
+        class: Class,
+        per_minute: u32,
+    ) -> BoxFuture<'a, Result<Decision, LimitUnavailable>> {
+        Box::pin(async move {
+            let per_minute = per_minute.max(1);
+            let interval = WINDOW / per_minute;
+            let key = format!("{}rl:{}:{}:{}", self.prefix, tenant, principal, class.name());
+            let mut connection = self.connection.clone();
+            let mut invocation = self.script.key(key);
+            invocation.arg(interval.as_micros() as u64).arg(WINDOW.as_micros() as u64);
+            let call = invocation.invoke_async::<(i64, i64, i64)>(&mut connection);
+            match tokio::time::timeout(Duration::from_secs(1), call).await {
+                Ok(Ok((allowed, used, retry))) => Ok(decision(
+                    allowed == 1,
+                    per_minute,
+                    Duration::from_micros(used.max(0) as u64),
+                    Duration::from_micros(retry.max(0) as u64),
+                    interval,
+                )),
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "Rate limiter unavailable; refusing requests");
+                    Err(LimitUnavailable)
+                }
+                Err(_) => {
+                    tracing::warn!("Rate limiter did not answer within 1 s; refusing requests");
+                    Err(LimitUnavailable)
+                }
+            }
+        })
+    }
+}
+
 /// In-process GCRA limiter.
 #[derive(Default)]
 pub struct Limiter {
@@ -52,11 +166,6 @@ pub struct Limiter {
 }
 
 impl Limiter {
-    /// Decides one request of `class` for `principal` in `tenant` at `per_minute`.
-    pub fn check(&self, tenant: &str, principal: &str, class: Class, per_minute: u32) -> Decision {
-        self.check_at(tenant, principal, class, per_minute, Instant::now())
-    }
-
     fn check_at(&self, tenant: &str, principal: &str, class: Class, per_minute: u32, now: Instant) -> Decision {
         let per_minute = per_minute.max(1);
         let interval = WINDOW / per_minute;
@@ -69,25 +178,10 @@ impl Limiter {
         let new_tat = tat + interval;
         let used = new_tat - now;
         if used > WINDOW {
-            let retry = used - WINDOW;
-            let reset = tat - now;
-            return Decision {
-                allowed: false,
-                limit: per_minute,
-                remaining: 0,
-                reset_seconds: reset.as_secs_f64().ceil() as u64,
-                retry_after_seconds: retry.as_secs_f64().ceil().max(1.0) as u64,
-            };
+            return decision(false, per_minute, tat - now, used - WINDOW, interval);
         }
         tats.insert(key, new_tat);
-        let remaining = ((WINDOW - used).as_nanos() / interval.as_nanos().max(1)) as u32;
-        Decision {
-            allowed: true,
-            limit: per_minute,
-            remaining,
-            reset_seconds: used.as_secs_f64().ceil() as u64,
-            retry_after_seconds: 0,
-        }
+        decision(true, per_minute, used, Duration::ZERO, interval)
     }
 }
 

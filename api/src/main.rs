@@ -2,14 +2,18 @@
 #![forbid(unsafe_code)]
 
 mod audit;
+mod config_store;
 mod connectors;
 mod dev;
 mod http_context;
 mod identity;
 mod limits;
+mod manifest_dir;
 mod mcp;
 mod policy;
 mod rest;
+mod secret_box;
+mod serve;
 mod server;
 mod sessions;
 mod state;
@@ -19,17 +23,36 @@ mod tool_call;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
-#[derive(Parser, Debug)]
+#[derive(Parser)]
 #[command(name = "portcullis", version, about = "A governed gateway through which agents and automation reach tools")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand)]
 enum Command {
     /// Run the whole gateway in one process from a directory of manifests (SQLite, in-process limits).
     Dev(dev::DevArgs),
+    /// Run an API pod: configuration and audit in Postgres, sessions and rate limits in Redis.
+    Serve(serve::ServeArgs),
+    /// Apply the Postgres migrations (for a Helm hook or a deploy step) and exit.
+    Migrate {
+        /// Postgres URL.
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+    },
+    /// Compile a directory of manifests and publish it to Postgres when its digest is new.
+    Publish {
+        /// Directory of manifests (Secrets included; ApiKeys need their Secret here).
+        #[arg(long)]
+        manifests: PathBuf,
+        /// Recorded as the version's source.
+        #[arg(long, default_value = "portcullis publish")]
+        source: String,
+        #[command(flatten)]
+        data: serve::DataArgs,
+    },
     /// Compile a directory of manifests and report problems, without serving (exit 1 on errors).
     Check {
         /// Directory of manifests.
@@ -38,33 +61,59 @@ enum Command {
     },
 }
 
-fn check(manifests: &std::path::Path) -> anyhow::Result<bool> {
-    let mut objects = Vec::new();
-    let mut problems = Vec::new();
-    for entry in std::fs::read_dir(manifests)? {
-        let path = entry?.path();
-        if matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
-            let (o, p) =
-                portcullis_crds::parse_manifests(&path.display().to_string(), &std::fs::read_to_string(&path)?);
-            objects.extend(o);
-            problems.extend(p);
-        }
-    }
-    let ok = match portcullis_crds::compile(&objects, chrono::Utc::now()) {
-        Ok(snapshot) => {
-            problems.extend(snapshot.warnings);
-            !problems.iter().any(|p| p.severity == portcullis_crds::Severity::Error)
-        }
-        Err(p) => {
-            problems.extend(p);
-            false
+/// Compiles a directory, printing every problem; the snapshot when there are no errors.
+fn compile_dir(manifests: &std::path::Path) -> anyhow::Result<Option<portcullis_crds::Snapshot>> {
+    anyhow::ensure!(manifests.is_dir(), "{} is not a directory of manifests", manifests.display());
+    let (objects, mut problems) = manifest_dir::read_dir(manifests);
+    let snapshot = if problems.iter().any(|p| p.severity == portcullis_crds::Severity::Error) {
+        None
+    } else {
+        match portcullis_crds::compile(&objects, chrono::Utc::now()) {
+            Ok(snapshot) => {
+                problems.extend(snapshot.warnings.iter().cloned());
+                Some(snapshot)
+            }
+            Err(p) => {
+                problems.extend(p);
+                None
+            }
         }
     };
     for p in &problems {
         println!("{p}");
     }
-    println!("{}", if ok { "configuration OK" } else { "configuration has errors" });
-    Ok(ok)
+    Ok(snapshot)
+}
+
+async fn publish(manifests: &std::path::Path, source: &str, data: &serve::DataArgs) -> anyhow::Result<bool> {
+    let Some(snapshot) = compile_dir(manifests)? else {
+        println!("configuration has errors; nothing published");
+        return Ok(false);
+    };
+    let key = secret_box::SecretKey::from_text(&data.secret_key)?;
+    let pool = serve::pool(&data.database_url)?;
+    match config_store::publish(&pool, &key, &snapshot, source).await? {
+        config_store::Published::New { version, summary } => {
+            println!(
+                "published version {version} (digest {}): {} added, {} changed, {} removed",
+                &snapshot.digest[..12],
+                summary.added.len(),
+                summary.changed.len(),
+                summary.removed.len()
+            );
+            for (what, names) in
+                [("added", &summary.added), ("changed", &summary.changed), ("removed", &summary.removed)]
+            {
+                for name in names {
+                    println!("  {what}: {name}");
+                }
+            }
+        }
+        config_store::Published::Unchanged { version } => {
+            println!("unchanged: version {version} already has digest {}", &snapshot.digest[..12]);
+        }
+    }
+    Ok(true)
 }
 
 #[tokio::main]
@@ -79,10 +128,25 @@ async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     match Cli::parse().command {
         Command::Dev(args) => dev::run(args).await,
-        Command::Check { manifests } => {
-            if check(&manifests)? {
+        Command::Serve(args) => serve::run(args).await,
+        Command::Migrate { database_url } => {
+            serve::migrate(&serve::pool(&database_url)?).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Publish { manifests, source, data } => {
+            if publish(&manifests, &source, &data).await? {
                 Ok(())
             } else {
+                std::process::exit(1)
+            }
+        }
+        Command::Check { manifests } => {
+            if compile_dir(&manifests)?.is_some() {
+                println!("configuration OK");
+                Ok(())
+            } else {
+                println!("configuration has errors");
                 std::process::exit(1)
             }
         }

@@ -53,6 +53,11 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn readyz(State(app): State<AppState>) -> Response {
+    if let Some(backends) = &app.backends
+        && let Some(reason) = backends.unavailable().await
+    {
+        return Problem::unavailable(reason).into_response();
+    }
     match app.current() {
         Some(loaded) => axum::Json(json!({
             "status": "ready",

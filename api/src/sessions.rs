@@ -82,6 +82,63 @@ impl SessionStore for MemorySessions {
     }
 }
 
+/// Sessions in Redis, shared by every replica; idle expiry is the key's TTL.
+pub struct RedisSessions {
+    connection: redis::aio::ConnectionManager,
+    prefix: String,
+    idle: Duration,
+}
+
+impl RedisSessions {
+    /// Uses `connection`; keys start with `prefix`.
+    pub fn new(connection: redis::aio::ConnectionManager, prefix: &str, idle: Duration) -> Self {
+        Self { connection, prefix: prefix.to_string(), idle }
+    }
+
+    fn key(&self, id: &str) -> String {
+        format!("{}session:{id}", self.prefix)
+    }
+}
+
+const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
+
+async fn bounded<T>(call: impl std::future::Future<Output = redis::RedisResult<T>>) -> anyhow::Result<T> {
+    tokio::time::timeout(REDIS_TIMEOUT, call)
+        .await
+        .map_err(|_| anyhow::anyhow!("Redis did not answer within {REDIS_TIMEOUT:?}"))?
+        .map_err(anyhow::Error::from)
+}
+
+impl SessionStore for RedisSessions {
+    fn create(&self, session: Session) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async move {
+            let mut connection = self.connection.clone();
+            let body = serde_json::to_string(&session)?;
+            let key = self.key(&session.id);
+            bounded(redis::AsyncCommands::set_ex::<_, _, ()>(&mut connection, key, body, self.idle.as_secs().max(1)))
+                .await
+        })
+    }
+
+    fn touch<'a>(&'a self, id: &'a str) -> BoxFuture<'a, anyhow::Result<Option<Session>>> {
+        Box::pin(async move {
+            let mut connection = self.connection.clone();
+            let mut command = redis::cmd("GETEX");
+            command.arg(self.key(id)).arg("EX").arg(self.idle.as_secs().max(1));
+            let body: Option<String> = bounded(command.query_async(&mut connection)).await?;
+            Ok(body.and_then(|b| serde_json::from_str(&b).ok()))
+        })
+    }
+
+    fn delete<'a>(&'a self, id: &'a str) -> BoxFuture<'a, anyhow::Result<bool>> {
+        Box::pin(async move {
+            let mut connection = self.connection.clone();
+            let removed: i64 = bounded(redis::AsyncCommands::del(&mut connection, self.key(id))).await?;
+            Ok(removed > 0)
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

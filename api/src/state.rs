@@ -3,7 +3,7 @@
 
 use crate::audit::AuditLog;
 use crate::connectors::Upstreams;
-use crate::limits::Limiter;
+use crate::limits::RateLimiter;
 use crate::sessions::SessionStore;
 use chrono::{DateTime, Utc};
 use portcullis_crds::Snapshot;
@@ -42,11 +42,38 @@ pub struct Inner {
     /// 2025-protocol sessions.
     pub sessions: Box<dyn SessionStore>,
     /// Rate limits.
-    pub limits: Limiter,
+    pub limits: Box<dyn RateLimiter>,
     /// Audit queue.
     pub audit: AuditLog,
     /// Server settings.
     pub settings: ServerSettings,
+    /// Shared backends whose health decides readiness (production only).
+    pub backends: Option<Backends>,
+}
+
+/// Postgres and Redis of the production data plane.
+pub struct Backends {
+    /// Postgres.
+    pub postgres: sqlx::PgPool,
+    /// Redis.
+    pub redis: redis::aio::ConnectionManager,
+}
+
+impl Backends {
+    /// Why the pod is not ready, if a backend does not answer within a second.
+    pub async fn unavailable(&self) -> Option<&'static str> {
+        let limit = std::time::Duration::from_secs(1);
+        let pg = tokio::time::timeout(limit, sqlx::query("SELECT 1").execute(&self.postgres)).await;
+        if !matches!(pg, Ok(Ok(_))) {
+            return Some("Postgres does not answer");
+        }
+        let mut redis = self.redis.clone();
+        let ping = tokio::time::timeout(limit, redis::cmd("PING").query_async::<String>(&mut redis)).await;
+        if !matches!(ping, Ok(Ok(_))) {
+            return Some("Redis does not answer");
+        }
+        None
+    }
 }
 
 impl std::ops::Deref for AppState {

@@ -16,6 +16,8 @@ pub enum CallFailure {
     Throttled(Decision),
     /// The upstream answered with a JSON-RPC error, passed on as is.
     Upstream(rmcp::ErrorData),
+    /// The rate limiter cannot decide (Redis down): refused, fail closed.
+    LimiterUnavailable,
 }
 
 fn error_result(text: String) -> Value {
@@ -35,7 +37,12 @@ pub async fn call(
 ) -> Result<Value, CallFailure> {
     event.tool = Some(tool.canonical.clone());
     event.connection = Some(tool.connection.clone());
-    let decision = app.limits.check(tenant, subject, Class::ToolCalls, persona.limits.tool_calls_per_minute);
+    let Ok(decision) = app.limits.check(tenant, subject, Class::ToolCalls, persona.limits.tool_calls_per_minute).await
+    else {
+        event.status = Status::Error;
+        event.detail = Some("rate limiter unavailable".into());
+        return Err(CallFailure::LimiterUnavailable);
+    };
     if !decision.allowed {
         event.status = Status::Throttled;
         event.error_code = Some("429".into());

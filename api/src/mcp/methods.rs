@@ -159,6 +159,12 @@ pub async fn tools_call(ctx: &CallContext<'_>, params: &Value, event: &mut Audit
             error.status = StatusCode::TOO_MANY_REQUESTS;
             Err(error)
         }
+        Err(CallFailure::LimiterUnavailable) => {
+            let mut error =
+                RpcError::internal("Rate limiting is unavailable, so tool calls are refused; retry shortly");
+            error.status = StatusCode::SERVICE_UNAVAILABLE;
+            Err(error)
+        }
         Err(CallFailure::Upstream(error)) => {
             let mut e = RpcError::internal(error.message.to_string());
             e.code = i64::from(error.code.0);

@@ -59,7 +59,7 @@ fn origin_allowed(headers: &HeaderMap, endpoint: Option<&CompiledEndpoint>) -> b
 
 /// Origin, authentication, endpoint visibility, audit capacity and the request rate limit:
 /// everything decided before the body is read.
-fn admit(
+async fn admit(
     app: &AppState,
     headers: &HeaderMap,
     tenant: &str,
@@ -104,7 +104,13 @@ fn admit(
         return Err(Problem::unavailable("the audit log is not keeping up; retry shortly"));
     }
     let persona = &loaded.snapshot.tenants[tenant].personas[&identity.persona];
-    let decision = app.limits.check(tenant, &identity.subject, Class::Requests, persona.limits.requests_per_minute);
+    let Ok(decision) =
+        app.limits.check(tenant, &identity.subject, Class::Requests, persona.limits.requests_per_minute).await
+    else {
+        event.status = Status::Error;
+        event.detail = Some("rate limiter unavailable".into());
+        return Err(Problem::unavailable("rate limiting is unavailable, so requests are refused; retry shortly"));
+    };
     if !decision.allowed {
         event.status = Status::Throttled;
         event.error_code = Some("429".into());
@@ -132,7 +138,7 @@ async fn post_message(
     let request_id = crate::http_context::request_id();
     let mut event = AuditEvent::new(&tenant, "mcp", "POST", &request_id, Utc::now());
     event.endpoint = Some(endpoint.clone());
-    let response = match admit(&app, &headers, &tenant, &endpoint, &mut event) {
+    let response = match admit(&app, &headers, &tenant, &endpoint, &mut event).await {
         Err(problem) => problem.into_response(),
         Ok(admitted) => handle_message(&app, admitted, &headers, body, &mut event).await,
     };
@@ -439,7 +445,7 @@ async fn get_stream(
     let started = Instant::now();
     let mut event = AuditEvent::new(&tenant, "mcp", "GET", &crate::http_context::request_id(), Utc::now());
     event.endpoint = Some(endpoint.clone());
-    let response = match admit(&app, &headers, &tenant, &endpoint, &mut event) {
+    let response = match admit(&app, &headers, &tenant, &endpoint, &mut event).await {
         Err(problem) => problem.into_response(),
         Ok(_) => {
             // No server-initiated stream is offered yet; the 2025 transport allows 405 here.
@@ -461,7 +467,7 @@ async fn delete_session(
     let started = Instant::now();
     let mut event = AuditEvent::new(&tenant, "mcp", "DELETE", &crate::http_context::request_id(), Utc::now());
     event.endpoint = Some(endpoint.clone());
-    let response = match admit(&app, &headers, &tenant, &endpoint, &mut event) {
+    let response = match admit(&app, &headers, &tenant, &endpoint, &mut event).await {
         Err(problem) => problem.into_response(),
         Ok(admitted) => match headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()) {
             None => {

@@ -284,6 +284,10 @@ pub async fn call_tool(
             Json(result).into_response()
         }
         Err(CallFailure::Throttled(decision)) => Problem::throttled(&decision, "tool-call").into_response(),
+        Err(CallFailure::LimiterUnavailable) => {
+            Problem::unavailable("rate limiting is unavailable, so tool calls are refused; retry shortly")
+                .into_response()
+        }
         Err(CallFailure::Upstream(error)) if error.code.0 == -32602 => Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid-arguments",
@@ -355,6 +359,12 @@ pub struct AuditQuery {
     pub tool: Option<String>,
     /// `ok`, `error`, `denied`, `throttled` or `invalid`.
     pub status: Option<String>,
+    /// Exact connection name.
+    pub connection: Option<String>,
+    /// Exact MCP endpoint name.
+    pub endpoint: Option<String>,
+    /// `api_key` (more methods arrive with OIDC and OAuth).
+    pub auth_method: Option<String>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
     /// Page size, 1 to 1000.
@@ -396,6 +406,9 @@ pub async fn audit_events(
         persona: q.persona,
         tool: q.tool,
         status: q.status,
+        connection: q.connection,
+        endpoint: q.endpoint,
+        auth_method: q.auth_method,
         cursor: q.cursor,
         limit,
     };

@@ -129,7 +129,8 @@ async fn guard(State(app): State<AppState>, mut request: Request, next: Next) ->
     let operation = format!("{} {}", request.method(), route.unwrap_or_else(|| request.uri().path().to_string()));
     let mut event = AuditEvent::new("", "rest", operation, &crate::http_context::request_id(), Utc::now());
     let mut decisions = Vec::new();
-    let response = match admit(&app, &request, &mut event, &mut decisions) {
+    let (headers, method) = (request.headers().clone(), request.method().clone());
+    let response = match admit(&app, &headers, &method, &mut event, &mut decisions).await {
         Err(problem) => problem.into_response(),
         Ok(caller) => {
             request.extensions_mut().insert(caller);
@@ -158,9 +159,10 @@ async fn guard(State(app): State<AppState>, mut request: Request, next: Next) ->
     response
 }
 
-fn admit(
+async fn admit(
     app: &AppState,
-    request: &Request,
+    headers: &http::HeaderMap,
+    method: &Method,
     event: &mut AuditEvent,
     decisions: &mut Vec<(Class, Decision)>,
 ) -> Result<Caller, Problem> {
@@ -168,7 +170,7 @@ fn admit(
         event.status = Status::Error;
         return Err(Problem::unavailable("the gateway has no configuration loaded yet"));
     };
-    let identity = identity::authenticate(request.headers(), &loaded.snapshot, Utc::now()).map_err(|error| {
+    let identity = identity::authenticate(headers, &loaded.snapshot, Utc::now()).map_err(|error| {
         event.status = Status::Denied;
         event.error_code = Some("401".into());
         event.detail = Some(error.reason().into());
@@ -184,11 +186,15 @@ fn admit(
     }
     let limits = &loaded.snapshot.tenants[&identity.tenant].personas[&identity.persona].limits;
     let mut classes = vec![(Class::Requests, limits.requests_per_minute)];
-    if matches!(*request.method(), Method::POST | Method::PUT | Method::PATCH | Method::DELETE) {
+    if matches!(*method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE) {
         classes.push((Class::Writes, limits.writes_per_minute));
     }
     for (class, per_minute) in classes {
-        let decision = app.limits.check(&identity.tenant, &identity.subject, class, per_minute);
+        let Ok(decision) = app.limits.check(&identity.tenant, &identity.subject, class, per_minute).await else {
+            event.status = Status::Error;
+            event.detail = Some("rate limiter unavailable".into());
+            return Err(Problem::unavailable("rate limiting is unavailable, so requests are refused; retry shortly"));
+        };
         decisions.push((class, decision));
         if !decision.allowed {
             event.status = Status::Throttled;

@@ -3,9 +3,12 @@
 //! full the gateway refuses new work (503) instead of doing unaudited work, and events are never
 //! dropped: a failed batch is retried until it is written.
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sqlx::SqlitePool;
+use sqlx::{PgPool, SqlitePool};
+
+mod postgres;
+mod sqlite;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -26,6 +29,17 @@ pub enum Status {
 }
 
 impl Status {
+    /// Reads the stored form.
+    pub fn parse(text: &str) -> Status {
+        match text {
+            "ok" => Status::Ok,
+            "denied" => Status::Denied,
+            "throttled" => Status::Throttled,
+            "invalid" => Status::Invalid,
+            _ => Status::Error,
+        }
+    }
+
     /// The stored form.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -108,11 +122,29 @@ impl AuditEvent {
     }
 }
 
+/// Where events are stored: SQLite in dev mode, Postgres in production.
+#[derive(Clone)]
+pub enum AuditStore {
+    /// Dev mode.
+    Sqlite(SqlitePool),
+    /// Production (range-partitioned by month).
+    Postgres(PgPool),
+}
+
+impl AuditStore {
+    async fn insert(&self, events: &[AuditEvent]) -> Result<(), sqlx::Error> {
+        match self {
+            AuditStore::Sqlite(pool) => sqlite::insert(pool, events).await,
+            AuditStore::Postgres(pool) => postgres::insert(pool, events).await,
+        }
+    }
+}
+
 /// Handle to the audit queue.
 #[derive(Clone)]
 pub struct AuditLog {
     tx: mpsc::Sender<AuditEvent>,
-    pool: SqlitePool,
+    store: AuditStore,
 }
 
 /// The writer could not take the event: the gateway must not do the work.
@@ -125,10 +157,10 @@ const BATCH: usize = 256;
 impl AuditLog {
     /// Starts the writer; the returned handle finishes writing everything queued when awaited
     /// after every `AuditLog` clone is dropped.
-    pub fn start(pool: SqlitePool, capacity: usize) -> (Self, tokio::task::JoinHandle<()>) {
+    pub fn start(store: AuditStore, capacity: usize) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(capacity);
-        let writer = tokio::spawn(write_loop(pool.clone(), rx));
-        (Self { tx, pool }, writer)
+        let writer = tokio::spawn(write_loop(store.clone(), rx));
+        (Self { tx, store }, writer)
     }
 
     /// Whether there is room for the event of a request about to start.
@@ -143,41 +175,10 @@ impl AuditLog {
 
     /// Events of `tenant`, newest first, matching `filter`.
     pub async fn query(&self, tenant: &str, filter: &AuditFilter) -> Result<AuditPage, sqlx::Error> {
-        let limit = filter.limit.clamp(1, 1000);
-        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "SELECT id, tenant, time, subject, persona, auth_method, client_name, channel, operation, endpoint, tool, connection, status, error_code, detail, latency_ms, request_id FROM audit_events WHERE tenant = ",
-        );
-        q.push_bind(tenant.to_string());
-        if let Some(from) = filter.from {
-            q.push(" AND time >= ").push_bind(stored_time(from));
+        match &self.store {
+            AuditStore::Sqlite(pool) => sqlite::query(pool, tenant, filter).await,
+            AuditStore::Postgres(pool) => postgres::query(pool, tenant, filter).await,
         }
-        if let Some(to) = filter.to {
-            q.push(" AND time < ").push_bind(stored_time(to));
-        }
-        // Column names come from this fixed list, never from the request.
-        for (column, value) in [
-            ("subject", &filter.subject),
-            ("tool", &filter.tool),
-            ("persona", &filter.persona),
-            ("status", &filter.status),
-        ] {
-            if let Some(value) = value {
-                q.push(format_args!(" AND {column} = ")).push_bind(value.clone());
-            }
-        }
-        if let Some((time, id)) = filter.cursor.as_deref().and_then(decode_cursor) {
-            q.push(" AND (time < ").push_bind(time.clone());
-            q.push(" OR (time = ").push_bind(time).push(" AND id < ").push_bind(id).push("))");
-        }
-        q.push(" ORDER BY time DESC, id DESC LIMIT ").push_bind(i64::from(limit) + 1);
-        let mut rows: Vec<Row> = q.build_query_as::<Row>().fetch_all(&self.pool).await?;
-        let next_cursor = if rows.len() > limit as usize {
-            rows.truncate(limit as usize);
-            rows.last().map(|r| encode_cursor(&r.time, &r.id))
-        } else {
-            None
-        };
-        Ok(AuditPage { items: rows.into_iter().map(Row::into_event).collect(), next_cursor })
     }
 }
 
@@ -196,10 +197,31 @@ pub struct AuditFilter {
     pub tool: Option<String>,
     /// Exact status.
     pub status: Option<String>,
+    /// Exact connection.
+    pub connection: Option<String>,
+    /// Exact endpoint.
+    pub endpoint: Option<String>,
+    /// Exact auth method.
+    pub auth_method: Option<String>,
     /// Continue after this cursor.
     pub cursor: Option<String>,
     /// Page size.
     pub limit: u32,
+}
+
+impl AuditFilter {
+    /// Columns matched exactly, with the wanted values.
+    fn exact_matches(&self) -> [(&'static str, &Option<String>); 7] {
+        [
+            ("subject", &self.subject),
+            ("tool", &self.tool),
+            ("persona", &self.persona),
+            ("status", &self.status),
+            ("connection", &self.connection),
+            ("endpoint", &self.endpoint),
+            ("auth_method", &self.auth_method),
+        ]
+    }
 }
 
 /// One page of events.
@@ -211,16 +233,13 @@ pub struct AuditPage {
     pub next_cursor: Option<String>,
 }
 
-fn stored_time(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Micros, true)
-}
-
 fn encode_cursor(time: &str, id: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{time}|{id}"))
 }
 
 fn decode_cursor(cursor: &str) -> Option<(String, String)> {
+    // The cursor is the (time, id) of the last event of a page, in the store's text form.
     use base64::Engine;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(cursor).ok()?;
     let text = String::from_utf8(bytes).ok()?;
@@ -233,59 +252,7 @@ pub fn valid_cursor(cursor: &str) -> bool {
     decode_cursor(cursor).is_some()
 }
 
-#[derive(sqlx::FromRow)]
-struct Row {
-    id: String,
-    tenant: String,
-    time: String,
-    subject: Option<String>,
-    persona: Option<String>,
-    auth_method: Option<String>,
-    client_name: Option<String>,
-    channel: String,
-    operation: String,
-    endpoint: Option<String>,
-    tool: Option<String>,
-    connection: Option<String>,
-    status: String,
-    error_code: Option<String>,
-    detail: Option<String>,
-    latency_ms: f64,
-    request_id: String,
-}
-
-impl Row {
-    fn into_event(self) -> AuditEvent {
-        let status = match self.status.as_str() {
-            "ok" => Status::Ok,
-            "denied" => Status::Denied,
-            "throttled" => Status::Throttled,
-            "invalid" => Status::Invalid,
-            _ => Status::Error,
-        };
-        AuditEvent {
-            id: self.id,
-            tenant: self.tenant,
-            time: DateTime::parse_from_rfc3339(&self.time).map(|t| t.with_timezone(&Utc)).unwrap_or_default(),
-            subject: self.subject,
-            persona: self.persona,
-            auth_method: self.auth_method,
-            client_name: self.client_name,
-            channel: self.channel,
-            operation: self.operation,
-            endpoint: self.endpoint,
-            tool: self.tool,
-            connection: self.connection,
-            status,
-            error_code: self.error_code,
-            detail: self.detail,
-            latency_ms: self.latency_ms,
-            request_id: self.request_id,
-        }
-    }
-}
-
-async fn write_loop(pool: SqlitePool, mut rx: mpsc::Receiver<AuditEvent>) {
+async fn write_loop(store: AuditStore, mut rx: mpsc::Receiver<AuditEvent>) {
     let mut batch = Vec::with_capacity(BATCH);
     loop {
         if rx.recv_many(&mut batch, BATCH).await == 0 {
@@ -293,37 +260,11 @@ async fn write_loop(pool: SqlitePool, mut rx: mpsc::Receiver<AuditEvent>) {
         }
         let mut delay = Duration::from_millis(100);
         // A batch stays in memory until written: events wait out a database outage.
-        while let Err(error) = insert(&pool, &batch).await {
+        while let Err(error) = store.insert(&batch).await {
             tracing::error!(?error, events = batch.len(), "Audit write failed; retrying");
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(5));
         }
         batch.clear();
     }
-}
-
-async fn insert(pool: &SqlitePool, events: &[AuditEvent]) -> Result<(), sqlx::Error> {
-    let mut builder = sqlx::QueryBuilder::new(
-        "INSERT INTO audit_events (id, tenant, time, subject, persona, auth_method, client_name, channel, operation, endpoint, tool, connection, status, error_code, detail, latency_ms, request_id) ",
-    );
-    builder.push_values(events, |mut b, e| {
-        b.push_bind(&e.id)
-            .push_bind(&e.tenant)
-            .push_bind(stored_time(e.time))
-            .push_bind(&e.subject)
-            .push_bind(&e.persona)
-            .push_bind(&e.auth_method)
-            .push_bind(&e.client_name)
-            .push_bind(&e.channel)
-            .push_bind(&e.operation)
-            .push_bind(&e.endpoint)
-            .push_bind(&e.tool)
-            .push_bind(&e.connection)
-            .push_bind(e.status.as_str())
-            .push_bind(&e.error_code)
-            .push_bind(&e.detail)
-            .push_bind(e.latency_ms)
-            .push_bind(&e.request_id);
-    });
-    builder.build().execute(pool).await.map(|_| ())
 }

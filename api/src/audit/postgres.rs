@@ -1,0 +1,115 @@
+//! The audit log in Postgres: `audit_events` is range-partitioned by month (see the
+//! migrations); events are written in multi-row inserts and read with a keyset cursor.
+
+use super::{AuditEvent, AuditFilter, AuditPage, Status, decode_cursor, encode_cursor};
+use chrono::{DateTime, SecondsFormat, Utc};
+use sqlx::PgPool;
+
+pub(super) async fn insert(pool: &PgPool, events: &[AuditEvent]) -> Result<(), sqlx::Error> {
+    let mut builder = sqlx::QueryBuilder::new(
+        "INSERT INTO audit_events (id, tenant, time, subject, persona, auth_method, client_name, channel, operation, endpoint, tool, connection, status, error_code, detail, latency_ms, request_id) ",
+    );
+    builder.push_values(events, |mut b, e| {
+        b.push_bind(uuid::Uuid::parse_str(&e.id).unwrap_or_else(|_| uuid::Uuid::now_v7()))
+            .push_bind(&e.tenant)
+            .push_bind(e.time)
+            .push_bind(&e.subject)
+            .push_bind(&e.persona)
+            .push_bind(&e.auth_method)
+            .push_bind(&e.client_name)
+            .push_bind(&e.channel)
+            .push_bind(&e.operation)
+            .push_bind(&e.endpoint)
+            .push_bind(&e.tool)
+            .push_bind(&e.connection)
+            .push_bind(e.status.as_str())
+            .push_bind(&e.error_code)
+            .push_bind(&e.detail)
+            .push_bind(e.latency_ms)
+            .push_bind(&e.request_id);
+    });
+    // A retried batch must not be written twice.
+    builder.push(" ON CONFLICT DO NOTHING");
+    builder.build().execute(pool).await.map(|_| ())
+}
+
+pub(super) async fn query(pool: &PgPool, tenant: &str, filter: &AuditFilter) -> Result<AuditPage, sqlx::Error> {
+    let limit = filter.limit.clamp(1, 1000);
+    let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+        "SELECT id, tenant, time, subject, persona, auth_method, client_name, channel, operation, endpoint, tool, connection, status, error_code, detail, latency_ms, request_id FROM audit_events WHERE tenant = ",
+    );
+    q.push_bind(tenant.to_string());
+    if let Some(from) = filter.from {
+        q.push(" AND time >= ").push_bind(from);
+    }
+    if let Some(to) = filter.to {
+        q.push(" AND time < ").push_bind(to);
+    }
+    // Column names come from this fixed list, never from the request.
+    for (column, value) in filter.exact_matches() {
+        if let Some(value) = value {
+            q.push(format_args!(" AND {column} = ")).push_bind(value.clone());
+        }
+    }
+    let cursor = filter.cursor.as_deref().and_then(decode_cursor).and_then(|(time, id)| {
+        let time = DateTime::parse_from_rfc3339(&time).ok()?.with_timezone(&Utc);
+        Some((time, uuid::Uuid::parse_str(&id).ok()?))
+    });
+    if let Some((time, id)) = cursor {
+        q.push(" AND (time, id) < (").push_bind(time).push(", ").push_bind(id).push(")");
+    }
+    q.push(" ORDER BY time DESC, id DESC LIMIT ").push_bind(i64::from(limit) + 1);
+    let mut rows: Vec<Row> = q.build_query_as::<Row>().fetch_all(pool).await?;
+    let next_cursor = if rows.len() > limit as usize {
+        rows.truncate(limit as usize);
+        rows.last().map(|r| encode_cursor(&r.time.to_rfc3339_opts(SecondsFormat::Micros, true), &r.id.to_string()))
+    } else {
+        None
+    };
+    Ok(AuditPage { items: rows.into_iter().map(Row::into_event).collect(), next_cursor })
+}
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    id: uuid::Uuid,
+    tenant: String,
+    time: DateTime<Utc>,
+    subject: Option<String>,
+    persona: Option<String>,
+    auth_method: Option<String>,
+    client_name: Option<String>,
+    channel: String,
+    operation: String,
+    endpoint: Option<String>,
+    tool: Option<String>,
+    connection: Option<String>,
+    status: String,
+    error_code: Option<String>,
+    detail: Option<String>,
+    latency_ms: f64,
+    request_id: String,
+}
+
+impl Row {
+    fn into_event(self) -> AuditEvent {
+        AuditEvent {
+            id: self.id.to_string(),
+            tenant: self.tenant,
+            time: self.time,
+            subject: self.subject,
+            persona: self.persona,
+            auth_method: self.auth_method,
+            client_name: self.client_name,
+            channel: self.channel,
+            operation: self.operation,
+            endpoint: self.endpoint,
+            tool: self.tool,
+            connection: self.connection,
+            status: Status::parse(&self.status),
+            error_code: self.error_code,
+            detail: self.detail,
+            latency_ms: self.latency_ms,
+            request_id: self.request_id,
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! `portcullis serve`: a stateless API pod. Configuration comes from Postgres (latest published
+//! snapshot, then NOTIFY and polling), audit goes to Postgres, sessions and rate limits live in
+//! Redis, so any number of replicas behave as one.
+
+use crate::audit::{AuditLog, AuditStore};
+use crate::config_store;
+use crate::connectors::Upstreams;
+use crate::limits::RedisLimiter;
+use crate::secret_box::SecretKey;
+use crate::sessions::RedisSessions;
+use crate::state::{AppState, Backends, Inner, ServerSettings};
+use anyhow::Context;
+use sqlx::PgPool;
+use sqlx::postgres::{PgListener, PgPoolOptions};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Where the production data plane lives.
+#[derive(clap::Args, Clone)]
+pub struct DataArgs {
+    /// Postgres URL (configuration, audit).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// Key encrypting the secret values of published snapshots (at least 32 characters).
+    #[arg(long, env = "PORTCULLIS_SECRET_KEY", hide_env_values = true)]
+    pub secret_key: String,
+}
+
+/// Settings of `portcullis serve`.
+#[derive(clap::Args, Clone)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Redis URL (sessions, rate limits).
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: String,
+    /// Address to listen on.
+    #[arg(long, env = "PORTCULLIS_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// Apply database migrations at start (safe when many pods start at once).
+    #[arg(long, env = "PORTCULLIS_MIGRATE", default_value_t = false)]
+    pub migrate: bool,
+    /// Prefix of every Redis key, so several installations can share one Redis.
+    #[arg(long, env = "PORTCULLIS_REDIS_PREFIX", default_value = "portcullis:")]
+    pub redis_prefix: String,
+    /// How often the latest configuration version is polled, besides NOTIFY, in seconds.
+    #[arg(long, env = "PORTCULLIS_CONFIG_POLL_SECONDS", default_value_t = 5)]
+    pub config_poll_seconds: u64,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "PORTCULLIS_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Idle time after which a 2025-protocol MCP session expires, in seconds.
+    #[arg(long, env = "PORTCULLIS_SESSION_IDLE_SECONDS", default_value_t = 1800)]
+    pub session_idle_seconds: u64,
+    /// Audit events held in memory while Postgres is slow or down; when full, requests get 503.
+    #[arg(long, env = "PORTCULLIS_AUDIT_BUFFER", default_value_t = 10_000)]
+    pub audit_buffer: usize,
+    /// Months of audit events kept; older monthly partitions are dropped.
+    #[arg(long, env = "PORTCULLIS_AUDIT_RETENTION_MONTHS", default_value_t = 13)]
+    pub audit_retention_months: u32,
+}
+
+/// A pool that connects lazily: the process starts (and reports not ready) while Postgres is away.
+pub fn pool(database_url: &str) -> anyhow::Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(10)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy(database_url)
+        .context("invalid DATABASE_URL")
+}
+
+/// Applies the Postgres migrations (sqlx takes an advisory lock, so concurrent runs wait).
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::migrate!("../migrations/postgres").run(pool).await.context("cannot apply migrations")?;
+    sqlx::query("SELECT portcullis_ensure_audit_partitions(3)").execute(pool).await?;
+    Ok(())
+}
+
+async fn retry<T, F, Fut>(what: &str, mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match attempt().await {
+            Ok(value) => return value,
+            Err(error) => {
+                tracing::warn!(error = %format!("{error:#}"), "{what} failed; retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Runs an API pod until SIGTERM or Ctrl-C.
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let key = SecretKey::from_text(&args.data.secret_key)?;
+    let pool = pool(&args.data.database_url)?;
+    if args.migrate {
+        retry("Migrating the database", || migrate(&pool)).await;
+    }
+    let redis = redis::Client::open(args.redis_url.as_str()).context("invalid REDIS_URL")?;
+    let redis_config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(2)));
+    let connection = retry("Connecting to Redis", || {
+        let (redis, config) = (redis.clone(), redis_config.clone());
+        async move { Ok(redis::aio::ConnectionManager::new_with_config(redis, config).await?) }
+    })
+    .await;
+
+    let (audit, writer) = AuditLog::start(AuditStore::Postgres(pool.clone()), args.audit_buffer);
+    let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build()?;
+    let state = AppState::new(Inner {
+        snapshot: tokio::sync::watch::channel(None).0,
+        upstreams: Upstreams::new(http),
+        sessions: Box::new(RedisSessions::new(
+            connection.clone(),
+            &args.redis_prefix,
+            Duration::from_secs(args.session_idle_seconds),
+        )),
+        limits: Box::new(RedisLimiter::new(connection.clone(), &args.redis_prefix)),
+        audit,
+        settings: ServerSettings { max_body_bytes: args.max_body_bytes, page_size: 100 },
+        backends: Some(Backends { postgres: pool.clone(), redis: connection }),
+    });
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let config =
+        tokio::spawn(follow_config(state.clone(), pool.clone(), key, Duration::from_secs(args.config_poll_seconds)));
+    let maintenance = tokio::spawn(audit_maintenance(pool.clone(), args.audit_retention_months));
+    tracing::info!(listen = %args.listen, "Portcullis serving");
+    axum::serve(listener, crate::server::router(state.clone()))
+        .with_graceful_shutdown(crate::dev::shutdown_signal())
+        .await?;
+    config.abort();
+    maintenance.abort();
+    let _ = config.await;
+    drop(state);
+    // Every AuditLog clone is gone: the writer drains its queue (retrying while Postgres is down).
+    if tokio::time::timeout(Duration::from_secs(30), writer).await.is_err() {
+        tracing::error!("Audit events could not be flushed within 30 s");
+    }
+    Ok(())
+}
+
+/// Loads the latest snapshot, then follows new versions (NOTIFY, and polling as a fallback).
+async fn follow_config(state: AppState, pool: PgPool, key: SecretKey, poll: Duration) {
+    let mut current: Option<i64> = None;
+    let mut listener: Option<PgListener> = None;
+    loop {
+        if listener.is_none() {
+            match PgListener::connect_with(&pool).await {
+                Ok(mut l) => {
+                    if l.listen(config_store::CHANNEL).await.is_ok() {
+                        listener = Some(l);
+                    }
+                }
+                Err(error) => tracing::debug!(%error, "Cannot LISTEN yet"),
+            }
+        }
+        match config_store::latest_version(&pool).await {
+            Ok(Some(latest)) if Some(latest) != current => match config_store::load_latest(&pool, &key).await {
+                Ok(Some((version, _, snapshot))) => {
+                    tracing::info!(version, digest = %&snapshot.digest[..12], "Configuration loaded");
+                    state.install(version as u64, snapshot);
+                    current = Some(version);
+                }
+                Ok(None) => {}
+                Err(error) => tracing::error!(%error, "Cannot load the published configuration"),
+            },
+            Ok(None) if current.is_none() => {
+                tracing::warn!("No configuration published yet: run `portcullis publish` or the operator")
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "Cannot read the configuration version"),
+        }
+        let wait = if current.is_none() { Duration::from_secs(1).min(poll) } else { poll };
+        match listener.as_mut() {
+            Some(l) => match tokio::time::timeout(wait, l.recv()).await {
+                Ok(Ok(_)) | Err(_) => {}
+                Ok(Err(_)) => listener = None,
+            },
+            None => tokio::time::sleep(wait).await,
+        }
+    }
+}
+
+/// Creates audit partitions ahead of time and drops those past retention, every six hours.
+async fn audit_maintenance(pool: PgPool, retention_months: u32) {
+    loop {
+        let ensure = sqlx::query("SELECT portcullis_ensure_audit_partitions(3)").execute(&pool).await;
+        let cutoff = chrono::Utc::now().date_naive() - chrono::Months::new(retention_months);
+        let dropped: Result<i32, _> = sqlx::query_scalar("SELECT portcullis_drop_audit_partitions_before($1)")
+            .bind(cutoff)
+            .fetch_one(&pool)
+            .await;
+        match (ensure, dropped) {
+            (Ok(_), Ok(n)) if n > 0 => tracing::info!(dropped = n, "Dropped audit partitions past retention"),
+            (Ok(_), Ok(_)) => {}
+            (Err(e), _) | (_, Err(e)) => tracing::warn!(error = %e, "Audit partition maintenance failed; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(6 * 3600)).await;
+    }
+}
