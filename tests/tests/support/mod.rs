@@ -3,6 +3,9 @@
 
 #![allow(dead_code, reason = "each test file uses a different part of the harness")]
 
+pub mod backends;
+pub mod cluster;
+
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -46,7 +49,7 @@ pub fn free_port() -> u16 {
 pub struct Lines(Arc<Mutex<Vec<String>>>);
 
 impl Lines {
-    fn collect(&self, stream: impl std::io::Read + Send + 'static) {
+    pub(crate) fn collect(&self, stream: impl std::io::Read + Send + 'static) {
         let lines = self.0.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stream).lines().map_while(Result::ok) {
@@ -61,7 +64,7 @@ impl Lines {
     }
 }
 
-struct Killed(Child);
+pub(crate) struct Killed(pub(crate) Child);
 
 impl Drop for Killed {
     fn drop(&mut self) {
@@ -218,11 +221,17 @@ stringData: {{key: {OUTSIDER_KEY}}}
     ]
 }
 
+/// HTTP access to a running gateway (dev mode or a `serve` replica).
+pub struct Api {
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    http: reqwest::Client,
+}
+
 /// A running `portcullis dev`.
 pub struct Gateway {
     child: Option<Killed>,
-    /// `http://127.0.0.1:<port>`.
-    pub base: String,
+    api: Api,
     port: u16,
     /// The manifests directory.
     pub manifests: tempfile::TempDir,
@@ -232,7 +241,13 @@ pub struct Gateway {
     pub stdout: Lines,
     /// Standard error (the log).
     pub stderr: Lines,
-    http: reqwest::Client,
+}
+
+impl std::ops::Deref for Gateway {
+    type Target = Api;
+    fn deref(&self) -> &Api {
+        &self.api
+    }
 }
 
 impl Gateway {
@@ -250,17 +265,16 @@ impl Gateway {
         for (name, text) in files {
             std::fs::write(manifests.path().join(name), text).expect("write manifest");
         }
+        let port = free_port();
         let mut gateway = Gateway {
             child: None,
-            base: String::new(),
-            port: free_port(),
+            api: Api::new(port),
+            port,
             manifests,
             data: tempfile::tempdir().expect("tempdir"),
             stdout: Lines::default(),
             stderr: Lines::default(),
-            http: reqwest::Client::new(),
         };
-        gateway.base = format!("http://127.0.0.1:{}", gateway.port);
         gateway.launch().await;
         gateway
     }
@@ -281,13 +295,7 @@ impl Gateway {
         self.stdout.collect(child.stdout.take().expect("stdout"));
         self.stderr.collect(child.stderr.take().expect("stderr"));
         self.child = Some(Killed(child));
-        let base = self.base.clone();
-        let http = self.http.clone();
-        wait_until(Duration::from_secs(20), || {
-            let (base, http) = (base.clone(), http.clone());
-            async move { http.get(format!("{base}/healthz")).send().await.is_ok() }
-        })
-        .await;
+        self.api.wait_healthy().await;
     }
 
     /// Stops and starts the process again on the same directories and port.
@@ -296,20 +304,39 @@ impl Gateway {
         self.launch().await;
     }
 
-    /// Waits until a configuration is loaded and the upstream catalog is in.
+    /// Rewrites (or adds) one manifest file.
+    pub fn write(&self, name: &str, text: &str) {
+        write_atomically(self.manifests.path(), name, text);
+    }
+}
+
+/// Writes a file via rename, as editors do, so a watcher never reads half a file.
+pub fn write_atomically(dir: &Path, name: &str, text: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).expect("write");
+    std::fs::rename(&tmp, dir.join(name)).expect("rename");
+}
+
+impl Api {
+    /// Access to a gateway listening on `port`.
+    pub fn new(port: u16) -> Self {
+        Api { base: format!("http://127.0.0.1:{port}"), http: reqwest::Client::new() }
+    }
+
+    /// Waits until the process answers HTTP.
+    pub async fn wait_healthy(&self) {
+        wait_until(Duration::from_secs(30), || async {
+            self.http.get(format!("{}/healthz", self.base)).send().await.is_ok()
+        })
+        .await;
+    }
+
+    /// Waits until a configuration is loaded (and, in production, Postgres and Redis answer).
     pub async fn wait_ready(&self) {
         wait_until(Duration::from_secs(20), || async {
             self.http.get(format!("{}/readyz", self.base)).send().await.is_ok_and(|r| r.status() == 200)
         })
         .await;
-    }
-
-    /// Rewrites (or adds) one manifest file.
-    pub fn write(&self, name: &str, text: &str) {
-        // Write then rename, as editors do, so the watcher never reads half a file.
-        let tmp = self.manifests.path().join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, text).expect("write");
-        std::fs::rename(&tmp, self.manifests.path().join(name)).expect("rename");
     }
 
     /// The version `/readyz` reports.

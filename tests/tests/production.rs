@@ -1,0 +1,207 @@
+//! The production data plane: `portcullis serve` replicas on one Postgres and one Redis behave
+//! as one gateway, lose no audit event while Postgres is away, and fail closed without Redis.
+
+mod support;
+
+use serde_json::{Value, json};
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+use support::backends::{Postgres, Redis, Shared};
+use support::cluster::Cluster;
+use support::*;
+
+const LIMITED_KEY: &str = "pcl_limited_0123456789abcdefghijklmnop";
+
+fn manifests(upstream: &Upstream) -> Vec<(&'static str, String)> {
+    let mut files = quickstart(&upstream.url());
+    files.push((
+        "limited.yaml",
+        format!(
+            "apiVersion: portcullis.dev/v1alpha1\nkind: Persona\nmetadata: {{name: limited, namespace: demo}}\nspec: {{tools: {{allow: [\"notes.*\"]}}, limits: {{requestsPerMinute: 4}}}}\n---\napiVersion: portcullis.dev/v1alpha1\nkind: ApiKey\nmetadata: {{name: limited-key, namespace: demo}}\nspec: {{persona: limited, secretName: limited-key}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {{name: limited-key, namespace: demo}}\nstringData: {{key: {LIMITED_KEY}}}\n"
+        ),
+    ));
+    files
+}
+
+async fn initialize(api: &Api) -> String {
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"two-replicas","version":"1"}}}"#;
+    let r = api.mcp_raw(ANALYST_KEY, &[], body).await;
+    assert_eq!(r.status(), 200);
+    r.headers()["mcp-session-id"].to_str().unwrap().to_string()
+}
+
+async fn list_in_session(api: &Api, session: &str) -> u16 {
+    let body = r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#;
+    api.mcp_raw(ANALYST_KEY, &[("Mcp-Session-Id", session), ("MCP-Protocol-Version", "2025-11-25")], body)
+        .await
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn two_replicas_share_sessions_rate_limits_configuration_and_audit() {
+    let upstream = Upstream::start("both").await;
+    let backends = Shared::start().await;
+    let cluster =
+        Cluster::new(&backends.database_url, &backends.redis_url, &backends.redis_prefix, &manifests(&upstream));
+    let published = cluster.publish();
+    assert!(published.contains("published version 1"), "{published}");
+    assert!(cluster.publish().contains("unchanged: version 1"), "a publish without changes writes nothing");
+    // Both migrate at start, concurrently.
+    let (a, b) = tokio::join!(cluster.replica(), cluster.replica());
+    a.wait_ready().await;
+    b.wait_ready().await;
+
+    // A session created on A is used, then ended, on B.
+    let session = initialize(&a).await;
+    assert_eq!(list_in_session(&b, &session).await, 200);
+    let ended = reqwest::Client::new()
+        .delete(b.mcp_url("demo", "notes"))
+        .header("X-API-Key", ANALYST_KEY)
+        .header("Mcp-Session-Id", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ended.status(), 204);
+    assert_eq!(list_in_session(&a, &session).await, 404);
+
+    // One client's limit (4 a minute) is shared by both replicas.
+    let mut statuses = Vec::new();
+    for api in [&*a, &*b, &*a, &*b, &*a] {
+        statuses.push(api.get(LIMITED_KEY, "/api/v1/portal/me").await.status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 429]);
+    assert_eq!(b.get(LIMITED_KEY, "/api/v1/portal/me").await.status(), 429);
+
+    // A publish is served by both within a second.
+    wait_until(Duration::from_secs(10), || async { !a.tool_names(ANALYST_KEY).await.is_empty() }).await;
+    let narrowed = quickstart(&upstream.url())[0]
+        .1
+        .replace(r#"allow: ["notes.*"], deny: ["notes.delete_note"]"#, r#"allow: ["notes.echo"]"#);
+    cluster.write("personas.yaml", &narrowed);
+    let out = cluster.publish();
+    assert!(out.contains("published version 2") && out.contains("changed: Persona demo/analyst"), "{out}");
+    let published_at = Instant::now();
+    wait_until(Duration::from_secs(1), || async {
+        a.tool_names(ANALYST_KEY).await == ["notes.echo"] && b.tool_names(ANALYST_KEY).await == ["notes.echo"]
+    })
+    .await;
+    let took = published_at.elapsed();
+
+    // What A audited, B reports (one audit log in Postgres).
+    let (status, _) = a.call_tool(ANALYST_KEY, "notes.echo", json!({"text": "audited"})).await;
+    assert_eq!(status, 200);
+    wait_until(Duration::from_secs(5), || async { b.audit("tool=notes.echo&status=ok").await.len() == 1 }).await;
+    let throttled = b.audit("status=throttled&subject=apikey:limited-key").await;
+    assert_eq!(throttled.len(), 2, "{throttled:?}");
+    eprintln!("publish to both replicas serving: {took:?}");
+}
+
+#[tokio::test]
+async fn every_answered_call_has_exactly_one_audit_row_across_a_postgres_restart() {
+    let upstream = Upstream::start("both").await;
+    let mut postgres = Postgres::start().await;
+    let redis = Redis::start().await;
+    let cluster = Cluster::new(&postgres.url(), &redis.url(), "outage:", &manifests(&upstream));
+    cluster.publish();
+    let replica = cluster.replica().await;
+    replica.wait_ready().await;
+    wait_until(Duration::from_secs(10), || async { !replica.tool_names(ADMIN_KEY).await.is_empty() }).await;
+
+    let http = reqwest::Client::new();
+    let url = format!("{}/api/v1/admin/tools/call", replica.base);
+    let mut answered = HashSet::new();
+    let started = Instant::now();
+    let mut stopped = false;
+    let mut restarted = false;
+    while started.elapsed() < Duration::from_secs(8) {
+        if !stopped && started.elapsed() > Duration::from_secs(2) {
+            postgres.stop();
+            stopped = true;
+        }
+        if !restarted && started.elapsed() > Duration::from_secs(5) {
+            postgres.restart().await;
+            restarted = true;
+        }
+        let r = http
+            .post(&url)
+            .header("X-API-Key", ADMIN_KEY)
+            .json(&json!({"name": "notes.echo", "arguments": {"text": "x"}}))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            answered.insert(r.headers()["x-request-id"].to_str().unwrap().to_string());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(answered.len() > 50, "only {} calls were answered", answered.len());
+
+    // After Postgres returns, the buffered events are written: each answered call exactly once.
+    let request_ids = || async {
+        all_events(&replica, "tool=notes.echo")
+            .await
+            .iter()
+            .map(|e| e["request_id"].as_str().unwrap_or_default().to_string())
+            .collect::<Vec<String>>()
+    };
+    wait_until(Duration::from_secs(30), || async { request_ids().await.len() >= answered.len() }).await;
+    let audited = request_ids().await;
+    let unique: HashSet<String> = audited.iter().cloned().collect();
+    assert_eq!(unique.len(), audited.len(), "an event was written twice");
+    assert_eq!(unique, answered, "audited calls differ from answered calls");
+}
+
+async fn all_events(api: &Api, filter: &str) -> Vec<Value> {
+    let mut events = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut path = format!("/api/v1/admin/audit/events?{filter}&limit=1000");
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&cursor={c}"));
+        }
+        let r = api.get(ADMIN_KEY, &path).await;
+        if r.status() != 200 {
+            return Vec::new();
+        }
+        let page: Value = r.json().await.unwrap();
+        events.extend(page["items"].as_array().cloned().unwrap_or_default());
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => return events,
+        }
+    }
+}
+
+#[tokio::test]
+async fn without_redis_the_gateway_fails_closed_and_recovers_by_itself() {
+    let upstream = Upstream::start("both").await;
+    let postgres = Postgres::start().await;
+    let mut redis = Redis::start().await;
+    let cluster = Cluster::new(&postgres.url(), &redis.url(), "redis-outage:", &manifests(&upstream));
+    cluster.publish();
+    let replica = cluster.replica().await;
+    replica.wait_ready().await;
+    assert_eq!(replica.get(ANALYST_KEY, "/api/v1/portal/me").await.status(), 200);
+
+    redis.stop();
+    let refused = replica.get(ANALYST_KEY, "/api/v1/portal/me").await;
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["content-type"], "application/problem+json");
+    let (status, body) = replica.mcp_modern(ANALYST_KEY, 1, "tools/list", json!({})).await;
+    assert_eq!(status, 503, "{body}");
+    let ready = reqwest::get(format!("{}/readyz", replica.base)).await.unwrap();
+    assert_eq!(ready.status(), 503);
+
+    redis.restart().await;
+    wait_until(Duration::from_secs(20), || async {
+        replica.get(ANALYST_KEY, "/api/v1/portal/me").await.status() == 200
+    })
+    .await;
+    replica.wait_ready().await;
+    // The refusals were audited too.
+    wait_until(Duration::from_secs(5), || async {
+        replica.audit("status=error").await.iter().any(|e| e["detail"] == "rate limiter unavailable")
+    })
+    .await;
+}
