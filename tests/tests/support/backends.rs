@@ -95,7 +95,9 @@ impl Postgres {
             .arg(self.dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.dir.path().join("postgres.log")).map(Stdio::from).unwrap_or(Stdio::null()))
+            .stderr(
+                std::fs::File::create(self.dir.path().join("postgres.log")).map(Stdio::from).unwrap_or(Stdio::null()),
+            )
             .spawn()
             .expect("start postgres");
         self.child = Some(child);
