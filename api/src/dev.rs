@@ -215,6 +215,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         upstreams: Upstreams::new(http),
         sessions: Box::new(MemorySessions::new(Duration::from_secs(args.session_idle_seconds))),
         limits: Box::new(Limiter::default()),
+        idempotency: Box::new(crate::idempotency::MemoryIdempotency::default()),
         audit,
         settings: ServerSettings { max_body_bytes: args.max_body_bytes, page_size: 100 },
         backends: None,

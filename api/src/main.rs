@@ -6,6 +6,7 @@ mod config_store;
 mod connectors;
 mod dev;
 mod http_context;
+mod idempotency;
 mod identity;
 mod limits;
 mod manifest_dir;

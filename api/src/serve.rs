@@ -122,6 +122,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             Duration::from_secs(args.session_idle_seconds),
         )),
         limits: Box::new(RedisLimiter::new(connection.clone(), &args.redis_prefix)),
+        idempotency: Box::new(crate::idempotency::RedisIdempotency::new(connection.clone(), &args.redis_prefix)),
         audit,
         settings: ServerSettings { max_body_bytes: args.max_body_bytes, page_size: 100 },
         backends: Some(Backends { postgres: pool.clone(), redis: connection }),

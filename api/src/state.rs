@@ -43,6 +43,8 @@ pub struct Inner {
     pub sessions: Box<dyn SessionStore>,
     /// Rate limits.
     pub limits: Box<dyn RateLimiter>,
+    /// Idempotency keys.
+    pub idempotency: Box<dyn crate::idempotency::IdempotencyStore>,
     /// Audit queue.
     pub audit: AuditLog,
     /// Server settings.

@@ -300,3 +300,60 @@ async fn upstream_list_changed_refreshes_the_catalog_in_both_generations() {
         assert_eq!((status, r["content"][0]["text"].as_str()), (200, Some("archived note 7")), "{protocol}: {r}");
     }
 }
+
+#[tokio::test]
+async fn idempotency_keys_replay_refuse_other_bodies_and_never_run_twice() {
+    let upstream = Upstream::start("both").await;
+    let gateway = Gateway::start(&quickstart(&upstream.url())).await;
+    wait_until(Duration::from_secs(10), || async { !gateway.tool_names(ADMIN_KEY).await.is_empty() }).await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/api/v1/admin/tools/call", gateway.base);
+    let send = |key: &'static str, body: Value| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            http.post(url)
+                .header("X-API-Key", ADMIN_KEY)
+                .header("Idempotency-Key", key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let add = json!({"name": "notes.add_note", "arguments": {"title": "once", "body": "only once"}});
+    let first = send("add-1", add.clone()).await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["idempotent-replayed"], "false");
+    let first: Value = first.json().await.unwrap();
+    let again = send("add-1", add.clone()).await;
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.json::<Value>().await.unwrap(), first);
+    let (_, listed) = gateway.call_tool(ADMIN_KEY, "notes.list_notes", json!({})).await;
+    assert_eq!(listed["content"][0]["text"], "1: once", "the tool ran once");
+
+    let other = send("add-1", json!({"name": "notes.add_note", "arguments": {"title": "x", "body": "y"}})).await;
+    assert_eq!(other.status(), 422);
+    assert_eq!(other.headers()["content-type"], "application/problem+json");
+
+    // Concurrent duplicates: one runs, the other is told it is in flight.
+    let slow = json!({"name": "notes.sleep", "arguments": {"millis": 800}});
+    let (a, b) = tokio::join!(send("slow-1", slow.clone()), async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        send("slow-1", slow.clone()).await
+    });
+    let mut statuses = [a.status().as_u16(), b.status().as_u16()];
+    statuses.sort();
+    assert_eq!(statuses, [200, 409]);
+    assert_eq!(send("slow-1", slow).await.headers()["idempotent-replayed"], "true");
+
+    let bad = http
+        .post(&url)
+        .header("X-API-Key", ADMIN_KEY)
+        .header("Idempotency-Key", "has space")
+        .json(&add)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+}

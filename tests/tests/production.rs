@@ -73,6 +73,24 @@ async fn two_replicas_share_sessions_rate_limits_configuration_and_audit() {
     assert_eq!(statuses, [200, 200, 200, 200, 429]);
     assert_eq!(b.get(LIMITED_KEY, "/api/v1/portal/me").await.status(), 429);
 
+    // An Idempotency-Key used on A is replayed by B.
+    let add = json!({"name": "notes.add_note", "arguments": {"title": "t", "body": "b"}});
+    let http = reqwest::Client::new();
+    let mut replayed = Vec::new();
+    for api in [&*a, &*b] {
+        let r = http
+            .post(format!("{}/api/v1/admin/tools/call", api.base))
+            .header("X-API-Key", ADMIN_KEY)
+            .header("Idempotency-Key", "shared-key")
+            .json(&add)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        replayed.push(r.headers()["idempotent-replayed"].to_str().unwrap().to_string());
+    }
+    assert_eq!(replayed, ["false", "true"]);
+
     // A publish is served by both within a second.
     wait_until(Duration::from_secs(10), || async { !a.tool_names(ANALYST_KEY).await.is_empty() }).await;
     let narrowed = quickstart(&upstream.url())[0]

@@ -4,11 +4,13 @@ use super::problem::Problem;
 use super::{AuditNote, Caller};
 use crate::audit::{AuditEvent, AuditFilter, AuditPage, Status};
 use crate::connectors::ConnectionHealth;
+use crate::idempotency::{Begin, StoredResponse};
 use crate::policy::{self, ExposedTool};
 use crate::state::AppState;
 use crate::tool_call::{self, CallFailure};
 use axum::Json;
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Extension, Query, State};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
@@ -231,33 +233,111 @@ fn note_of(event: &AuditEvent) -> AuditNote {
 }
 
 /// Calls a tool. The result is the MCP `CallToolResult` (`content`, `structuredContent`,
-/// `isError`); tool failures are results with `isError: true`.
+/// `isError`); tool failures are results with `isError: true`. With `Idempotency-Key`, a retry
+/// with the same key and body within 24 h returns the first response (`Idempotent-Replayed: true`)
+/// instead of calling the tool again.
 #[utoipa::path(post, path = "/api/v1/admin/tools/call", tag = "admin", request_body = CallToolRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: 1 to 255 visible ASCII characters, unique per request")),
     responses(
         (status = 200, description = "The tool's result", body = Object),
         (status = 400, description = "Malformed request", content_type = "application/problem+json"),
         (status = 404, description = "No such tool (or not visible to this persona)", content_type = "application/problem+json"),
-        (status = 422, description = "The upstream rejected the arguments", content_type = "application/problem+json"),
+        (status = 409, description = "A request with this Idempotency-Key is still running", content_type = "application/problem+json"),
+        (status = 422, description = "The upstream rejected the arguments, or the Idempotency-Key was used with another body", content_type = "application/problem+json"),
         (status = 429, description = "Tool-call rate limit", content_type = "application/problem+json"),
         (status = 502, description = "The upstream failed", content_type = "application/problem+json")))]
 pub async fn call_tool(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
-    body: Result<Json<CallToolRequest>, JsonRejection>,
+    headers: http::HeaderMap,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let Json(request) = match body {
+    let body = match body {
         Ok(body) => body,
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return Problem::too_large(app.settings.max_body_bytes).into_response();
+        }
         Err(rejection) => {
-            let problem = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                Problem::too_large(app.settings.max_body_bytes)
-            } else {
-                Problem::bad_request(format!("invalid request body: {}", rejection.body_text()))
-            };
-            return problem.into_response();
+            return Problem::bad_request(format!("cannot read the request body: {rejection}")).into_response();
         }
     };
-    let (_, persona) = scope(&caller);
-    let Some(tool) = visible_tools(&app, &caller).await.into_iter().find(|t| t.canonical == request.name) else {
+    let key = match headers.get("idempotency-key").map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(k)) if (1..=255).contains(&k.len()) && k.bytes().all(|b| (0x21..0x7f).contains(&b)) => {
+            Some(k.to_string())
+        }
+        Some(_) => {
+            return Problem::bad_request("Idempotency-Key must be 1 to 255 visible ASCII characters").into_response();
+        }
+    };
+    let Some(key) = key else {
+        return execute_call(&app, &caller, &body).await;
+    };
+    // Keys are the caller's own: another subject's identical key is another request.
+    let scoped =
+        portcullis_crds::keys::digest(&format!("{}\n{}\n{key}", caller.identity.tenant, caller.identity.subject));
+    let body_hash = portcullis_crds::keys::digest(&String::from_utf8_lossy(&body));
+    match app.idempotency.begin(&scoped, &body_hash).await {
+        Err(_) => Problem::unavailable("idempotency keys cannot be checked right now; retry shortly").into_response(),
+        Ok(Begin::InFlight) => Problem::new(
+            StatusCode::CONFLICT,
+            "idempotency-in-flight",
+            "Conflict",
+            "a request with this Idempotency-Key is still being processed; retry after it finishes",
+        )
+        .into_response(),
+        Ok(Begin::Mismatch) => Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency-key-reused",
+            "Unprocessable Entity",
+            "this Idempotency-Key was already used with a different request body; use a new key",
+        )
+        .into_response(),
+        Ok(Begin::Replay(stored)) => {
+            let mut response =
+                (StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK), stored.body).into_response();
+            if let Ok(v) = http::HeaderValue::from_str(&stored.content_type) {
+                response.headers_mut().insert(http::header::CONTENT_TYPE, v);
+            }
+            response.headers_mut().insert("idempotent-replayed", http::HeaderValue::from_static("true"));
+            with_note(response, AuditNote { detail: Some("idempotent replay".into()), ..Default::default() })
+        }
+        Ok(Begin::Fresh) => {
+            let response = execute_call(&app, &caller, &body).await;
+            let status = response.status();
+            // Transient refusals are not remembered: a retry should run.
+            if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+                let _ = app.idempotency.abandon(&scoped).await;
+                return response;
+            }
+            let (mut parts, body) = response.into_parts();
+            let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
+            let stored = StoredResponse {
+                status: status.as_u16(),
+                content_type: parts
+                    .headers
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("application/json")
+                    .to_string(),
+                body: String::from_utf8_lossy(&bytes).to_string(),
+            };
+            if app.idempotency.complete(&scoped, &body_hash, stored).await.is_err() {
+                tracing::warn!("Could not store an idempotent response; a retry would run again");
+            }
+            parts.headers.insert("idempotent-replayed", http::HeaderValue::from_static("false"));
+            Response::from_parts(parts, axum::body::Body::from(bytes))
+        }
+    }
+}
+
+async fn execute_call(app: &AppState, caller: &Caller, body: &[u8]) -> Response {
+    let request: CallToolRequest = match serde_json::from_slice(body) {
+        Ok(request) => request,
+        Err(e) => return Problem::bad_request(format!("invalid request body: {e}")).into_response(),
+    };
+    let (_, persona) = scope(caller);
+    let Some(tool) = visible_tools(app, caller).await.into_iter().find(|t| t.canonical == request.name) else {
         let note = AuditNote { tool: Some(request.name.clone()), ..Default::default() };
         return with_note(
             Problem::not_found(format!("there is no tool named {:?}", request.name)).into_response(),
@@ -266,7 +346,7 @@ pub async fn call_tool(
     };
     let mut event = AuditEvent::new(&caller.identity.tenant, "rest", "", "", Utc::now());
     let outcome = tool_call::call(
-        &app,
+        app,
         &caller.identity.tenant,
         &caller.identity.subject,
         persona,
