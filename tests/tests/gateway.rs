@@ -93,6 +93,19 @@ async fn rest_lists_and_calls_tools_and_hides_what_the_persona_may_not_see() {
     assert_eq!(page2.len(), 2);
     assert_ne!(page2[0]["id"], all[0]["id"]);
     assert_eq!(gateway.get(ADMIN_KEY, "/api/v1/admin/audit/events?status=bogus").await.status(), 400);
+
+    // Offset paging with a total, and the metrics overview.
+    let paged: Value =
+        gateway.get(ADMIN_KEY, "/api/v1/admin/audit/events?page=2&per_page=3").await.json().await.unwrap();
+    assert_eq!(paged["page"], 2);
+    assert_eq!(paged["items"].as_array().unwrap().len(), 3);
+    assert!(paged["total"].as_i64().unwrap() >= 6, "{paged}");
+    let overview: Value = gateway.get(ADMIN_KEY, "/api/v1/admin/audit/metrics/overview").await.json().await.unwrap();
+    assert!(overview["count"].as_i64().unwrap() >= 6, "{overview}");
+    let add = overview["tools"].as_array().unwrap().iter().find(|t| t["tool"] == "notes.add_note").unwrap().clone();
+    assert_eq!((add["count"].as_i64(), add["success_rate"].as_f64()), (Some(1), Some(1.0)), "{overview}");
+    assert!(add["latency_ms"]["p99"].as_f64().unwrap() > 0.0);
+    assert_eq!(gateway.get(ANALYST_KEY, "/api/v1/admin/audit/metrics/overview").await.status(), 403);
 }
 
 #[tokio::test]

@@ -112,6 +112,14 @@ async fn two_replicas_share_sessions_rate_limits_configuration_and_audit() {
     wait_until(Duration::from_secs(5), || async { b.audit("tool=notes.echo&status=ok").await.len() == 1 }).await;
     let throttled = b.audit("status=throttled&subject=apikey:limited-key").await;
     assert_eq!(throttled.len(), 2, "{throttled:?}");
+    // The overview is computed in SQL over both replicas' events.
+    let overview: Value = a.get(ADMIN_KEY, "/api/v1/admin/audit/metrics/overview").await.json().await.unwrap();
+    let echo = overview["tools"].as_array().unwrap().iter().find(|t| t["tool"] == "notes.echo").unwrap().clone();
+    assert_eq!((echo["count"].as_i64(), echo["success_rate"].as_f64()), (Some(1), Some(1.0)), "{overview}");
+    assert!(overview["count"].as_i64().unwrap() > 10 && overview["success_rate"].as_f64().unwrap() < 1.0, "{overview}");
+    let paged: Value =
+        b.get(ADMIN_KEY, "/api/v1/admin/audit/events?page=1&per_page=2&status=throttled").await.json().await.unwrap();
+    assert_eq!(paged["total"], 2, "{paged}");
     eprintln!("publish to both replicas serving: {took:?}");
 }
 

@@ -155,6 +155,20 @@ pub struct AuditUnavailable;
 const BATCH: usize = 256;
 
 impl AuditLog {
+    /// Counts, success rate and latency percentiles over `[from, to)`, overall and per tool.
+    pub async fn overview(
+        &self,
+        tenant: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Overview, sqlx::Error> {
+        let (overall, tools) = match &self.store {
+            AuditStore::Sqlite(pool) => sqlite::overview(pool, tenant, from, to).await?,
+            AuditStore::Postgres(pool) => postgres::overview(pool, tenant, from, to).await?,
+        };
+        Ok(Overview { from, to, overall, tools })
+    }
+
     /// Starts the writer; the returned handle finishes writing everything queued when awaited
     /// after every `AuditLog` clone is dropped.
     pub fn start(store: AuditStore, capacity: usize) -> (Self, tokio::task::JoinHandle<()>) {
@@ -205,6 +219,8 @@ pub struct AuditFilter {
     pub auth_method: Option<String>,
     /// Continue after this cursor.
     pub cursor: Option<String>,
+    /// Page number (from 1) for offset paging with a total, instead of the cursor.
+    pub page: Option<u32>,
     /// Page size.
     pub limit: u32,
 }
@@ -225,12 +241,67 @@ impl AuditFilter {
 }
 
 /// One page of events.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
 pub struct AuditPage {
     /// Events, newest first.
     pub items: Vec<AuditEvent>,
     /// Pass as `cursor` to get the next page; absent on the last page.
     pub next_cursor: Option<String>,
+    /// With `page`: events matching the filters in all pages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total: Option<i64>,
+    /// With `page`: this page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub page: Option<u32>,
+    /// With `page`: the page size.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_page: Option<u32>,
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Default, Serialize, utoipa::ToSchema, PartialEq)]
+pub struct Latency {
+    /// Median.
+    pub p50: f64,
+    /// 95th percentile.
+    pub p95: f64,
+    /// 99th percentile.
+    pub p99: f64,
+}
+
+/// Counts and latency of a set of events.
+#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
+pub struct Stats {
+    /// Events.
+    pub count: i64,
+    /// Share of events with status `ok`, 0 to 1.
+    pub success_rate: f64,
+    /// Latency percentiles.
+    pub latency_ms: Latency,
+}
+
+/// Stats of one tool.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ToolStats {
+    /// Tool name.
+    pub tool: String,
+    /// Its stats.
+    #[serde(flatten)]
+    pub stats: Stats,
+}
+
+/// Overview of a window of the audit log.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Overview {
+    /// Window start.
+    pub from: DateTime<Utc>,
+    /// Window end.
+    pub to: DateTime<Utc>,
+    /// All events of the window.
+    #[serde(flatten)]
+    pub overall: Stats,
+    /// Per tool, by count descending.
+    pub tools: Vec<ToolStats>,
 }
 
 fn encode_cursor(time: &str, id: &str) -> String {

@@ -1,7 +1,7 @@
 //! The audit log in Postgres: `audit_events` is range-partitioned by month (see the
 //! migrations); events are written in multi-row inserts and read with a keyset cursor.
 
-use super::{AuditEvent, AuditFilter, AuditPage, Status, decode_cursor, encode_cursor};
+use super::{AuditEvent, AuditFilter, AuditPage, Latency, Stats, Status, ToolStats, decode_cursor, encode_cursor};
 use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::PgPool;
 
@@ -33,12 +33,8 @@ pub(super) async fn insert(pool: &PgPool, events: &[AuditEvent]) -> Result<(), s
     builder.build().execute(pool).await.map(|_| ())
 }
 
-pub(super) async fn query(pool: &PgPool, tenant: &str, filter: &AuditFilter) -> Result<AuditPage, sqlx::Error> {
-    let limit = filter.limit.clamp(1, 1000);
-    let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(
-        "SELECT id, tenant, time, subject, persona, auth_method, client_name, channel, operation, endpoint, tool, connection, status, error_code, detail, latency_ms, request_id FROM audit_events WHERE tenant = ",
-    );
-    q.push_bind(tenant.to_string());
+fn push_filters(q: &mut sqlx::QueryBuilder<sqlx::Postgres>, tenant: &str, filter: &AuditFilter) {
+    q.push(" WHERE tenant = ").push_bind(tenant.to_string());
     if let Some(from) = filter.from {
         q.push(" AND time >= ").push_bind(from);
     }
@@ -50,6 +46,29 @@ pub(super) async fn query(pool: &PgPool, tenant: &str, filter: &AuditFilter) -> 
         if let Some(value) = value {
             q.push(format_args!(" AND {column} = ")).push_bind(value.clone());
         }
+    }
+}
+
+const COLUMNS: &str = "SELECT id, tenant, time, subject, persona, auth_method, client_name, channel, operation, endpoint, tool, connection, status, error_code, detail, latency_ms, request_id FROM audit_events";
+
+pub(super) async fn query(pool: &PgPool, tenant: &str, filter: &AuditFilter) -> Result<AuditPage, sqlx::Error> {
+    let limit = filter.limit.clamp(1, 1000);
+    let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(COLUMNS);
+    push_filters(&mut q, tenant, filter);
+    if let Some(page) = filter.page {
+        let offset = i64::from(page.max(1) - 1) * i64::from(limit);
+        q.push(" ORDER BY time DESC, id DESC LIMIT ").push_bind(i64::from(limit)).push(" OFFSET ").push_bind(offset);
+        let rows: Vec<Row> = q.build_query_as::<Row>().fetch_all(pool).await?;
+        let mut count = sqlx::QueryBuilder::<sqlx::Postgres>::new("SELECT count(*) FROM audit_events");
+        push_filters(&mut count, tenant, filter);
+        let total: i64 = count.build_query_scalar().fetch_one(pool).await?;
+        return Ok(AuditPage {
+            items: rows.into_iter().map(Row::into_event).collect(),
+            next_cursor: None,
+            total: Some(total),
+            page: Some(page.max(1)),
+            per_page: Some(limit),
+        });
     }
     let cursor = filter.cursor.as_deref().and_then(decode_cursor).and_then(|(time, id)| {
         let time = DateTime::parse_from_rfc3339(&time).ok()?.with_timezone(&Utc);
@@ -66,7 +85,40 @@ pub(super) async fn query(pool: &PgPool, tenant: &str, filter: &AuditFilter) -> 
     } else {
         None
     };
-    Ok(AuditPage { items: rows.into_iter().map(Row::into_event).collect(), next_cursor })
+    Ok(AuditPage { items: rows.into_iter().map(Row::into_event).collect(), next_cursor, ..Default::default() })
+}
+
+/// Computed in SQL: GROUPING SETS give the overall row and one row per tool in one scan.
+pub(super) async fn overview(
+    pool: &PgPool,
+    tenant: &str,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<(Stats, Vec<ToolStats>), sqlx::Error> {
+    let rows: Vec<(i32, Option<String>, i64, f64, f64, f64, f64)> = sqlx::query_as(
+        "SELECT GROUPING(tool), tool, count(*), avg((status = 'ok')::int)::float8, \
+         percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms), \
+         percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms), \
+         percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms) \
+         FROM audit_events WHERE tenant = $1 AND time >= $2 AND time < $3 \
+         GROUP BY GROUPING SETS ((), (tool)) ORDER BY 3 DESC",
+    )
+    .bind(tenant)
+    .bind(from)
+    .bind(to)
+    .fetch_all(pool)
+    .await?;
+    let mut overall = Stats::default();
+    let mut tools = Vec::new();
+    for (grouping, tool, count, ok, p50, p95, p99) in rows {
+        let stats = Stats { count, success_rate: ok, latency_ms: Latency { p50, p95, p99 } };
+        match (grouping, tool) {
+            (1, _) => overall = stats,
+            (_, Some(tool)) => tools.push(ToolStats { tool, stats }),
+            _ => {}
+        }
+    }
+    Ok((overall, tools))
 }
 
 #[derive(sqlx::FromRow)]

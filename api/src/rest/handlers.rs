@@ -2,7 +2,7 @@
 
 use super::problem::Problem;
 use super::{AuditNote, Caller};
-use crate::audit::{AuditEvent, AuditFilter, AuditPage, Status};
+use crate::audit::{AuditEvent, AuditFilter, AuditPage, Overview, Status};
 use crate::connectors::ConnectionHealth;
 use crate::idempotency::{Begin, StoredResponse};
 use crate::policy::{self, ExposedTool};
@@ -447,9 +447,15 @@ pub struct AuditQuery {
     pub auth_method: Option<String>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
-    /// Page size, 1 to 1000.
+    /// Page size, 1 to 1000 (also accepted as `per_page`).
     #[param(minimum = 1, maximum = 1000, default = 50)]
     pub limit: Option<u32>,
+    /// Page size, 1 to 1000.
+    #[param(minimum = 1, maximum = 1000, default = 50)]
+    pub per_page: Option<u32>,
+    /// Page number from 1: offset paging with `total`, instead of `cursor`.
+    #[param(minimum = 1)]
+    pub page: Option<u32>,
 }
 
 /// The tenant's audit events, newest first (admin personas only).
@@ -475,9 +481,15 @@ pub async fn audit_events(
     {
         return Err(Problem::bad_request("cursor is not one this API issued"));
     }
-    let limit = q.limit.unwrap_or(50);
+    let limit = q.per_page.or(q.limit).unwrap_or(50);
     if !(1..=1000).contains(&limit) {
-        return Err(Problem::bad_request("limit must be between 1 and 1000"));
+        return Err(Problem::bad_request("per_page (or limit) must be between 1 and 1000"));
+    }
+    if q.page == Some(0) {
+        return Err(Problem::bad_request("page starts at 1"));
+    }
+    if q.page.is_some() && q.cursor.is_some() {
+        return Err(Problem::bad_request("use either page or cursor, not both"));
     }
     let filter = AuditFilter {
         from: q.from,
@@ -490,6 +502,7 @@ pub async fn audit_events(
         endpoint: q.endpoint,
         auth_method: q.auth_method,
         cursor: q.cursor,
+        page: q.page,
         limit,
     };
     let page = app.audit.query(&caller.identity.tenant, &filter).await.map_err(|error| {
@@ -497,6 +510,41 @@ pub async fn audit_events(
         Problem::internal()
     })?;
     Ok(Json(page))
+}
+
+/// The window of the metrics overview.
+#[derive(Deserialize, IntoParams)]
+pub struct Window {
+    /// Start (RFC 3339); defaults to one hour before `to`.
+    pub from: Option<DateTime<Utc>>,
+    /// End (RFC 3339); defaults to now.
+    pub to: Option<DateTime<Utc>>,
+}
+
+/// Count, success rate and p50/p95/p99 latency over a window, overall and per tool (admin
+/// personas only). Computed in SQL on Postgres.
+#[utoipa::path(get, path = "/api/v1/admin/audit/metrics/overview", tag = "admin", params(Window),
+    responses((status = 200, body = Overview), (status = 403, description = "Not an admin persona", content_type = "application/problem+json")))]
+pub async fn audit_overview(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    q: Result<Query<Window>, QueryRejection>,
+) -> ApiResult<Overview> {
+    let (_, persona) = scope(&caller);
+    if !persona.admin {
+        return Err(Problem::forbidden(format!("persona {:?} is not an admin persona", persona.name)));
+    }
+    let q = query(q)?;
+    let to = q.to.unwrap_or_else(Utc::now);
+    let from = q.from.unwrap_or(to - chrono::Duration::hours(1));
+    if from >= to {
+        return Err(Problem::bad_request("from must be before to"));
+    }
+    let overview = app.audit.overview(&caller.identity.tenant, from, to).await.map_err(|error| {
+        tracing::error!(?error, "Audit overview failed");
+        Problem::internal()
+    })?;
+    Ok(Json(overview))
 }
 
 /// Unknown routes under `/api/v1`.

@@ -86,6 +86,7 @@ pub fn router(state: AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(handlers::call_tool))
         .routes(routes!(handlers::list_connections))
         .routes(routes!(handlers::audit_events))
+        .routes(routes!(handlers::audit_overview))
         .split_for_parts();
     let router = router
         .fallback(handlers::unknown_route)
