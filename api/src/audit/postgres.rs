@@ -88,6 +88,17 @@ pub(super) async fn query(pool: &PgPool, tenant: &str, filter: &AuditFilter) -> 
     Ok(AuditPage { items: rows.into_iter().map(Row::into_event).collect(), next_cursor, ..Default::default() })
 }
 
+#[derive(sqlx::FromRow)]
+struct OverviewRow {
+    grouping: i32,
+    tool: Option<String>,
+    count: i64,
+    ok: f64,
+    p50: f64,
+    p95: f64,
+    p99: f64,
+}
+
 /// Computed in SQL: GROUPING SETS give the overall row and one row per tool in one scan.
 pub(super) async fn overview(
     pool: &PgPool,
@@ -95,11 +106,11 @@ pub(super) async fn overview(
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> Result<(Stats, Vec<ToolStats>), sqlx::Error> {
-    let rows: Vec<(i32, Option<String>, i64, f64, f64, f64, f64)> = sqlx::query_as(
-        "SELECT GROUPING(tool), tool, count(*), avg((status = 'ok')::int)::float8, \
-         percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms), \
-         percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms), \
-         percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms) \
+    let rows: Vec<OverviewRow> = sqlx::query_as(
+        "SELECT GROUPING(tool) AS grouping, tool, count(*) AS count, avg((status = 'ok')::int)::float8 AS ok, \
+         percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) AS p50, \
+         percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms) AS p95, \
+         percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms) AS p99 \
          FROM audit_events WHERE tenant = $1 AND time >= $2 AND time < $3 \
          GROUP BY GROUPING SETS ((), (tool)) ORDER BY 3 DESC",
     )
@@ -110,7 +121,7 @@ pub(super) async fn overview(
     .await?;
     let mut overall = Stats::default();
     let mut tools = Vec::new();
-    for (grouping, tool, count, ok, p50, p95, p99) in rows {
+    for OverviewRow { grouping, tool, count, ok, p50, p95, p99 } in rows {
         let stats = Stats { count, success_rate: ok, latency_ms: Latency { p50, p95, p99 } };
         match (grouping, tool) {
             (1, _) => overall = stats,
