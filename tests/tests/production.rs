@@ -3,10 +3,10 @@
 
 mod support;
 
+use portcullis_e2e::backends::{Postgres, Redis, Shared};
 use serde_json::{Value, json};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
-use support::backends::{Postgres, Redis, Shared};
 use support::cluster::Cluster;
 use support::*;
 

@@ -3,15 +3,15 @@
 
 #![allow(dead_code, reason = "each test file uses a different part of the harness")]
 
-pub mod backends;
 pub mod cluster;
+pub use portcullis_e2e::{free_port, wait_until};
 
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Key of the `analyst` persona in [`quickstart`] manifests.
 pub const ANALYST_KEY: &str = "pcl_analyst_0123456789abcdefghijklmnop";
@@ -37,11 +37,6 @@ pub fn bin(name: &str) -> PathBuf {
 /// same at start); every harness entry point calls it before any HTTP client exists.
 pub fn init() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-/// A free local port.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 /// Output lines of a child process, collected in the background.
@@ -127,19 +122,6 @@ impl Upstream {
             tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok()
         })
         .await;
-    }
-}
-
-/// Polls `check` until it is true or `limit` passes (then panics).
-pub async fn wait_until<F, Fut>(limit: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    while !check().await {
-        assert!(started.elapsed() < limit, "condition not met within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

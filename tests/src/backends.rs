@@ -2,7 +2,7 @@
 //! PATH (Debian's Postgres binaries live in /usr/lib/postgresql/<v>/bin). `DATABASE_URL` and
 //! `REDIS_URL`, when set, are used instead for tests that do not stop the servers.
 
-use super::{free_port, wait_until};
+use crate::{free_port, wait_until};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;

@@ -1,0 +1,345 @@
+//! Load harness: drives `tools/call` through a production replica (`portcullis serve` with
+//! Postgres, Redis, auth, persona filtering, rate limits and audit all on) over MCP 2026-07-28,
+//! MCP 2025-11-25 sessions and REST, and the same calls directly against the upstream, at fixed
+//! concurrency for a fixed time. Reports requests/s, p50/p99 latency, errors, the gateway's CPU
+//! per call, and the ratios to direct. Run it with `./scripts/load` (release build).
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use portcullis_e2e::backends::{Postgres, Redis};
+use portcullis_e2e::{free_port, wait_until};
+use serde_json::json;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(about = "Portcullis load harness")]
+struct Args {
+    /// Directory holding release builds of `portcullis` and `notes-mcp-server`.
+    #[arg(long, default_value = "target/release")]
+    bin_dir: PathBuf,
+    /// Seconds per scenario.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Concurrency levels to run.
+    #[arg(long, value_delimiter = ',', default_value = "16,32")]
+    concurrency: Vec<usize>,
+}
+
+const KEY: &str = "pcl_load_0123456789abcdefghijklmnopqrstu";
+const SECRET: &str = "load-harness-secret-key-0123456789abcdef";
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Scenario {
+    Direct,
+    McpModern,
+    McpLegacy,
+    Rest,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Direct => "direct to upstream (MCP 2026-07-28)",
+            Scenario::McpModern => "gateway MCP 2026-07-28",
+            Scenario::McpLegacy => "gateway MCP 2025-11-25 session",
+            Scenario::Rest => "gateway REST",
+        }
+    }
+}
+
+struct Outcome {
+    calls: usize,
+    errors: usize,
+    rps: f64,
+    p50: Duration,
+    p99: Duration,
+    cpu_ms_per_1000: Option<f64>,
+}
+
+fn manifests(upstream: &str) -> String {
+    format!(
+        r#"apiVersion: portcullis.dev/v1alpha1
+kind: Persona
+metadata: {{name: load, namespace: bench}}
+spec:
+  tools: {{allow: ["notes.*"], deny: ["notes.delete_note"]}}
+  limits: {{requestsPerMinute: 100000000, toolCallsPerMinute: 100000000, writesPerMinute: 100000000}}
+---
+apiVersion: portcullis.dev/v1alpha1
+kind: Connection
+metadata: {{name: notes, namespace: bench}}
+spec: {{prefix: notes, mcp: {{url: "{upstream}"}}}}
+---
+apiVersion: portcullis.dev/v1alpha1
+kind: McpEndpoint
+metadata: {{name: notes, namespace: bench}}
+spec: {{connections: [notes]}}
+---
+apiVersion: portcullis.dev/v1alpha1
+kind: ApiKey
+metadata: {{name: load, namespace: bench}}
+spec: {{persona: load, secretName: load}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: load, namespace: bench}}
+stringData: {{key: {KEY}}}
+"#
+    )
+}
+
+/// CPU time (user + system) of a process, from /proc.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // Linux reports in clock ticks of 1/100 s (USER_HZ).
+    Some(Duration::from_millis(ticks * 10))
+}
+
+fn modern_call(id: u64) -> String {
+    json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {
+        "name": "notes.echo", "arguments": {"text": "hello"},
+        "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
+    }})
+    .to_string()
+}
+
+async fn one_call(
+    http: &reqwest::Client,
+    scenario: Scenario,
+    base: &str,
+    upstream: &str,
+    session: &str,
+    id: u64,
+) -> bool {
+    let request = match scenario {
+        Scenario::Direct => http
+            .post(upstream)
+            .header("accept", "application/json, text/event-stream")
+            .header("content-type", "application/json")
+            .header("MCP-Protocol-Version", "2026-07-28")
+            .header("Mcp-Method", "tools/call")
+            .header("Mcp-Name", "echo")
+            .body(modern_call(id).replace("notes.echo", "echo")),
+        Scenario::McpModern => http
+            .post(format!("{base}/mcp/bench/notes"))
+            .header("X-API-Key", KEY)
+            .header("accept", "application/json, text/event-stream")
+            .header("content-type", "application/json")
+            .header("MCP-Protocol-Version", "2026-07-28")
+            .header("Mcp-Method", "tools/call")
+            .header("Mcp-Name", "notes.echo")
+            .body(modern_call(id)),
+        Scenario::McpLegacy => http
+            .post(format!("{base}/mcp/bench/notes"))
+            .header("X-API-Key", KEY)
+            .header("accept", "application/json, text/event-stream")
+            .header("content-type", "application/json")
+            .header("Mcp-Session-Id", session)
+            .header("MCP-Protocol-Version", "2025-11-25")
+            .body(
+                json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": "notes.echo", "arguments": {"text": "hello"}}})
+                    .to_string(),
+            ),
+        Scenario::Rest => http
+            .post(format!("{base}/api/v1/admin/tools/call"))
+            .header("X-API-Key", KEY)
+            .json(&json!({"name": "notes.echo", "arguments": {"text": "hello"}})),
+    };
+    match request.send().await {
+        Ok(r) if r.status() == 200 => r.text().await.is_ok_and(|t| t.contains("hello") && !t.contains("\"error\"")),
+        _ => false,
+    }
+}
+
+async fn initialize(http: &reqwest::Client, base: &str) -> anyhow::Result<String> {
+    let r = http
+        .post(format!("{base}/mcp/bench/notes"))
+        .header("X-API-Key", KEY)
+        .header("content-type", "application/json")
+        .body(r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"load","version":"1"}}}"#)
+        .send()
+        .await?;
+    Ok(r.headers().get("mcp-session-id").context("no session id")?.to_str()?.to_string())
+}
+
+async fn run(
+    scenario: Scenario,
+    concurrency: usize,
+    seconds: u64,
+    base: &str,
+    upstream: &str,
+    gateway_pid: u32,
+) -> anyhow::Result<Outcome> {
+    let http = reqwest::Client::builder().pool_max_idle_per_host(concurrency * 2).build()?;
+    let mut sessions = Vec::new();
+    for _ in 0..concurrency {
+        sessions.push(if scenario == Scenario::McpLegacy { initialize(&http, base).await? } else { String::new() });
+    }
+    // Warm up connections and caches.
+    for session in &sessions {
+        one_call(&http, scenario, base, upstream, session, 0).await;
+    }
+    let cpu_before = cpu_time(gateway_pid);
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    let (base, upstream) = (Arc::new(base.to_string()), Arc::new(upstream.to_string()));
+    for (worker, session) in sessions.into_iter().enumerate() {
+        let (http, base, upstream) = (http.clone(), base.clone(), upstream.clone());
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0usize;
+            let mut id = (worker as u64) << 32;
+            while Instant::now() < deadline {
+                id += 1;
+                let t = Instant::now();
+                if one_call(&http, scenario, &base, &upstream, &session, id).await {
+                    latencies.push(t.elapsed());
+                } else {
+                    errors += 1;
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for worker in workers {
+        let (l, e) = worker.await?;
+        latencies.extend(l);
+        errors += e;
+    }
+    let elapsed = started.elapsed();
+    let cpu_after = cpu_time(gateway_pid);
+    latencies.sort();
+    let at = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    let calls = latencies.len();
+    let cpu_ms_per_1000 = match (scenario, cpu_before, cpu_after) {
+        (Scenario::Direct, _, _) => None,
+        (_, Some(before), Some(after)) if calls > 0 => {
+            Some((after - before).as_secs_f64() * 1000.0 / calls as f64 * 1000.0)
+        }
+        _ => None,
+    };
+    Ok(Outcome {
+        calls,
+        errors,
+        rps: calls as f64 / elapsed.as_secs_f64(),
+        p50: at(0.5),
+        p99: at(0.99),
+        cpu_ms_per_1000,
+    })
+}
+
+fn start(bin: PathBuf, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Killed> {
+    let mut command = Command::new(&bin);
+    command.args(args).stdout(Stdio::null()).stderr(Stdio::null());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    Ok(Killed(command.spawn().with_context(|| format!("cannot start {}", bin.display()))?))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let args = Args::parse();
+    let portcullis = args.bin_dir.join("portcullis");
+    let notes = args.bin_dir.join("notes-mcp-server");
+    if !portcullis.exists() || !notes.exists() {
+        bail!("build first: cargo build --release -p portcullis -p notes-mcp-server (scripts/load does)");
+    }
+    let postgres = Postgres::start().await;
+    let redis = Redis::start().await;
+    let upstream_port = free_port();
+    let _notes = start(notes, &["--listen", &format!("127.0.0.1:{upstream_port}")], &[("RUST_LOG", "warn")])?;
+    let upstream = format!("http://127.0.0.1:{upstream_port}/mcp");
+    let manifest_dir = tempfile::tempdir()?;
+    std::fs::write(manifest_dir.path().join("bench.yaml"), manifests(&upstream))?;
+    let env = [
+        ("DATABASE_URL", postgres.url()),
+        ("REDIS_URL", redis.url()),
+        ("PORTCULLIS_SECRET_KEY", SECRET.to_string()),
+        ("RUST_LOG", "warn".to_string()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let migrate = Command::new(&portcullis).arg("migrate").envs(env.iter().copied()).output()?;
+    anyhow::ensure!(migrate.status.success(), "migrate failed: {}", String::from_utf8_lossy(&migrate.stderr));
+    let publish = Command::new(&portcullis)
+        .args(["publish", "--manifests"])
+        .arg(manifest_dir.path())
+        .envs(env.iter().copied())
+        .output()?;
+    anyhow::ensure!(publish.status.success(), "publish failed: {}", String::from_utf8_lossy(&publish.stdout));
+    let port = free_port();
+    let gateway = start(portcullis, &["serve", "--listen", &format!("127.0.0.1:{port}")], &env)?;
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    wait_until(Duration::from_secs(30), || async {
+        http.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    wait_until(Duration::from_secs(10), || async { one_call(&http, Scenario::Rest, &base, &upstream, "", 1).await })
+        .await;
+
+    println!(
+        "cores: {}, {} s per scenario",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        args.seconds
+    );
+    println!(
+        "{:<40} {:>5} {:>9} {:>9} {:>9} {:>7} {:>12} {:>8}",
+        "scenario", "conc", "req/s", "p50 ms", "p99 ms", "errors", "CPU µs/call", "vs direct"
+    );
+    for &concurrency in &args.concurrency {
+        let mut direct: Option<Outcome> = None;
+        for scenario in [Scenario::Direct, Scenario::McpModern, Scenario::McpLegacy, Scenario::Rest] {
+            let o = run(scenario, concurrency, args.seconds, &base, &upstream, gateway.0.id()).await?;
+            let ratio = direct.as_ref().map(|d| format!("{:.2}x", o.rps / d.rps)).unwrap_or_default();
+            let added = direct
+                .as_ref()
+                .map(|d| {
+                    format!(
+                        " (+{:.2} / +{:.2} ms)",
+                        o.p50.as_secs_f64() * 1e3 - d.p50.as_secs_f64() * 1e3,
+                        o.p99.as_secs_f64() * 1e3 - d.p99.as_secs_f64() * 1e3
+                    )
+                })
+                .unwrap_or_default();
+            println!(
+                "{:<40} {:>5} {:>9.0} {:>9.2} {:>9.2} {:>7} {:>12} {:>8}{added}",
+                scenario.name(),
+                concurrency,
+                o.rps,
+                o.p50.as_secs_f64() * 1e3,
+                o.p99.as_secs_f64() * 1e3,
+                o.errors,
+                o.cpu_ms_per_1000.map(|c| format!("{c:.1}")).unwrap_or_else(|| "-".into()),
+                ratio
+            );
+            let _ = o.calls;
+            if scenario == Scenario::Direct {
+                direct = Some(o);
+            }
+        }
+    }
+    Ok(())
+}
