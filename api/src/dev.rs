@@ -277,7 +277,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     };
 
     tracing::info!(listen = %args.listen, "Portcullis dev mode listening");
-    axum::serve(listener, crate::server::router(state.clone())).with_graceful_shutdown(shutdown_signal()).await?;
+    axum::serve(crate::server::no_delay(listener), crate::server::router(state.clone()))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
     watcher.abort();
     let _ = watcher.await;
     drop(state);

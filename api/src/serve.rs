@@ -135,7 +135,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tokio::spawn(follow_config(state.clone(), pool.clone(), key, Duration::from_secs(args.config_poll_seconds)));
     let maintenance = tokio::spawn(audit_maintenance(pool.clone(), args.audit_retention_months));
     tracing::info!(listen = %args.listen, "Portcullis serving");
-    axum::serve(listener, crate::server::router(state.clone()))
+    axum::serve(crate::server::no_delay(listener), crate::server::router(state.clone()))
         .with_graceful_shutdown(crate::dev::shutdown_signal())
         .await?;
     config.abort();

@@ -17,6 +17,17 @@ const DOCS_HTML: &str = r#"<!doctype html>
  allow-authentication="true" theme="light"></rapi-doc></body></html>"#;
 const RAPIDOC_JS: &[u8] = include_bytes!("../assets/rapidoc-min.js");
 
+/// Sets TCP_NODELAY on accepted connections: responses written in pieces (SSE) must not wait
+/// for delayed ACKs (~40 ms each).
+pub fn no_delay(listener: tokio::net::TcpListener) -> impl axum::serve::Listener<Addr = std::net::SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "Cannot set TCP_NODELAY");
+        }
+    })
+}
+
 /// The whole application.
 pub fn router(state: AppState) -> Router {
     let (api, openapi) = crate::rest::router(state.clone());

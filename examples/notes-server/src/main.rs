@@ -4,6 +4,7 @@
 //! offline. `--protocol legacy` makes it a 2025-11-25-only server (no `server/discover`), to
 //! exercise Portcullis's fallback to the `initialize` handshake.
 
+use axum::serve::ListenerExt;
 use clap::{Parser, ValueEnum};
 use rmcp::{
     RoleServer, ServerHandler,
@@ -266,10 +267,16 @@ async fn main() -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     // Tests read this line to learn the port when listening on :0.
     println!("notes-mcp-server listening on http://{addr}/mcp ({:?})", args.protocol);
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    // Without TCP_NODELAY, SSE responses written in several pieces wait ~40 ms for delayed ACKs.
+    axum::serve(
+        listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        }),
+        router,
+    )
+    .with_graceful_shutdown(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await?;
     Ok(())
 }
