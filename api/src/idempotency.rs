@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 /// How long a response is kept for replays.
 pub const RETENTION: Duration = Duration::from_secs(24 * 3600);
-// A request that never completes (the pod died) stops blocking its key after this long.
-const PENDING_TTL: Duration = Duration::from_secs(300);
+// A claimed key blocks duplicates for the longest a call may run (toolTimeoutSeconds is at most
+// 3600) plus a margin; only a request whose pod died holds it that long.
+const PENDING_TTL: Duration = Duration::from_secs(3_700);
 
 /// A stored response.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
