@@ -54,27 +54,35 @@ pub struct LimitUnavailable;
 
 /// A rate limiter shared by every request of this process.
 pub trait RateLimiter: Send + Sync {
-    /// Decides one request of `class` for `principal` in `tenant` at `per_minute`.
-    fn check<'a>(
+    /// Decides one request for `principal` in `tenant` against several classes at once (one
+    /// round trip), each at its rate per minute. Each class is decided on its own.
+    fn check_many<'a>(
         &'a self,
         tenant: &'a str,
         principal: &'a str,
-        class: Class,
-        per_minute: u32,
-    ) -> BoxFuture<'a, Result<Decision, LimitUnavailable>>;
+        checks: &'a [(Class, u32)],
+    ) -> BoxFuture<'a, Result<Vec<(Class, Decision)>, LimitUnavailable>>;
 }
 
 impl RateLimiter for Limiter {
-    fn check<'a>(
+    fn check_many<'a>(
         &'a self,
         tenant: &'a str,
         principal: &'a str,
-        class: Class,
-        per_minute: u32,
-    ) -> BoxFuture<'a, Result<Decision, LimitUnavailable>> {
-        let decision = self.check_at(tenant, principal, class, per_minute, Instant::now());
-        Box::pin(async move { Ok(decision) })
+        checks: &'a [(Class, u32)],
+    ) -> BoxFuture<'a, Result<Vec<(Class, Decision)>, LimitUnavailable>> {
+        let now = Instant::now();
+        let decisions = checks
+            .iter()
+            .map(|&(class, per_minute)| (class, self.check_at(tenant, principal, class, per_minute, now)))
+            .collect();
+        Box::pin(async move { Ok(decisions) })
     }
+}
+
+/// The first refusal among decisions, if any.
+pub fn first_refusal(decisions: &[(Class, Decision)]) -> Option<(Class, Decision)> {
+    decisions.iter().find(|(_, d)| !d.allowed).copied()
 }
 
 fn decision(allowed: bool, per_minute: u32, used: Duration, retry: Duration, interval: Duration) -> Decision {
@@ -89,22 +97,27 @@ fn decision(allowed: bool, per_minute: u32, used: Duration, retry: Duration, int
     }
 }
 
-// GCRA on Redis's clock. KEYS[1]: the bucket; ARGV[1]: emission interval (µs); ARGV[2]: window
-// (µs). Returns {allowed, used µs, retry µs}.
+// GCRA on Redis's clock, one bucket per key. KEYS[i]: a bucket; ARGV[1]: window (µs);
+// ARGV[i+1]: that bucket's emission interval (µs). Returns {allowed, used µs, retry µs} per key.
 const GCRA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local window = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
-local new_tat = tat + interval
-local used = new_tat - now
-if used > window then
-  return {0, tat - now, used - window}
+local window = tonumber(ARGV[1])
+local out = {}
+for i, key in ipairs(KEYS) do
+  local interval = tonumber(ARGV[i + 1])
+  local tat = tonumber(redis.call('GET', key) or now)
+  if tat < now then tat = now end
+  local new_tat = tat + interval
+  local used = new_tat - now
+  if used > window then
+    table.insert(out, 0); table.insert(out, tat - now); table.insert(out, used - window)
+  else
+    redis.call('SET', key, new_tat, 'PX', math.ceil(used / 1000) + 1000)
+    table.insert(out, 1); table.insert(out, used); table.insert(out, 0)
+  end
 end
-redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil(used / 1000) + 1000)
-return {1, used, 0}
+return out
 "#;
 
 /// GCRA in Redis, shared by every replica.
@@ -122,38 +135,48 @@ impl RedisLimiter {
 }
 
 impl RateLimiter for RedisLimiter {
-    fn check<'a>(
+    fn check_many<'a>(
         &'a self,
         tenant: &'a str,
         principal: &'a str,
-        class: Class,
-        per_minute: u32,
-    ) -> BoxFuture<'a, Result<Decision, LimitUnavailable>> {
+        checks: &'a [(Class, u32)],
+    ) -> BoxFuture<'a, Result<Vec<(Class, Decision)>, LimitUnavailable>> {
         Box::pin(async move {
-            let per_minute = per_minute.max(1);
-            let interval = WINDOW / per_minute;
-            let key = format!("{}rl:{}:{}:{}", self.prefix, tenant, principal, class.name());
             let mut connection = self.connection.clone();
-            let mut invocation = self.script.key(key);
-            invocation.arg(interval.as_micros() as u64).arg(WINDOW.as_micros() as u64);
-            let call = invocation.invoke_async::<(i64, i64, i64)>(&mut connection);
-            match tokio::time::timeout(Duration::from_secs(1), call).await {
-                Ok(Ok((allowed, used, retry))) => Ok(decision(
-                    allowed == 1,
-                    per_minute,
-                    Duration::from_micros(used.max(0) as u64),
-                    Duration::from_micros(retry.max(0) as u64),
-                    interval,
-                )),
+            let mut invocation = self.script.prepare_invoke();
+            invocation.arg(WINDOW.as_micros() as u64);
+            let mut intervals = Vec::with_capacity(checks.len());
+            for &(class, per_minute) in checks {
+                let interval = WINDOW / per_minute.max(1);
+                invocation.key(format!("{}rl:{}:{}:{}", self.prefix, tenant, principal, class.name()));
+                invocation.arg(interval.as_micros() as u64);
+                intervals.push(interval);
+            }
+            let call = invocation.invoke_async::<Vec<i64>>(&mut connection);
+            let answer = match tokio::time::timeout(Duration::from_secs(1), call).await {
+                Ok(Ok(answer)) if answer.len() == checks.len() * 3 => answer,
+                Ok(Ok(_)) => {
+                    tracing::warn!("Rate limiter answered in an unexpected shape; refusing requests");
+                    return Err(LimitUnavailable);
+                }
                 Ok(Err(error)) => {
                     tracing::warn!(%error, "Rate limiter unavailable; refusing requests");
-                    Err(LimitUnavailable)
+                    return Err(LimitUnavailable);
                 }
                 Err(_) => {
                     tracing::warn!("Rate limiter did not answer within 1 s; refusing requests");
-                    Err(LimitUnavailable)
+                    return Err(LimitUnavailable);
                 }
-            }
+            };
+            Ok(checks
+                .iter()
+                .zip(answer.chunks(3))
+                .zip(intervals)
+                .map(|((&(class, per_minute), r), interval)| {
+                    let micros = |v: i64| Duration::from_micros(v.max(0) as u64);
+                    (class, decision(r[0] == 1, per_minute.max(1), micros(r[1]), micros(r[2]), interval))
+                })
+                .collect())
         })
     }
 }

@@ -3,51 +3,27 @@
 
 use crate::audit::{AuditEvent, Status};
 use crate::connectors::CallError;
-use crate::limits::{Class, Decision};
 use crate::policy::ExposedTool;
-use crate::state::AppState;
 use portcullis_crds::snapshot::CompiledPersona;
 use serde_json::{Map, Value, json};
 use std::time::Duration;
-
-/// Why a call produced no tool result.
-pub enum CallFailure {
-    /// The tool-call rate limit refused it.
-    Throttled(Decision),
-    /// The upstream answered with a JSON-RPC error, passed on as is.
-    Upstream(rmcp::ErrorData),
-    /// The rate limiter cannot decide (Redis down): refused, fail closed.
-    LimiterUnavailable,
-}
 
 fn error_result(text: String) -> Value {
     json!({ "content": [{ "type": "text", "text": text }], "isError": true })
 }
 
-/// Calls `tool` for `persona`. Failures the model should read (timeout, an upstream that is
-/// down, a result over the size cap) come back as tool results with `isError: true`.
+/// Calls `tool` for `persona`, whose tool-call rate limit the caller has already decided (in the
+/// same Redis round trip as the request limit). Failures the model should read (timeout, an
+/// upstream that is down, a result over the size cap) come back as tool results with
+/// `isError: true`.
 pub async fn call(
-    app: &AppState,
-    tenant: &str,
-    subject: &str,
     persona: &CompiledPersona,
     tool: &ExposedTool,
     arguments: Option<Map<String, Value>>,
     event: &mut AuditEvent,
-) -> Result<Value, CallFailure> {
+) -> Result<Value, rmcp::ErrorData> {
     event.tool = Some(tool.canonical.clone());
     event.connection = Some(tool.connection.clone());
-    let Ok(decision) = app.limits.check(tenant, subject, Class::ToolCalls, persona.limits.tool_calls_per_minute).await
-    else {
-        event.status = Status::Error;
-        event.detail = Some("rate limiter unavailable".into());
-        return Err(CallFailure::LimiterUnavailable);
-    };
-    if !decision.allowed {
-        event.status = Status::Throttled;
-        event.error_code = Some("429".into());
-        return Err(CallFailure::Throttled(decision));
-    }
     let timeout = Duration::from_secs(u64::from(persona.limits.tool_timeout_seconds));
     match tool.upstream.call(&tool.upstream_name, arguments, timeout).await {
         Ok(result) => {
@@ -86,7 +62,7 @@ pub async fn call(
         Err(CallError::Rpc(error)) => {
             event.status = Status::Error;
             event.error_code = Some(error.code.0.to_string());
-            Err(CallFailure::Upstream(error))
+            Err(error)
         }
     }
 }

@@ -5,9 +5,8 @@ use crate::audit::AuditEvent;
 use crate::identity::Identity;
 use crate::policy::{self, ExposedTool};
 use crate::state::{AppState, Loaded};
-use crate::tool_call::{self, CallFailure};
+use crate::tool_call;
 use base64::Engine;
-use http::StatusCode;
 use portcullis_crds::snapshot::{CompiledEndpoint, CompiledPersona, Tenant};
 use serde_json::{Value, json};
 
@@ -146,26 +145,9 @@ pub async fn tools_call(ctx: &CallContext<'_>, params: &Value, event: &mut Audit
     let Some(tool) = ctx.tools().await.into_iter().find(|t| t.name == name) else {
         return Err(RpcError::unknown_tool(name));
     };
-    match tool_call::call(ctx.app, &ctx.identity.tenant, &ctx.identity.subject, ctx.persona, &tool, arguments, event)
-        .await
-    {
+    match tool_call::call(ctx.persona, &tool, arguments, event).await {
         Ok(result) => Ok(ctx.complete(result, false)),
-        Err(CallFailure::Throttled(decision)) => {
-            let mut error = RpcError::internal(format!(
-                "Rate limit exceeded: {} tool calls per minute; retry after {} s",
-                decision.limit, decision.retry_after_seconds
-            ))
-            .with_data(json!({ "retryAfterSeconds": decision.retry_after_seconds, "limit": decision.limit }));
-            error.status = StatusCode::TOO_MANY_REQUESTS;
-            Err(error)
-        }
-        Err(CallFailure::LimiterUnavailable) => {
-            let mut error =
-                RpcError::internal("Rate limiting is unavailable, so tool calls are refused; retry shortly");
-            error.status = StatusCode::SERVICE_UNAVAILABLE;
-            Err(error)
-        }
-        Err(CallFailure::Upstream(error)) => {
+        Err(error) => {
             let mut e = RpcError::internal(error.message.to_string());
             e.code = i64::from(error.code.0);
             e.data = error.data;

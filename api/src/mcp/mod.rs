@@ -57,8 +57,8 @@ fn origin_allowed(headers: &HeaderMap, endpoint: Option<&CompiledEndpoint>) -> b
         || endpoint.is_some_and(|e| e.allowed_origins.iter().any(|o| o == origin))
 }
 
-/// Origin, authentication, endpoint visibility, audit capacity and the request rate limit:
-/// everything decided before the body is read.
+/// Origin, authentication, endpoint visibility and audit capacity: everything decided before
+/// the body is read. Rate limits are decided once the method is known (`limit`).
 async fn admit(
     app: &AppState,
     headers: &HeaderMap,
@@ -103,20 +103,41 @@ async fn admit(
         event.detail = Some("audit queue full".into());
         return Err(Problem::unavailable("the audit log is not keeping up; retry shortly"));
     }
-    let persona = &loaded.snapshot.tenants[tenant].personas[&identity.persona];
-    let Ok(decision) =
-        app.limits.check(tenant, &identity.subject, Class::Requests, persona.limits.requests_per_minute).await
-    else {
+    Ok(Admitted { loaded, identity, endpoint: endpoint.to_string() })
+}
+
+/// Decides the request limit, and for `tools/call` the tool-call limit too, in one round trip.
+async fn limit(app: &AppState, admitted: &Admitted, tool_call: bool, event: &mut AuditEvent) -> Result<(), RpcError> {
+    let limits =
+        &admitted.loaded.snapshot.tenants[&admitted.identity.tenant].personas[&admitted.identity.persona].limits;
+    let mut checks = vec![(Class::Requests, limits.requests_per_minute)];
+    if tool_call {
+        checks.push((Class::ToolCalls, limits.tool_calls_per_minute));
+    }
+    let identity = &admitted.identity;
+    let Ok(decisions) = app.limits.check_many(&identity.tenant, &identity.subject, &checks).await else {
         event.status = Status::Error;
         event.detail = Some("rate limiter unavailable".into());
-        return Err(Problem::unavailable("rate limiting is unavailable, so requests are refused; retry shortly"));
+        let mut error = RpcError::internal("Rate limiting is unavailable, so requests are refused; retry shortly");
+        error.status = StatusCode::SERVICE_UNAVAILABLE;
+        return Err(error);
     };
-    if !decision.allowed {
-        event.status = Status::Throttled;
-        event.error_code = Some("429".into());
-        return Err(Problem::throttled(&decision, "request"));
+    match crate::limits::first_refusal(&decisions) {
+        None => Ok(()),
+        Some((class, decision)) => {
+            event.status = Status::Throttled;
+            event.error_code = Some("429".into());
+            let mut error = RpcError::internal(format!(
+                "Rate limit exceeded: {} {} per minute; retry after {} s",
+                decision.limit,
+                class.name(),
+                decision.retry_after_seconds
+            ))
+            .with_data(json!({ "retryAfterSeconds": decision.retry_after_seconds, "limit": decision.limit, "class": class.name() }));
+            error.status = StatusCode::TOO_MANY_REQUESTS;
+            Err(error)
+        }
     }
-    Ok(Admitted { loaded, identity, endpoint: endpoint.to_string() })
 }
 
 async fn finish(app: &AppState, mut event: AuditEvent, started: Instant, response: Response) -> Response {
@@ -216,6 +237,9 @@ async fn handle_message(
     let meta_version = params.get("_meta").and_then(|m| m.get(protocol::META_PROTOCOL_VERSION)).cloned();
     let method_name = method.clone().unwrap_or_default();
     event.operation = if method_name.is_empty() { "response".into() } else { method_name.clone() };
+    if let Err(error) = limit(app, &admitted, method_name == "tools/call", event).await {
+        return respond(&id.unwrap_or(Value::Null), Err(error), Framing::Json, event);
+    }
 
     if meta_version.is_some() {
         return modern(
@@ -447,6 +471,9 @@ async fn get_stream(
     event.endpoint = Some(endpoint.clone());
     let response = match admit(&app, &headers, &tenant, &endpoint, &mut event).await {
         Err(problem) => problem.into_response(),
+        Ok(admitted) if let Err(error) = limit(&app, &admitted, false, &mut event).await => {
+            respond(&Value::Null, Err(error), Framing::Json, &mut event)
+        }
         Ok(_) => {
             // No server-initiated stream is offered yet; the 2025 transport allows 405 here.
             event.status = Status::Invalid;
@@ -469,6 +496,9 @@ async fn delete_session(
     event.endpoint = Some(endpoint.clone());
     let response = match admit(&app, &headers, &tenant, &endpoint, &mut event).await {
         Err(problem) => problem.into_response(),
+        Ok(admitted) if let Err(error) = limit(&app, &admitted, false, &mut event).await => {
+            respond(&Value::Null, Err(error), Framing::Json, &mut event)
+        }
         Ok(admitted) => match headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()) {
             None => {
                 event.status = Status::Invalid;

@@ -7,7 +7,7 @@ use crate::connectors::ConnectionHealth;
 use crate::idempotency::{Begin, StoredResponse};
 use crate::policy::{self, ExposedTool};
 use crate::state::AppState;
-use crate::tool_call::{self, CallFailure};
+use crate::tool_call;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -345,16 +345,7 @@ async fn execute_call(app: &AppState, caller: &Caller, body: &[u8]) -> Response 
         );
     };
     let mut event = AuditEvent::new(&caller.identity.tenant, "rest", "", "", Utc::now());
-    let outcome = tool_call::call(
-        app,
-        &caller.identity.tenant,
-        &caller.identity.subject,
-        persona,
-        &tool,
-        request.arguments,
-        &mut event,
-    )
-    .await;
+    let outcome = tool_call::call(persona, &tool, request.arguments, &mut event).await;
     let response = match outcome {
         Ok(mut result) => {
             // `resultType` belongs to the MCP 2026-07-28 wire format, not to REST.
@@ -363,19 +354,14 @@ async fn execute_call(app: &AppState, caller: &Caller, body: &[u8]) -> Response 
             }
             Json(result).into_response()
         }
-        Err(CallFailure::Throttled(decision)) => Problem::throttled(&decision, "tool-call").into_response(),
-        Err(CallFailure::LimiterUnavailable) => {
-            Problem::unavailable("rate limiting is unavailable, so tool calls are refused; retry shortly")
-                .into_response()
-        }
-        Err(CallFailure::Upstream(error)) if error.code.0 == -32602 => Problem::new(
+        Err(error) if error.code.0 == -32602 => Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid-arguments",
             "Unprocessable Entity",
             format!("the tool rejected the request: {}", error.message),
         )
         .into_response(),
-        Err(CallFailure::Upstream(error)) => Problem::new(
+        Err(error) => Problem::new(
             StatusCode::BAD_GATEWAY,
             "upstream-error",
             "Bad Gateway",

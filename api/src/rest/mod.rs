@@ -22,6 +22,9 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+/// The route whose tool-call limit the guard decides.
+const TOOL_CALL_ROUTE: &str = "/api/v1/admin/tools/call";
+
 /// The authenticated caller, for handlers.
 #[derive(Clone)]
 pub struct Caller {
@@ -127,11 +130,12 @@ fn status_of(code: StatusCode) -> Status {
 async fn guard(State(app): State<AppState>, mut request: Request, next: Next) -> Response {
     let started = Instant::now();
     let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string());
-    let operation = format!("{} {}", request.method(), route.unwrap_or_else(|| request.uri().path().to_string()));
+    let operation =
+        format!("{} {}", request.method(), route.clone().unwrap_or_else(|| request.uri().path().to_string()));
     let mut event = AuditEvent::new("", "rest", operation, &crate::http_context::request_id(), Utc::now());
     let mut decisions = Vec::new();
     let (headers, method) = (request.headers().clone(), request.method().clone());
-    let response = match admit(&app, &headers, &method, &mut event, &mut decisions).await {
+    let response = match admit(&app, &headers, &method, route.as_deref(), &mut event, &mut decisions).await {
         Err(problem) => problem.into_response(),
         Ok(caller) => {
             request.extensions_mut().insert(caller);
@@ -164,6 +168,7 @@ async fn admit(
     app: &AppState,
     headers: &http::HeaderMap,
     method: &Method,
+    route: Option<&str>,
     event: &mut AuditEvent,
     decisions: &mut Vec<(Class, Decision)>,
 ) -> Result<Caller, Problem> {
@@ -190,18 +195,20 @@ async fn admit(
     if matches!(*method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE) {
         classes.push((Class::Writes, limits.writes_per_minute));
     }
-    for (class, per_minute) in classes {
-        let Ok(decision) = app.limits.check(&identity.tenant, &identity.subject, class, per_minute).await else {
-            event.status = Status::Error;
-            event.detail = Some("rate limiter unavailable".into());
-            return Err(Problem::unavailable("rate limiting is unavailable, so requests are refused; retry shortly"));
-        };
-        decisions.push((class, decision));
-        if !decision.allowed {
-            event.status = Status::Throttled;
-            event.error_code = Some("429".into());
-            return Err(Problem::throttled(&decision, class.name()));
-        }
+    // Decided here with the others, in the same round trip, rather than in the handler.
+    if route == Some(TOOL_CALL_ROUTE) {
+        classes.push((Class::ToolCalls, limits.tool_calls_per_minute));
+    }
+    let Ok(decided) = app.limits.check_many(&identity.tenant, &identity.subject, &classes).await else {
+        event.status = Status::Error;
+        event.detail = Some("rate limiter unavailable".into());
+        return Err(Problem::unavailable("rate limiting is unavailable, so requests are refused; retry shortly"));
+    };
+    *decisions = decided;
+    if let Some((class, decision)) = crate::limits::first_refusal(decisions) {
+        event.status = Status::Throttled;
+        event.error_code = Some("429".into());
+        return Err(Problem::throttled(&decision, class.name()));
     }
     Ok(Caller { identity, loaded })
 }
