@@ -271,7 +271,7 @@ async fn handle_message(
             event,
         );
     }
-    legacy(app, &admitted, headers, framing, id, &method_name, params, &message, event).await
+    legacy(app, &admitted, headers, framing, id, &method_name, params, event).await
 }
 
 fn is_response(message: &Value) -> bool {
@@ -368,7 +368,6 @@ async fn legacy(
     id: Option<Value>,
     method: &str,
     params: Value,
-    message: &Value,
     event: &mut AuditEvent,
 ) -> Response {
     let reply_id = id.clone().unwrap_or(Value::Null);
@@ -448,7 +447,6 @@ async fn legacy(
     }
     let Some(id) = id else {
         // Notifications (initialized, cancelled…) and responses are accepted.
-        let _ = message;
         return StatusCode::ACCEPTED.into_response();
     };
     let ctx = CallContext::new(app, &admitted.loaded, &admitted.identity, &admitted.endpoint, false);
