@@ -219,6 +219,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         audit,
         settings: ServerSettings { max_body_bytes: args.max_body_bytes, page_size: 100 },
         backends: None,
+        history: Default::default(),
     });
 
     let listener = tokio::net::TcpListener::bind(args.listen)

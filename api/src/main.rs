@@ -2,7 +2,6 @@
 #![forbid(unsafe_code)]
 
 mod audit;
-mod config_store;
 mod connectors;
 mod dev;
 mod http_context;
@@ -13,7 +12,6 @@ mod manifest_dir;
 mod mcp;
 mod policy;
 mod rest;
-mod secret_box;
 mod serve;
 mod server;
 mod sessions;
@@ -91,10 +89,10 @@ async fn publish(manifests: &std::path::Path, source: &str, data: &serve::DataAr
         println!("configuration has errors; nothing published");
         return Ok(false);
     };
-    let key = secret_box::SecretKey::from_text(&data.secret_key)?;
+    let key = portcullis_store::secret_box::SecretKey::from_text(&data.secret_key)?;
     let pool = serve::pool(&data.database_url)?;
-    match config_store::publish(&pool, &key, &snapshot, source).await? {
-        config_store::Published::New { version, summary } => {
+    match portcullis_store::config_store::publish(&pool, &key, &snapshot, source).await? {
+        portcullis_store::config_store::Published::New { version, summary } => {
             println!(
                 "published version {version} (digest {}): {} added, {} changed, {} removed",
                 &snapshot.digest[..12],
@@ -110,7 +108,7 @@ async fn publish(manifests: &std::path::Path, source: &str, data: &serve::DataAr
                 }
             }
         }
-        config_store::Published::Unchanged { version } => {
+        portcullis_store::config_store::Published::Unchanged { version } => {
             println!("unchanged: version {version} already has digest {}", &snapshot.digest[..12]);
         }
     }

@@ -3,13 +3,14 @@
 //! Redis, so any number of replicas behave as one.
 
 use crate::audit::{AuditLog, AuditStore};
-use crate::config_store;
 use crate::connectors::Upstreams;
 use crate::limits::RedisLimiter;
-use crate::secret_box::SecretKey;
 use crate::sessions::RedisSessions;
 use crate::state::{AppState, Backends, Inner, ServerSettings};
 use anyhow::Context;
+use portcullis_store::config_store;
+use portcullis_store::reports::{self, ConnectionReport};
+use portcullis_store::secret_box::SecretKey;
 use sqlx::PgPool;
 use sqlx::postgres::{PgListener, PgPoolOptions};
 use std::net::SocketAddr;
@@ -71,9 +72,7 @@ pub fn pool(database_url: &str) -> anyhow::Result<PgPool> {
 
 /// Applies the Postgres migrations (sqlx takes an advisory lock, so concurrent runs wait).
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    sqlx::migrate!("../migrations/postgres").run(pool).await.context("cannot apply migrations")?;
-    sqlx::query("SELECT portcullis_ensure_audit_partitions(3)").execute(pool).await?;
-    Ok(())
+    portcullis_store::migrate(pool).await.context("cannot apply migrations")
 }
 
 async fn retry<T, F, Fut>(what: &str, mut attempt: F) -> T
@@ -126,6 +125,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         audit,
         settings: ServerSettings { max_body_bytes: args.max_body_bytes, page_size: 100 },
         backends: Some(Backends { postgres: pool.clone(), redis: connection }),
+        history: Default::default(),
     });
 
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -134,12 +134,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config =
         tokio::spawn(follow_config(state.clone(), pool.clone(), key, Duration::from_secs(args.config_poll_seconds)));
     let maintenance = tokio::spawn(audit_maintenance(pool.clone(), args.audit_retention_months));
+    let reports = tokio::spawn(report_connections(state.clone(), pool.clone()));
     tracing::info!(listen = %args.listen, "Portcullis serving");
     axum::serve(crate::server::no_delay(listener), crate::server::router(state.clone()))
         .with_graceful_shutdown(crate::dev::shutdown_signal())
         .await?;
     config.abort();
     maintenance.abort();
+    reports.abort();
     let _ = config.await;
     drop(state);
     // Every AuditLog clone is gone: the writer drains its queue (retrying while Postgres is down).
@@ -188,6 +190,37 @@ async fn follow_config(state: AppState, pool: PgPool, key: SecretKey, poll: Dura
             },
             None => tokio::time::sleep(wait).await,
         }
+    }
+}
+
+/// Reports what this pod observes of its upstreams (health, tool names) every few seconds, so
+/// the operator can show them in Connection and Persona status.
+async fn report_connections(state: AppState, pool: PgPool) {
+    let reporter = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .map(|h| format!("{h}/{}", std::process::id()))
+        .unwrap_or_else(|_| format!("pid-{}", std::process::id()));
+    loop {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let version = state.current().map(|l| l.version as i64);
+        let now = chrono::Utc::now();
+        let reports: Vec<ConnectionReport> = state
+            .upstreams
+            .all()
+            .into_iter()
+            .map(|((tenant, connection), upstream)| ConnectionReport {
+                tenant,
+                connection,
+                health: upstream.health().health,
+                tools: upstream.catalog().iter().map(|t| t.name.to_string()).collect(),
+                config_version: version,
+                reported_at: now,
+            })
+            .collect();
+        if let Err(e) = reports::write(&pool, &reporter, &reports).await {
+            tracing::debug!(error = %e, "cannot write connection reports");
+        }
+        let _ = reports::prune(&pool, now - chrono::Duration::hours(1)).await;
     }
 }
 

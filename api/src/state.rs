@@ -7,6 +7,7 @@ use crate::limits::RateLimiter;
 use crate::sessions::SessionStore;
 use chrono::{DateTime, Utc};
 use portcullis_crds::Snapshot;
+use portcullis_store::config_store::{ChangelogEntry, summarize};
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -51,7 +52,13 @@ pub struct Inner {
     pub settings: ServerSettings,
     /// Shared backends whose health decides readiness (production only).
     pub backends: Option<Backends>,
+    /// Versions loaded by this process, for the changelog of dev mode (production reads the
+    /// published versions from Postgres).
+    pub history: std::sync::Mutex<Vec<ChangelogEntry>>,
 }
+
+/// Versions the in-memory changelog keeps.
+const HISTORY_LIMIT: usize = 1000;
 
 /// Postgres and Redis of the production data plane.
 pub struct Backends {
@@ -99,6 +106,21 @@ impl AppState {
     /// Swaps in a new snapshot and brings upstream connections in line with it.
     pub fn install(&self, version: u64, snapshot: Snapshot) {
         self.upstreams.sync(&snapshot);
+        if self.backends.is_none() {
+            let previous = self.current();
+            let summary = summarize(previous.as_ref().map(|l| &l.snapshot), &snapshot);
+            let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+            history.push(ChangelogEntry {
+                version: version.try_into().unwrap_or(i64::MAX),
+                digest: snapshot.digest.clone(),
+                source: "manifests".into(),
+                created_at: Utc::now(),
+                summary,
+            });
+            if history.len() > HISTORY_LIMIT {
+                history.remove(0);
+            }
+        }
         self.snapshot.send_replace(Some(Arc::new(Loaded { version, snapshot, loaded_at: Utc::now() })));
     }
 }

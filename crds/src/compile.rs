@@ -98,7 +98,7 @@ pub fn compile(objects: &[Object], now: DateTime<Utc>) -> Result<Snapshot, Vec<P
         if let Object::ApiKey(k) = object {
             let r = object.object_ref();
             let tenant = tenants.get(&r.namespace);
-            if let Some((digest, entry)) = compile_key(&r, &k.spec, tenant, &secrets, now, &mut problems) {
+            for (digest, entry) in compile_key(&r, &k.spec, tenant, &secrets, now, &mut problems) {
                 if let Some(other) = keys_by_digest.get(&digest) {
                     problems.push(Problem::error(
                         &r,
@@ -437,7 +437,7 @@ fn compile_key(
     secrets: &Secrets,
     now: DateTime<Utc>,
     problems: &mut Vec<Problem>,
-) -> Option<(String, KeyEntry)> {
+) -> Vec<(String, KeyEntry)> {
     if !tenant.is_some_and(|t| t.personas.contains_key(&spec.persona)) {
         let message = if spec.persona.contains('/') {
             format!(
@@ -448,7 +448,7 @@ fn compile_key(
             format!("persona {:?} does not exist in namespace {:?}", spec.persona, r.namespace)
         };
         problems.push(Problem::error(r, "spec.persona", message));
-        return None;
+        return Vec::new();
     }
     if let Some(rotation) = &spec.rotation {
         match (parse_duration(&rotation.every), parse_duration(&rotation.overlap)) {
@@ -478,7 +478,7 @@ fn compile_key(
             "spec.expiresAt",
             format!("expired at {expires_at}; the key no longer works"),
         ));
-        return None;
+        return Vec::new();
     }
     let Some(values) = secrets.get(&(r.namespace.clone(), spec.secret_name.clone())) else {
         problems.push(Problem::warning(
@@ -486,7 +486,7 @@ fn compile_key(
             "spec.secretName",
             format!("Secret {:?} does not exist yet; the key works once it is minted", spec.secret_name),
         ));
-        return None;
+        return Vec::new();
     };
     let key = match values.get("key") {
         Some(Ok(key)) => key.trim(),
@@ -496,7 +496,7 @@ fn compile_key(
                 "spec.secretName",
                 format!("Secret {:?} has no UTF-8 data key \"key\"; the key does not work", spec.secret_name),
             ));
-            return None;
+            return Vec::new();
         }
     };
     if !keys::looks_like_key(key) || key.len() < keys::MIN_KEY_LEN {
@@ -510,17 +510,37 @@ fn compile_key(
                 keys::MIN_KEY_LEN
             ),
         ));
-        return None;
+        return Vec::new();
     }
-    let digest = keys::digest(key);
-    let entry = KeyEntry {
-        key_id: keys::key_id(&digest),
-        tenant: r.namespace.clone(),
-        name: r.name.clone(),
-        persona: spec.persona.clone(),
-        expires_at: spec.expires_at,
+    let entry = |key: &str, expires_at: Option<DateTime<Utc>>| {
+        let digest = keys::digest(key);
+        let entry = KeyEntry {
+            key_id: keys::key_id(&digest),
+            tenant: r.namespace.clone(),
+            name: r.name.clone(),
+            persona: spec.persona.clone(),
+            expires_at,
+        };
+        (digest, entry)
     };
-    Some((digest, entry))
+    let mut entries = vec![entry(key, spec.expires_at)];
+    // After a rotation the replaced key keeps working until the overlap ends (never past the
+    // ApiKey's own expiry), so clients can pick up the new key without an outage.
+    let previous = values.get(keys::SECRET_PREVIOUS_KEY).and_then(|v| v.as_ref().ok()).map(|k| k.trim());
+    let valid_until = values
+        .get(keys::SECRET_PREVIOUS_VALID_UNTIL)
+        .and_then(|v| v.as_ref().ok())
+        .and_then(|t| DateTime::parse_from_rfc3339(t.trim()).ok())
+        .map(|t| t.with_timezone(&Utc));
+    if let (Some(previous), Some(valid_until)) = (previous, valid_until)
+        && valid_until > now
+        && previous != key
+        && keys::looks_like_key(previous)
+    {
+        let until = spec.expires_at.map_or(valid_until, |e| e.min(valid_until));
+        entries.push(entry(previous, Some(until)));
+    }
+    entries
 }
 
 #[cfg(test)]

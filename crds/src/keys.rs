@@ -7,6 +7,15 @@ pub const KEY_PREFIX: &str = "pcl_";
 /// Shortest key accepted (prefix plus at least 128 bits of base64url randomness).
 pub const MIN_KEY_LEN: usize = KEY_PREFIX.len() + 22;
 
+/// Data key of an ApiKey's Secret holding the current key.
+pub const SECRET_KEY: &str = "key";
+/// Data key holding the key replaced by the last rotation, valid until `previousKeyValidUntil`.
+pub const SECRET_PREVIOUS_KEY: &str = "previousKey";
+/// Data key holding when the previous key stops working (RFC 3339).
+pub const SECRET_PREVIOUS_VALID_UNTIL: &str = "previousKeyValidUntil";
+/// Data key holding when the current key was minted (RFC 3339); rotation counts from it.
+pub const SECRET_MINTED_AT: &str = "mintedAt";
+
 /// Hex SHA-256 of a key: the only form in which stores and snapshots hold keys.
 pub fn digest(key: &str) -> String {
     hex(&Sha256::digest(key.as_bytes()))

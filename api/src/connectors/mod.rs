@@ -40,6 +40,12 @@ impl Upstreams {
         }
     }
 
+    /// Every live connection with its (tenant, name).
+    pub fn all(&self) -> Vec<((String, String), Arc<McpUpstream>)> {
+        let connections = self.connections.read().unwrap_or_else(|e| e.into_inner());
+        connections.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
     /// The live connection `name` of `tenant`.
     pub fn get(&self, tenant: &str, name: &str) -> Option<Arc<McpUpstream>> {
         let connections = self.connections.read().unwrap_or_else(|e| e.into_inner());

@@ -17,6 +17,7 @@ use chrono::{DateTime, Utc};
 use http::StatusCode;
 use portcullis_crds::kinds::Limits;
 use portcullis_crds::snapshot::{CompiledPersona, Tenant};
+use portcullis_store::config_store::{self, ChangelogEntry};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::{IntoParams, ToSchema};
@@ -531,6 +532,41 @@ pub async fn audit_overview(
         Problem::internal()
     })?;
     Ok(Json(overview))
+}
+
+/// Published configuration versions that changed this tenant, newest first, with what changed
+/// (admin personas only). Dev mode lists the versions this process loaded.
+#[utoipa::path(get, path = "/api/v1/admin/config/changelog", tag = "admin", params(Paging),
+    responses((status = 200, body = Page<ChangelogEntry>), (status = 403, description = "Not an admin persona", content_type = "application/problem+json")))]
+pub async fn config_changelog(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    paging: Result<Query<Paging>, QueryRejection>,
+) -> ApiResult<Page<ChangelogEntry>> {
+    let paging = query(paging)?;
+    let (_, persona) = scope(&caller);
+    if !persona.admin {
+        return Err(Problem::forbidden(format!("persona {:?} is not an admin persona", persona.name)));
+    }
+    let tenant = &caller.identity.tenant;
+    let Some(backends) = &app.backends else {
+        let history = app.history.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let entries = history
+            .into_iter()
+            .rev()
+            .map(|e| ChangelogEntry { summary: e.summary.for_tenant(tenant), ..e })
+            .filter(|e| !e.summary.is_empty())
+            .collect();
+        return Ok(Json(paging.slice(entries)?));
+    };
+    let (page, per_page) = paging.bounds()?;
+    let offset = i64::from(page - 1) * i64::from(per_page);
+    let (items, total) =
+        config_store::changelog(&backends.postgres, tenant, offset, per_page.into()).await.map_err(|error| {
+            tracing::error!(%error, "Changelog query failed");
+            Problem::internal()
+        })?;
+    Ok(Json(Page { items, total: total.try_into().unwrap_or(0), page, per_page }))
 }
 
 /// Unknown routes under `/api/v1`.

@@ -90,6 +90,7 @@ pub fn router(state: AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(handlers::list_connections))
         .routes(routes!(handlers::audit_events))
         .routes(routes!(handlers::audit_overview))
+        .routes(routes!(handlers::config_changelog))
         .split_for_parts();
     let router = router
         .fallback(handlers::unknown_route)

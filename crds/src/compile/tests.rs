@@ -140,6 +140,20 @@ fn keys_expired_or_unminted_are_left_out_with_a_warning() {
 }
 
 #[test]
+fn a_rotated_key_keeps_its_predecessor_until_the_overlap_ends() {
+    let extra = "apiVersion: portcullis.dev/v1alpha1\nkind: ApiKey\nmetadata: {name: ci, namespace: acme}\nspec: {persona: analyst, secretName: ci, expiresAt: \"2026-11-23T12:00:00Z\"}\n---\napiVersion: v1\nkind: Secret\nmetadata: {name: ci, namespace: acme}\nstringData: {key: pcl_newnewnewnewnewnewnewnewnewnew, previousKey: pcl_oldoldoldoldoldoldoldoldoldold, previousKeyValidUntil: \"2026-11-23T06:00:00Z\"}\n";
+    let during = compile(&objects(extra), now()).expect("compiles");
+    let old = during.key(&keys::digest("pcl_oldoldoldoldoldoldoldoldoldold")).expect("the old key still works");
+    assert_eq!(old.expires_at, Some(Utc.with_ymd_and_hms(2026, 11, 23, 6, 0, 0).unwrap()));
+    let new = during.key(&keys::digest("pcl_newnewnewnewnewnewnewnewnewnew")).expect("the new key works");
+    assert_eq!(new.expires_at, Some(Utc.with_ymd_and_hms(2026, 11, 23, 12, 0, 0).unwrap()));
+    let after = compile(&objects(extra), now() + chrono::Duration::hours(7)).expect("compiles");
+    assert!(after.key(&keys::digest("pcl_oldoldoldoldoldoldoldoldoldold")).is_none(), "overlap over");
+    assert!(after.key(&keys::digest("pcl_newnewnewnewnewnewnewnewnewnew")).is_some());
+    assert_ne!(during.digest, after.digest, "the end of an overlap is a new snapshot");
+}
+
+#[test]
 fn keys_must_name_an_existing_persona_and_be_unique() {
     let e = errors(
         "apiVersion: portcullis.dev/v1alpha1\nkind: ApiKey\nmetadata: {name: k2, namespace: acme}\nspec: {persona: ghost, secretName: analyst-key}\n",

@@ -198,6 +198,82 @@ pub async fn load_latest(
     }
 }
 
+/// One published version, as the changelog shows it (never with secret values).
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
+pub struct ChangelogEntry {
+    /// Version number.
+    pub version: i64,
+    /// Content digest of the snapshot.
+    pub digest: String,
+    /// Who published it (`operator`, `publish:<dir>`, …).
+    pub source: String,
+    /// When it was published.
+    pub created_at: DateTime<Utc>,
+    /// Objects added, changed and removed against the previous version.
+    pub summary: ChangeSummary,
+}
+
+/// Published versions that changed something in `tenant`, newest first, with the summary cut
+/// down to that tenant's objects (tenants never see each other's names); one page of them and
+/// how many there are in all.
+pub async fn changelog(
+    pool: &PgPool,
+    tenant: &str,
+    offset: i64,
+    limit: i64,
+) -> Result<(Vec<ChangelogEntry>, i64), ConfigStoreError> {
+    // Summary entries read `Kind namespace/name`.
+    macro_rules! touches_tenant {
+        () => {
+            "EXISTS (SELECT 1 FROM jsonb_array_elements_text(\
+             coalesce(summary->'added', '[]'::jsonb) || coalesce(summary->'changed', '[]'::jsonb) \
+             || coalesce(summary->'removed', '[]'::jsonb)) e WHERE split_part(e, ' ', 2) LIKE $1 || '/%')"
+        };
+    }
+    let total: i64 = sqlx::query_scalar(concat!("SELECT count(*) FROM config_snapshots WHERE ", touches_tenant!()))
+        .bind(tenant)
+        .fetch_one(pool)
+        .await?;
+    let rows: Vec<(i64, String, String, DateTime<Utc>, Value)> = sqlx::query_as(concat!(
+        "SELECT version, digest, source, created_at, summary FROM config_snapshots WHERE ",
+        touches_tenant!(),
+        " ORDER BY version DESC OFFSET $2 LIMIT $3"
+    ))
+    .bind(tenant)
+    .bind(offset)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    let entries = rows
+        .into_iter()
+        .map(|(version, digest, source, created_at, summary)| ChangelogEntry {
+            version,
+            digest,
+            source,
+            created_at,
+            summary: serde_json::from_value::<ChangeSummary>(summary).unwrap_or_default().for_tenant(tenant),
+        })
+        .collect();
+    Ok((entries, total))
+}
+
+impl ChangeSummary {
+    /// The part of the summary about `tenant`'s objects.
+    pub fn for_tenant(self, tenant: &str) -> Self {
+        let keep = |v: Vec<String>| -> Vec<String> {
+            v.into_iter()
+                .filter(|e| e.split(' ').nth(1).and_then(|r| r.split_once('/')).is_some_and(|(ns, _)| ns == tenant))
+                .collect()
+        };
+        Self { added: keep(self.added), changed: keep(self.changed), removed: keep(self.removed) }
+    }
+
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.changed.is_empty() && self.removed.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
