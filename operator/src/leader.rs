@@ -178,6 +178,91 @@ mod tests {
         }
     }
 
+    /// A fake API server holding one Lease, with the API server's optimistic concurrency:
+    /// create conflicts when it exists, replace conflicts on a stale resourceVersion.
+    fn lease_server(store: Arc<std::sync::Mutex<(Option<Lease>, u64)>>) -> Client {
+        use http::{Request, Response};
+        use kube::client::Body;
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        tokio::spawn(async move {
+            while let Some((request, send)) = handle.next_request().await {
+                let method = request.method().to_string();
+                let bytes = request.into_body().collect_bytes().await.unwrap_or_default();
+                let failure = |code: u16, reason: &str| {
+                    let body = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                        "message": reason, "reason": reason, "code": code});
+                    (code, serde_json::to_vec(&body).unwrap())
+                };
+                let (code, body) = {
+                    let mut s = store.lock().unwrap();
+                    match method.as_str() {
+                        "GET" => match &s.0 {
+                            Some(l) => (200, serde_json::to_vec(l).unwrap()),
+                            None => failure(404, "NotFound"),
+                        },
+                        "POST" if s.0.is_some() => failure(409, "AlreadyExists"),
+                        "POST" | "PUT" => {
+                            let mut lease: Lease = serde_json::from_slice(&bytes).unwrap();
+                            let current = s.0.as_ref().and_then(|l| l.metadata.resource_version.clone());
+                            if method == "PUT" && lease.metadata.resource_version != current {
+                                failure(409, "Conflict")
+                            } else {
+                                s.1 += 1;
+                                lease.metadata.resource_version = Some(s.1.to_string());
+                                s.0 = Some(lease.clone());
+                                (200, serde_json::to_vec(&lease).unwrap())
+                            }
+                        }
+                        _ => failure(405, "MethodNotAllowed"),
+                    }
+                };
+                send.send_response(Response::builder().status(code).body(Body::from(body)).unwrap());
+            }
+        });
+        Client::new(service, "default")
+    }
+
+    #[tokio::test]
+    async fn two_replicas_never_both_lead_and_a_release_hands_over() {
+        let store = Arc::new(std::sync::Mutex::new((None, 0)));
+        let a = Elector::new(lease_server(store.clone()), "ops", "portcullis-operator", "a", Duration::from_secs(15));
+        let b = Elector::new(lease_server(store.clone()), "ops", "portcullis-operator", "b", Duration::from_secs(15));
+        let mut leaders = Vec::new();
+        for _ in 0..30 {
+            let (ra, rb) = tokio::join!(a.round(), b.round());
+            let (ra, rb) = (ra.unwrap(), rb.unwrap());
+            assert!(!(ra && rb), "both lead");
+            leaders.push(if ra {
+                "a"
+            } else if rb {
+                "b"
+            } else {
+                "-"
+            });
+        }
+        let first = leaders.iter().find(|l| **l != "-").copied().expect("somebody leads");
+        assert!(leaders.iter().all(|l| *l == first || *l == "-"), "leadership never flips while renewed: {leaders:?}");
+        let (leader, follower) = if first == "a" { (&a, &b) } else { (&b, &a) };
+        assert!(!follower.round().await.unwrap());
+        leader.release().await;
+        assert!(!leader.is_leading());
+        assert!(follower.round().await.unwrap(), "a released lease is taken at once");
+        assert!(!leader.round().await.unwrap(), "and the old leader now waits");
+    }
+
+    #[tokio::test]
+    async fn a_lease_its_holder_stopped_renewing_is_taken_over() {
+        let store = Arc::new(std::sync::Mutex::new((None, 0)));
+        let a = Elector::new(lease_server(store.clone()), "ops", "l", "a", Duration::from_secs(1));
+        let b = Elector::new(lease_server(store.clone()), "ops", "l", "b", Duration::from_secs(1));
+        assert!(a.round().await.unwrap());
+        assert!(!b.round().await.unwrap());
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert!(b.round().await.unwrap(), "expired");
+        let transitions = store.lock().unwrap().0.as_ref().unwrap().spec.as_ref().unwrap().lease_transitions;
+        assert_eq!(transitions, Some(1));
+    }
+
     #[test]
     fn a_live_lease_of_another_replica_is_respected() {
         let now = Utc::now();

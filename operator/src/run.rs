@@ -125,6 +125,21 @@ pub fn start_watchers(client: &Client, namespaces: &[String], changed: &Arc<Noti
     caches
 }
 
+/// After a first change: waits until `quiet` passes without another change, but no longer than
+/// `max_delay` in all, so a burst of changes (500 manifests applied at once) shares one pass.
+pub async fn settle(changed: &Notify, quiet: Duration, max_delay: Duration) {
+    let first = tokio::time::Instant::now();
+    loop {
+        let left = max_delay.saturating_sub(first.elapsed());
+        if left.is_zero() {
+            return;
+        }
+        if tokio::time::timeout(quiet.min(left), changed.notified()).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// The pass loop: after a change, wait for `debounce` of quiet (at most `max_delay`), then run
 /// a pass if this replica leads. Runs at least every `resync`, and when a key is due.
 pub async fn pass_loop(
@@ -141,20 +156,7 @@ pub async fn pass_loop(
     let mut next = tokio::time::Instant::now();
     loop {
         tokio::select! {
-            _ = changed.notified() => {
-                let first = tokio::time::Instant::now();
-                // Debounce: keep waiting while changes keep coming, within max_delay.
-                loop {
-                    let left = settings.max_delay.saturating_sub(first.elapsed());
-                    if left.is_zero() {
-                        break;
-                    }
-                    match tokio::time::timeout(settings.debounce.min(left), changed.notified()).await {
-                        Ok(()) => continue,
-                        Err(_) => break,
-                    }
-                }
-            }
+            _ = changed.notified() => settle(&changed, settings.debounce, settings.max_delay).await,
             _ = tokio::time::sleep_until(next) => {}
         }
         metrics.leading.store(elector.is_leading(), std::sync::atomic::Ordering::SeqCst);
@@ -202,7 +204,9 @@ pub struct RunArgs {
 
 /// Runs until SIGTERM/SIGINT, then releases the lease.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let client = Client::try_default().await?;
+    let client = Client::try_default().await.map_err(|e| {
+        anyhow::anyhow!("cannot reach a Kubernetes API server (run in a cluster, or set KUBECONFIG): {e}")
+    })?;
     let changed = Arc::new(Notify::new());
     let caches = start_watchers(&client, &args.settings.namespaces, &changed);
     let elector = Elector::new(client.clone(), &args.lease.0, &args.lease.1, &args.identity, Duration::from_secs(15));
@@ -242,4 +246,49 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_changes_shares_a_handful_of_passes() {
+        let changed = Arc::new(Notify::new());
+        let burst = changed.clone();
+        // 500 objects applied over half a second.
+        tokio::spawn(async move {
+            for _ in 0..500 {
+                burst.notify_one();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        let start = tokio::time::Instant::now();
+        let mut passes = 0;
+        while start.elapsed() < Duration::from_secs(5) {
+            if tokio::time::timeout(Duration::from_secs(1), changed.notified()).await.is_err() {
+                continue;
+            }
+            settle(&changed, Duration::from_millis(300), Duration::from_millis(1000)).await;
+            passes += 1;
+        }
+        assert!((1..=2).contains(&passes), "{passes} passes");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_continuous_stream_still_publishes_within_max_delay() {
+        let changed = Arc::new(Notify::new());
+        let stream = changed.clone();
+        tokio::spawn(async move {
+            loop {
+                stream.notify_one();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        changed.notified().await;
+        let start = tokio::time::Instant::now();
+        settle(&changed, Duration::from_millis(300), Duration::from_millis(1000)).await;
+        assert!(start.elapsed() <= Duration::from_millis(1000), "{:?}", start.elapsed());
+        assert!(start.elapsed() >= Duration::from_millis(900), "it did wait for the stream: {:?}", start.elapsed());
+    }
 }

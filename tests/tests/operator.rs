@@ -102,6 +102,17 @@ async fn operator_passes_change_what_serve_serves_within_a_second() {
     operator.pass(&w).await;
     within_a_second("endpoint re-apply", || async { !replica.tool_names(ANALYST_KEY).await.is_empty() }).await;
 
+    // Delete the Connection: the endpoint is left without it (DependencyNotReady) and the tools
+    // go; apply it again and they return.
+    let connections = std::mem::take(&mut w.connections);
+    let calls = operator.pass(&w).await;
+    within_a_second("connection delete", || async { replica.tool_names(ANALYST_KEY).await.is_empty() }).await;
+    let endpoint_status = calls.iter().find(|c| c.path.ends_with("/mcpendpoints/notes/status")).expect("status");
+    assert!(endpoint_status.body.to_string().contains("ReferenceNotFound"), "{}", endpoint_status.body);
+    w.connections = connections;
+    operator.pass(&w).await;
+    within_a_second("connection re-apply", || async { !replica.tool_names(ANALYST_KEY).await.is_empty() }).await;
+
     // A new ApiKey without a Secret: the operator mints the key, the replica accepts it.
     let ci = "apiVersion: portcullis.dev/v1alpha1\nkind: ApiKey\nmetadata: {name: ci, namespace: demo}\nspec: {persona: analyst, secretName: ci-key}\n";
     let with_ci = world(&format!("{}\n---\n{ci}", yaml(&edited)));
