@@ -59,6 +59,9 @@ pub struct ServeArgs {
     /// Months of audit events kept; older monthly partitions are dropped.
     #[arg(long, env = "PORTCULLIS_AUDIT_RETENTION_MONTHS", default_value_t = 13)]
     pub audit_retention_months: u32,
+    /// How often this pod reports its upstreams' health and tools (for the operator's status).
+    #[arg(long, env = "PORTCULLIS_REPORT_SECONDS", default_value_t = 10)]
+    pub report_seconds: u64,
 }
 
 /// A pool that connects lazily: the process starts (and reports not ready) while Postgres is away.
@@ -134,7 +137,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config =
         tokio::spawn(follow_config(state.clone(), pool.clone(), key, Duration::from_secs(args.config_poll_seconds)));
     let maintenance = tokio::spawn(audit_maintenance(pool.clone(), args.audit_retention_months));
-    let reports = tokio::spawn(report_connections(state.clone(), pool.clone()));
+    let reports =
+        tokio::spawn(report_connections(state.clone(), pool.clone(), Duration::from_secs(args.report_seconds.max(1))));
     tracing::info!(listen = %args.listen, "Portcullis serving");
     axum::serve(crate::server::no_delay(listener), crate::server::router(state.clone()))
         .with_graceful_shutdown(crate::dev::shutdown_signal())
@@ -195,13 +199,13 @@ async fn follow_config(state: AppState, pool: PgPool, key: SecretKey, poll: Dura
 
 /// Reports what this pod observes of its upstreams (health, tool names) every few seconds, so
 /// the operator can show them in Connection and Persona status.
-async fn report_connections(state: AppState, pool: PgPool) {
+async fn report_connections(state: AppState, pool: PgPool, every: Duration) {
     let reporter = std::env::var("POD_NAME")
         .or_else(|_| std::env::var("HOSTNAME"))
         .map(|h| format!("{h}/{}", std::process::id()))
         .unwrap_or_else(|_| format!("pid-{}", std::process::id()));
     loop {
-        tokio::time::sleep(Duration::from_secs(10)).await;
+        tokio::time::sleep(every).await;
         let version = state.current().map(|l| l.version as i64);
         let now = chrono::Utc::now();
         let reports: Vec<ConnectionReport> = state

@@ -80,6 +80,21 @@ async fn operator_passes_change_what_serve_serves_within_a_second() {
     let names = replica.tool_names(ANALYST_KEY).await;
     assert!(names.contains(&"notes.add_note".to_string()), "{names:?}");
 
+    // The replica reports what it sees of the upstream; the next pass mirrors it into status.
+    portcullis_e2e::wait_until(Duration::from_secs(10), || async {
+        let since = Utc::now() - chrono::Duration::minutes(1);
+        let reports = portcullis_store::reports::latest(&operator.pool, since).await.unwrap_or_default();
+        reports.get(&("demo".to_string(), "notes".to_string())).is_some_and(|r| r.health == "healthy")
+    })
+    .await;
+    let calls = operator.pass(&w).await;
+    let connection = calls.iter().find(|c| c.path.ends_with("/connections/notes/status")).expect("connection status");
+    assert_eq!(connection.body["status"]["health"], "healthy", "{}", connection.body);
+    let upstream_tools = connection.body["status"]["toolCount"].as_u64().expect("tool count");
+    assert!(upstream_tools >= names.len() as u64, "{}", connection.body);
+    let persona = calls.iter().find(|c| c.path.ends_with("/personas/analyst/status")).expect("persona status");
+    assert_eq!(persona.body["status"]["toolCount"].as_u64(), Some(names.len() as u64), "{}", persona.body);
+
     // Change a Persona: the analyst loses notes.add_note.
     let changed =
         files[0].1.replace(r#"deny: ["notes.delete_note"]"#, r#"deny: ["notes.delete_note", "notes.add_note"]"#);

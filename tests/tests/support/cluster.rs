@@ -56,6 +56,7 @@ impl Cluster {
             .env("REDIS_URL", &self.redis_url)
             .env("PORTCULLIS_SECRET_KEY", SECRET_KEY)
             .env("PORTCULLIS_REDIS_PREFIX", &self.redis_prefix)
+            .env("PORTCULLIS_REPORT_SECONDS", "1")
             .env("RUST_LOG", "info");
         c
     }
