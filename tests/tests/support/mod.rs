@@ -4,6 +4,7 @@
 #![allow(dead_code, reason = "each test file uses a different part of the harness")]
 
 pub mod cluster;
+pub mod fake_kube;
 pub use portcullis_e2e::{free_port, wait_until};
 
 use serde_json::{Value, json};
