@@ -181,6 +181,51 @@ impl RateLimiter for RedisLimiter {
     }
 }
 
+/// Redis first; when Redis cannot answer, this pod's own in-process limits (each pod then allows
+/// the persona's full rate, so N pods allow up to N times it). Chosen with
+/// `--when-redis-down local`; the default is to fail closed.
+pub struct RedisOrLocal {
+    redis: RedisLimiter,
+    local: Limiter,
+    warned: Mutex<Option<Instant>>,
+}
+
+impl RedisOrLocal {
+    /// Falls back from `redis` to in-process limits.
+    pub fn new(redis: RedisLimiter) -> Self {
+        Self { redis, local: Limiter::default(), warned: Mutex::new(None) }
+    }
+}
+
+impl RedisOrLocal {
+    fn warn_now_and_then(&self) {
+        let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+        if warned.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) {
+            tracing::warn!("Redis is unavailable: deciding rate limits in this pod only (--when-redis-down local)");
+            *warned = Some(Instant::now());
+        }
+    }
+}
+
+impl RateLimiter for RedisOrLocal {
+    fn check_many<'a>(
+        &'a self,
+        tenant: &'a str,
+        principal: &'a str,
+        checks: &'a [(Class, u32)],
+    ) -> BoxFuture<'a, Result<Vec<(Class, Decision)>, LimitUnavailable>> {
+        Box::pin(async move {
+            match self.redis.check_many(tenant, principal, checks).await {
+                Ok(decisions) => Ok(decisions),
+                Err(LimitUnavailable) => {
+                    self.warn_now_and_then();
+                    self.local.check_many(tenant, principal, checks).await
+                }
+            }
+        })
+    }
+}
+
 /// In-process GCRA limiter.
 #[derive(Default)]
 pub struct Limiter {

@@ -4,7 +4,7 @@
 
 use crate::audit::{AuditLog, AuditStore};
 use crate::connectors::Upstreams;
-use crate::limits::RedisLimiter;
+use crate::limits::{RedisLimiter, RedisOrLocal};
 use crate::sessions::RedisSessions;
 use crate::state::{AppState, Backends, Inner, ServerSettings};
 use anyhow::Context;
@@ -59,9 +59,22 @@ pub struct ServeArgs {
     /// Months of audit events kept; older monthly partitions are dropped.
     #[arg(long, env = "PORTCULLIS_AUDIT_RETENTION_MONTHS", default_value_t = 13)]
     pub audit_retention_months: u32,
+    /// What rate limiting does when Redis cannot answer: `closed` refuses requests (503);
+    /// `local` decides them with this pod's own in-process limits (see docs/production.md).
+    #[arg(long, env = "PORTCULLIS_WHEN_REDIS_DOWN", value_enum, default_value = "closed")]
+    pub when_redis_down: WhenRedisDown,
     /// How often this pod reports its upstreams' health and tools (for the operator's status).
     #[arg(long, env = "PORTCULLIS_REPORT_SECONDS", default_value_t = 10)]
     pub report_seconds: u64,
+}
+
+/// What rate limiting does without Redis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WhenRedisDown {
+    /// Refuse requests with 503 (exact limits, never silently off).
+    Closed,
+    /// Decide limits in each pod (available, but N pods allow N times the rate).
+    Local,
 }
 
 /// A pool that connects lazily: the process starts (and reports not ready) while Postgres is away.
@@ -123,11 +136,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             &args.redis_prefix,
             Duration::from_secs(args.session_idle_seconds),
         )),
-        limits: Box::new(RedisLimiter::new(connection.clone(), &args.redis_prefix)),
+        limits: match args.when_redis_down {
+            WhenRedisDown::Closed => Box::new(RedisLimiter::new(connection.clone(), &args.redis_prefix)),
+            WhenRedisDown::Local => {
+                Box::new(RedisOrLocal::new(RedisLimiter::new(connection.clone(), &args.redis_prefix)))
+            }
+        },
         idempotency: Box::new(crate::idempotency::RedisIdempotency::new(connection.clone(), &args.redis_prefix)),
         audit,
         settings: ServerSettings { max_body_bytes: args.max_body_bytes, page_size: 100 },
-        backends: Some(Backends { postgres: pool.clone(), redis: connection }),
+        backends: Some(Backends {
+            postgres: pool.clone(),
+            redis: connection,
+            redis_required: args.when_redis_down == WhenRedisDown::Closed,
+        }),
         history: Default::default(),
     });
 

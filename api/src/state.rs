@@ -66,6 +66,9 @@ pub struct Backends {
     pub postgres: sqlx::PgPool,
     /// Redis.
     pub redis: redis::aio::ConnectionManager,
+    /// Whether the pod is unready without Redis (`--when-redis-down closed`); with `local` the
+    /// pod keeps serving what does not need Redis.
+    pub redis_required: bool,
 }
 
 impl Backends {
@@ -75,6 +78,9 @@ impl Backends {
         let pg = tokio::time::timeout(limit, sqlx::query("SELECT 1").execute(&self.postgres)).await;
         if !matches!(pg, Ok(Ok(_))) {
             return Some("Postgres does not answer");
+        }
+        if !self.redis_required {
+            return None;
         }
         let mut redis = self.redis.clone();
         let ping = tokio::time::timeout(limit, redis::cmd("PING").query_async::<String>(&mut redis)).await;

@@ -3,10 +3,49 @@
 
 use crate::audit::{AuditEvent, Status};
 use crate::connectors::CallError;
+use crate::identity::Identity;
+use crate::limits::{Class, Decision, RateLimiter, first_refusal};
 use crate::policy::ExposedTool;
 use portcullis_crds::snapshot::CompiledPersona;
 use serde_json::{Map, Value, json};
 use std::time::Duration;
+
+/// A per-tool budget (`limits.perTool`) refused the call, or could not be decided.
+pub enum ToolRateRefusal {
+    /// Over the tool's budget.
+    Throttled(Decision),
+    /// The limiter is unavailable: fail closed.
+    Unavailable,
+}
+
+/// Decides the tool's own budget when the persona gives it one (`limits.perTool`); tools without
+/// a rule cost nothing here. Each matching tool has its own bucket per principal.
+pub async fn check_tool_rate(
+    limits: &dyn RateLimiter,
+    identity: &Identity,
+    persona: &CompiledPersona,
+    tool: &ExposedTool,
+    event: &mut AuditEvent,
+) -> Result<(), ToolRateRefusal> {
+    let Some(per_minute) = persona.tool_rate(&tool.canonical) else { return Ok(()) };
+    event.tool = Some(tool.canonical.clone());
+    event.connection = Some(tool.connection.clone());
+    let principal = format!("{}|tool:{}", identity.subject, tool.canonical);
+    let Ok(decisions) = limits.check_many(&identity.tenant, &principal, &[(Class::ToolCalls, per_minute)]).await else {
+        event.status = Status::Error;
+        event.detail = Some("rate limiter unavailable".into());
+        return Err(ToolRateRefusal::Unavailable);
+    };
+    match first_refusal(&decisions) {
+        None => Ok(()),
+        Some((_, decision)) => {
+            event.status = Status::Throttled;
+            event.error_code = Some("429".into());
+            event.detail = Some(format!("per-tool limit of {per_minute} calls per minute"));
+            Err(ToolRateRefusal::Throttled(decision))
+        }
+    }
+}
 
 fn error_result(text: String) -> Value {
     json!({ "content": [{ "type": "text", "text": text }], "isError": true })

@@ -196,6 +196,25 @@ fn check_limits(r: &ObjectRef, limits: &Limits, problems: &mut Vec<Problem>) {
     check_range(r, "spec.limits.toolCallsPerMinute", limits.tool_calls_per_minute.into(), 1, max, problems);
     check_range(r, "spec.limits.maxResultBytes", limits.max_result_bytes, 1024, 1 << 30, problems);
     check_range(r, "spec.limits.toolTimeoutSeconds", limits.tool_timeout_seconds.into(), 1, 3600, problems);
+    for (i, rule) in limits.per_tool.iter().enumerate() {
+        let field = format!("spec.limits.perTool[{i}].callsPerMinute");
+        check_range(r, &field, rule.calls_per_minute.into(), 1, max, problems);
+    }
+}
+
+fn compile_tool_rates(r: &ObjectRef, limits: &Limits, problems: &mut Vec<Problem>) -> Vec<(GlobList, u32)> {
+    limits
+        .per_tool
+        .iter()
+        .enumerate()
+        .map(|(i, rule)| {
+            let glob = GlobList::new(std::slice::from_ref(&rule.tool)).unwrap_or_else(|(_, message)| {
+                problems.push(Problem::error(r, format!("spec.limits.perTool[{i}].tool"), message));
+                GlobList::empty()
+            });
+            (glob, rule.calls_per_minute)
+        })
+        .collect()
 }
 
 fn compile_persona(
@@ -216,6 +235,7 @@ fn compile_persona(
         prompts: compile_policy(r, "spec.prompts", &spec.prompts, problems),
         admin: spec.admin,
         limits: spec.limits.clone(),
+        tool_rates: compile_tool_rates(r, &spec.limits, problems),
     })
 }
 

@@ -72,6 +72,23 @@ pub struct Limits {
     #[serde(default = "Limits::default_tool_timeout_seconds")]
     #[schemars(range(min = 1, max = 3600))]
     pub tool_timeout_seconds: u32,
+    /// Budgets for particular tools, on top of `toolCallsPerMinute`: each tool whose
+    /// `<prefix>.<tool>` name matches a rule's glob (the first matching rule) gets its own budget
+    /// of that many calls per minute per principal.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub per_tool: Vec<ToolLimit>,
+}
+
+/// A tool-call budget for the tools a glob matches.
+#[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ToolLimit {
+    /// Glob over canonical tool names `<prefix>.<tool>`, such as `warehouse.query*`.
+    #[schemars(length(min = 1))]
+    pub tool: String,
+    /// Calls per minute of each matching tool, per principal.
+    #[schemars(range(min = 1))]
+    pub calls_per_minute: u32,
 }
 
 impl Limits {
@@ -100,6 +117,7 @@ impl Default for Limits {
             tool_calls_per_minute: Self::default_tool_calls_per_minute(),
             max_result_bytes: Self::default_max_result_bytes(),
             tool_timeout_seconds: Self::default_tool_timeout_seconds(),
+            per_tool: Vec::new(),
         }
     }
 }

@@ -87,6 +87,16 @@ pub struct CompiledPersona {
     pub admin: bool,
     /// Rates, caps and timeouts.
     pub limits: Limits,
+    /// `limits.perTool` with its globs compiled, in order.
+    #[serde(default)]
+    pub tool_rates: Vec<(GlobList, u32)>,
+}
+
+impl CompiledPersona {
+    /// The per-tool budget of `canonical` (calls per minute), from the first matching rule.
+    pub fn tool_rate(&self, canonical: &str) -> Option<u32> {
+        self.tool_rates.iter().find(|(glob, _)| glob.is_match(canonical)).map(|(_, rate)| *rate)
+    }
 }
 
 /// How a connection reaches its upstream.

@@ -166,6 +166,66 @@ stringData: {key: pcl_limited_0123456789abcdefghijklmnop}
 }
 
 #[tokio::test]
+async fn a_tool_with_its_own_budget_is_throttled_alone_over_rest_and_mcp() {
+    let upstream = Upstream::start("both").await;
+    let mut files = quickstart(&upstream.url());
+    files.push((
+        "per-tool.yaml",
+        r#"apiVersion: portcullis.dev/v1alpha1
+kind: Persona
+metadata: {name: budgeted, namespace: demo}
+spec:
+  tools: {allow: ["notes.*"]}
+  limits: {perTool: [{tool: "notes.add_*", callsPerMinute: 2}]}
+---
+apiVersion: portcullis.dev/v1alpha1
+kind: McpEndpoint
+metadata: {name: budgeted, namespace: demo}
+spec: {connections: [notes], personas: [budgeted]}
+---
+apiVersion: portcullis.dev/v1alpha1
+kind: ApiKey
+metadata: {name: budgeted-key, namespace: demo}
+spec: {persona: budgeted, secretName: budgeted-key}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: budgeted-key, namespace: demo}
+stringData: {key: pcl_budgeted_0123456789abcdefghijklm}
+"#
+        .to_string(),
+    ));
+    let gateway = Gateway::start(&files).await;
+    let key = "pcl_budgeted_0123456789abcdefghijklm";
+    wait_until(Duration::from_secs(10), || async { !gateway.tool_names(key).await.is_empty() }).await;
+    let add = json!({"title": "t", "body": "b"});
+    for _ in 0..2 {
+        assert_eq!(gateway.call_tool(key, "notes.add_note", add.clone()).await.0, 200);
+    }
+    let r = gateway.post(key, "/api/v1/admin/tools/call", &json!({"name": "notes.add_note", "arguments": add})).await;
+    assert_eq!(r.status(), 429);
+    assert!(r.headers()["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+    let body: Value = r.json().await.unwrap();
+    assert!(body["detail"].as_str().unwrap().contains("tool-calls of notes.add_note limit of 2"), "{body}");
+    // Other tools keep their budget, and so does the same tool for another principal.
+    assert_eq!(gateway.call_tool(key, "notes.list_notes", json!({})).await.0, 200);
+    assert_eq!(gateway.call_tool(ADMIN_KEY, "notes.add_note", json!({"title": "t", "body": "b"})).await.0, 200);
+    // Over MCP (2026-07-28 on the endpoint) the same budget answers 429 with the wait in `data`.
+    let params = json!({"name": "notes.add_note", "arguments": {"title": "t", "body": "b"}});
+    let (status, answer) = gateway.mcp_modern_at(key, "budgeted", 7, "tools/call", params).await;
+    assert_eq!(status, 429, "{answer}");
+    assert!(answer["error"]["data"]["retryAfterSeconds"].as_u64().unwrap() >= 1, "{answer}");
+    wait_until(Duration::from_secs(5), || async {
+        gateway
+            .audit("status=throttled&tool=notes.add_note")
+            .await
+            .iter()
+            .any(|e| e["subject"] == "apikey:budgeted-key")
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn manifests_reload_on_change_and_a_broken_edit_keeps_the_last_good_config() {
     let upstream = Upstream::start("both").await;
     let files = quickstart(&upstream.url());

@@ -231,3 +231,36 @@ async fn without_redis_the_gateway_fails_closed_and_recovers_by_itself() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn with_local_limits_the_gateway_keeps_serving_without_redis_and_still_limits() {
+    let upstream = Upstream::start("both").await;
+    let postgres = Postgres::start().await;
+    let mut redis = Redis::start().await;
+    let cluster = Cluster::new(&postgres.url(), &redis.url(), "redis-local:", &manifests(&upstream));
+    cluster.publish();
+    let replica = cluster.replica_with(&[("PORTCULLIS_WHEN_REDIS_DOWN", "local")]).await;
+    replica.wait_ready().await;
+    redis.stop();
+    // Stateless requests keep working, on this pod's own limits.
+    assert_eq!(replica.get(ANALYST_KEY, "/api/v1/portal/me").await.status(), 200);
+    let (status, body) = replica.mcp_modern(ANALYST_KEY, 1, "tools/list", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let ready = reqwest::get(format!("{}/readyz", replica.base)).await.unwrap();
+    assert_eq!(ready.status(), 200, "a pod that can serve stays in the load balancer");
+    // The limited persona (4 a minute) is still limited, by this pod.
+    let statuses: Vec<u16> = futures_statuses(&replica, LIMITED_KEY, 5).await;
+    assert_eq!(statuses, vec![200, 200, 200, 200, 429], "{statuses:?}");
+    assert!(replica.stderr.text().contains("--when-redis-down local"), "the fallback is logged");
+    // What needs Redis still fails closed: a 2025 session cannot be created.
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    assert_eq!(replica.mcp_raw(ANALYST_KEY, &[], body).await.status(), 503);
+}
+
+async fn futures_statuses(api: &Api, key: &str, n: usize) -> Vec<u16> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(api.get(key, "/api/v1/portal/me").await.status().as_u16());
+    }
+    out
+}

@@ -145,6 +145,13 @@ pub async fn tools_call(ctx: &CallContext<'_>, params: &Value, event: &mut Audit
     let Some(tool) = ctx.tools().await.into_iter().find(|t| t.name == name) else {
         return Err(RpcError::unknown_tool(name));
     };
+    match tool_call::check_tool_rate(ctx.app.limits.as_ref(), ctx.identity, ctx.persona, &tool, event).await {
+        Ok(()) => {}
+        Err(tool_call::ToolRateRefusal::Unavailable) => return Err(super::limiter_unavailable()),
+        Err(tool_call::ToolRateRefusal::Throttled(decision)) => {
+            return Err(super::throttled(&decision, &format!("tool-calls of {}", tool.name)));
+        }
+    }
     match tool_call::call(ctx.persona, &tool, arguments, event).await {
         Ok(result) => Ok(ctx.complete(result, false)),
         Err(error) => {

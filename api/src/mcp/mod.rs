@@ -118,26 +118,41 @@ async fn limit(app: &AppState, admitted: &Admitted, tool_call: bool, event: &mut
     let Ok(decisions) = app.limits.check_many(&identity.tenant, &identity.subject, &checks).await else {
         event.status = Status::Error;
         event.detail = Some("rate limiter unavailable".into());
-        let mut error = RpcError::internal("Rate limiting is unavailable, so requests are refused; retry shortly");
-        error.status = StatusCode::SERVICE_UNAVAILABLE;
-        return Err(error);
+        return Err(limiter_unavailable());
     };
     match crate::limits::first_refusal(&decisions) {
         None => Ok(()),
         Some((class, decision)) => {
             event.status = Status::Throttled;
             event.error_code = Some("429".into());
-            let mut error = RpcError::internal(format!(
-                "Rate limit exceeded: {} {} per minute; retry after {} s",
-                decision.limit,
-                class.name(),
-                decision.retry_after_seconds
-            ))
-            .with_data(json!({ "retryAfterSeconds": decision.retry_after_seconds, "limit": decision.limit, "class": class.name() }));
-            error.status = StatusCode::TOO_MANY_REQUESTS;
-            Err(error)
+            Err(throttled(&decision, class.name()))
         }
     }
+}
+
+/// The error of a 2025 request when the session store (Redis) cannot answer: 503, retry later.
+fn session_store_unavailable() -> RpcError {
+    let mut error = RpcError::internal("The session store is unavailable; retry shortly");
+    error.status = StatusCode::SERVICE_UNAVAILABLE;
+    error
+}
+
+/// The error of a request refused because no rate-limit decision could be made (fail closed).
+pub(crate) fn limiter_unavailable() -> RpcError {
+    let mut error = RpcError::internal("Rate limiting is unavailable, so requests are refused; retry shortly");
+    error.status = StatusCode::SERVICE_UNAVAILABLE;
+    error
+}
+
+/// The error of a request over a rate limit: HTTP 429 with the limit and the wait in `data`.
+pub(crate) fn throttled(decision: &crate::limits::Decision, class: &str) -> RpcError {
+    let mut error = RpcError::internal(format!(
+        "Rate limit exceeded: {} {class} per minute; retry after {} s",
+        decision.limit, decision.retry_after_seconds
+    ))
+    .with_data(json!({ "retryAfterSeconds": decision.retry_after_seconds, "limit": decision.limit, "class": class }));
+    error.status = StatusCode::TOO_MANY_REQUESTS;
+    error
 }
 
 async fn finish(app: &AppState, mut event: AuditEvent, started: Instant, response: Response) -> Response {
@@ -401,7 +416,7 @@ async fn legacy(
         };
         if let Err(error) = app.sessions.create(session.clone()).await {
             tracing::error!(?error, "Cannot store session");
-            return rpc_error_response(&id, RpcError::internal("Cannot create a session; retry"), event);
+            return rpc_error_response(&id, session_store_unavailable(), event);
         }
         let ctx = CallContext::new(app, &admitted.loaded, &admitted.identity, &admitted.endpoint, false);
         let result = methods::initialize_result(&ctx, version);
@@ -416,7 +431,7 @@ async fn legacy(
         Ok(session) => session,
         Err(error) => {
             tracing::error!(?error, "Session store failed");
-            return rpc_error_response(&reply_id, RpcError::internal("Session store unavailable; retry"), event);
+            return rpc_error_response(&reply_id, session_store_unavailable(), event);
         }
     };
     // A session of another caller or endpoint is indistinguishable from an unknown one.

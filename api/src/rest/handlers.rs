@@ -346,6 +346,20 @@ async fn execute_call(app: &AppState, caller: &Caller, body: &[u8]) -> Response 
         );
     };
     let mut event = AuditEvent::new(&caller.identity.tenant, "rest", "", "", Utc::now());
+    match tool_call::check_tool_rate(app.limits.as_ref(), &caller.identity, persona, &tool, &mut event).await {
+        Ok(()) => {}
+        Err(refusal) => {
+            let problem = match refusal {
+                tool_call::ToolRateRefusal::Throttled(decision) => {
+                    Problem::throttled(&decision, &format!("tool-calls of {}", tool.canonical))
+                }
+                tool_call::ToolRateRefusal::Unavailable => {
+                    Problem::unavailable("rate limiting is unavailable, so requests are refused; retry shortly")
+                }
+            };
+            return with_note(problem.into_response(), note_of(&event));
+        }
+    }
     let outcome = tool_call::call(persona, &tool, request.arguments, &mut event).await;
     let response = match outcome {
         Ok(mut result) => {

@@ -154,6 +154,21 @@ fn a_rotated_key_keeps_its_predecessor_until_the_overlap_ends() {
 }
 
 #[test]
+fn per_tool_budgets_compile_in_order_and_bad_globs_are_named() {
+    let extra = "apiVersion: portcullis.dev/v1alpha1\nkind: Persona\nmetadata: {name: budget, namespace: acme}\nspec: {limits: {perTool: [{tool: \"notes.add_*\", callsPerMinute: 5}, {tool: \"notes.*\", callsPerMinute: 50}]}}\n";
+    let snapshot = compile(&objects(extra), now()).expect("compiles");
+    let persona = &snapshot.tenant("acme").unwrap().personas["budget"];
+    assert_eq!(persona.tool_rate("notes.add_note"), Some(5), "the first matching rule wins");
+    assert_eq!(persona.tool_rate("notes.list"), Some(50));
+    assert_eq!(persona.tool_rate("other.x"), None);
+    let e = errors(
+        "apiVersion: portcullis.dev/v1alpha1\nkind: Persona\nmetadata: {name: budget, namespace: acme}\nspec: {limits: {perTool: [{tool: \"notes.[\", callsPerMinute: 0}]}}\n",
+    );
+    assert!(e.iter().any(|m| m.contains("spec.limits.perTool[0].tool:")), "{e:?}");
+    assert!(e.iter().any(|m| m.contains("spec.limits.perTool[0].callsPerMinute: 0 is out of range")), "{e:?}");
+}
+
+#[test]
 fn keys_must_name_an_existing_persona_and_be_unique() {
     let e = errors(
         "apiVersion: portcullis.dev/v1alpha1\nkind: ApiKey\nmetadata: {name: k2, namespace: acme}\nspec: {persona: ghost, secretName: analyst-key}\n",

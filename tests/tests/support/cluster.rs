@@ -79,9 +79,15 @@ impl Cluster {
 
     /// Starts a replica (which applies migrations itself) and waits until it answers HTTP.
     pub async fn replica(&self) -> Replica {
+        self.replica_with(&[]).await
+    }
+
+    /// A replica with extra environment variables.
+    pub async fn replica_with(&self, env: &[(&str, &str)]) -> Replica {
         let port = free_port();
         let mut child = self
             .command(&["serve", "--migrate", "--listen", &format!("127.0.0.1:{port}"), "--config-poll-seconds", "1"])
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

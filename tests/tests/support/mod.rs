@@ -369,9 +369,20 @@ impl Api {
 
     /// A raw MCP POST (2026-07-28 headers and `_meta` filled in when `modern`).
     pub async fn mcp_raw(&self, key: &str, headers: &[(&str, &str)], body: &str) -> reqwest::Response {
+        self.mcp_raw_at(key, "notes", headers, body).await
+    }
+
+    /// A raw MCP POST to endpoint `demo/<endpoint>`.
+    pub async fn mcp_raw_at(
+        &self,
+        key: &str,
+        endpoint: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> reqwest::Response {
         let mut request = self
             .http
-            .post(self.mcp_url("demo", "notes"))
+            .post(self.mcp_url("demo", endpoint))
             .header("X-API-Key", key)
             .header("content-type", "application/json")
             .header("accept", "application/json, text/event-stream");
@@ -382,7 +393,19 @@ impl Api {
     }
 
     /// A well-formed 2026-07-28 request; returns HTTP status and JSON body.
-    pub async fn mcp_modern(&self, key: &str, id: u64, method: &str, mut params: Value) -> (u16, Value) {
+    pub async fn mcp_modern(&self, key: &str, id: u64, method: &str, params: Value) -> (u16, Value) {
+        self.mcp_modern_at(key, "notes", id, method, params).await
+    }
+
+    /// A well-formed 2026-07-28 request to endpoint `demo/<endpoint>`.
+    pub async fn mcp_modern_at(
+        &self,
+        key: &str,
+        endpoint: &str,
+        id: u64,
+        method: &str,
+        mut params: Value,
+    ) -> (u16, Value) {
         params["_meta"] = json!({
             "io.modelcontextprotocol/protocolVersion": "2026-07-28",
             "io.modelcontextprotocol/clientCapabilities": {},
@@ -394,7 +417,7 @@ impl Api {
             headers.push(("Mcp-Name", name));
         }
         let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string();
-        let r = self.mcp_raw(key, &headers, &body).await;
+        let r = self.mcp_raw_at(key, endpoint, &headers, &body).await;
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }
