@@ -40,6 +40,9 @@ pub struct DevArgs {
     /// Idle time after which a 2025-protocol MCP session expires, in seconds.
     #[arg(long, env = "PORTCULLIS_SESSION_IDLE_SECONDS", default_value_t = 1800)]
     pub session_idle_seconds: u64,
+    /// The organisation's identity provider (OIDC bearer tokens).
+    #[command(flatten)]
+    pub oidc: crate::oidc::OidcArgs,
 }
 
 /// A key dev mode minted (or found in its data directory) for an ApiKey without a Secret manifest.
@@ -210,9 +213,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         .connect_timeout(Duration::from_secs(5))
         .build()
         .context("cannot build the HTTP client")?;
+    let oidc = crate::oidc::OidcVerifier::from_args(&args.oidc, http.clone())?.map(std::sync::Arc::new);
     let state = AppState::new(Inner {
         snapshot: tokio::sync::watch::channel(None).0,
-        upstreams: Upstreams::new(http),
+        upstreams: Upstreams::new(http.clone()),
         sessions: Box::new(MemorySessions::new(Duration::from_secs(args.session_idle_seconds))),
         limits: Box::new(Limiter::default()),
         idempotency: Box::new(crate::idempotency::MemoryIdempotency::default()),
@@ -220,6 +224,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         settings: ServerSettings { max_body_bytes: args.max_body_bytes, page_size: 100 },
         backends: None,
         history: Default::default(),
+        oidc,
     });
 
     let listener = tokio::net::TcpListener::bind(args.listen)

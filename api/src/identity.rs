@@ -1,16 +1,23 @@
-//! Credentials to identities, fail closed. Today: API keys (`X-API-Key`, or
-//! `Authorization: Bearer pcl_…`), looked up by digest in the snapshot.
+//! Credentials to identities, fail closed. API keys (`X-API-Key`, or `Authorization: Bearer pcl_…`)
+//! are looked up by digest in the snapshot; other bearer tokens are OIDC tokens of the configured
+//! identity provider, whose user and groups select a persona by the personas' `subjects` and
+//! `priority`.
 
+use crate::oidc::{OidcVerifier, TokenError, VerifiedUser};
 use chrono::{DateTime, Utc};
 use http::HeaderMap;
+use portcullis_crds::snapshot::{CompiledPersona, Tenant};
 use portcullis_crds::{Snapshot, keys};
+
+/// Header naming the tenant of a REST request made with an OIDC token (API keys know theirs).
+pub const TENANT_HEADER: &str = "x-portcullis-tenant";
 
 /// Who is calling, resolved to one persona of one tenant.
 #[derive(Clone, Debug)]
 pub struct Identity {
     /// Tenant (namespace) the credential belongs to.
     pub tenant: String,
-    /// Stable subject for audit and rate limits, e.g. `apikey:ci-bot`.
+    /// Stable subject for audit and rate limits, e.g. `apikey:ci-bot` or `oidc:alice@example.com`.
     pub subject: String,
     /// Persona the caller acts as.
     pub persona: String,
@@ -24,10 +31,10 @@ pub struct Identity {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     /// No credential in the request.
-    #[error("no credential: send an API key in the X-API-Key header or as Authorization: Bearer")]
+    #[error("no credential: send an API key in the X-API-Key header, or a bearer token")]
     Missing,
     /// A credential of a kind this gateway does not accept here.
-    #[error("the bearer token is not a Portcullis API key")]
+    #[error("the bearer token is not a Portcullis API key, and no identity provider is configured")]
     UnsupportedToken,
     /// Unknown or revoked key.
     #[error("the API key is not valid (unknown or revoked)")]
@@ -35,6 +42,15 @@ pub enum AuthError {
     /// The key's expiry has passed.
     #[error("the API key has expired")]
     Expired,
+    /// The bearer token was refused.
+    #[error("{0}")]
+    Token(TokenError),
+    /// A valid token whose user matches no persona of the tenant.
+    #[error("no persona of this tenant matches your user or groups")]
+    NoPersona,
+    /// A valid token matching personas in several tenants, and no tenant named.
+    #[error("your groups match personas in several tenants: name one in the X-Portcullis-Tenant header")]
+    TenantRequired,
 }
 
 impl AuthError {
@@ -45,13 +61,31 @@ impl AuthError {
             AuthError::UnsupportedToken => "unsupported_token",
             AuthError::UnknownKey => "unknown_key",
             AuthError::Expired => "expired_key",
+            AuthError::Token(e) => e.reason(),
+            AuthError::NoPersona => "no_persona",
+            AuthError::TenantRequired => "tenant_required",
+        }
+    }
+
+    /// The HTTP status of the refusal: 401 for credentials, 403 for a valid credential without a
+    /// persona, 400 when the tenant must be named.
+    pub fn status(self) -> http::StatusCode {
+        match self {
+            AuthError::NoPersona => http::StatusCode::FORBIDDEN,
+            AuthError::TenantRequired => http::StatusCode::BAD_REQUEST,
+            _ => http::StatusCode::UNAUTHORIZED,
         }
     }
 }
 
-fn presented_key(headers: &HeaderMap) -> Result<&str, AuthError> {
+enum Credential<'a> {
+    Key(&'a str),
+    Bearer(&'a str),
+}
+
+fn presented(headers: &HeaderMap) -> Result<Credential<'_>, AuthError> {
     if let Some(value) = headers.get("x-api-key") {
-        return value.to_str().map(str::trim).map_err(|_| AuthError::UnknownKey);
+        return value.to_str().map(|k| Credential::Key(k.trim())).map_err(|_| AuthError::UnknownKey);
     }
     let Some(value) = headers.get(http::header::AUTHORIZATION) else {
         return Err(AuthError::Missing);
@@ -62,12 +96,30 @@ fn presented_key(headers: &HeaderMap) -> Result<&str, AuthError> {
         return Err(AuthError::UnsupportedToken);
     }
     let token = token.trim();
-    if keys::looks_like_key(token) { Ok(token) } else { Err(AuthError::UnsupportedToken) }
+    if keys::looks_like_key(token) { Ok(Credential::Key(token)) } else { Ok(Credential::Bearer(token)) }
 }
 
-/// Authenticates a request against the snapshot.
-pub fn authenticate(headers: &HeaderMap, snapshot: &Snapshot, now: DateTime<Utc>) -> Result<Identity, AuthError> {
-    let key = presented_key(headers)?;
+/// Authenticates a request. `tenant` is the tenant the request addresses when the URL names one
+/// (MCP); over REST an OIDC caller may name it in `X-Portcullis-Tenant`.
+pub async fn authenticate(
+    headers: &HeaderMap,
+    snapshot: &Snapshot,
+    oidc: Option<&OidcVerifier>,
+    tenant: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<Identity, AuthError> {
+    match presented(headers)? {
+        Credential::Key(key) => authenticate_key(key, snapshot, now),
+        Credential::Bearer(token) => {
+            let Some(oidc) = oidc else { return Err(AuthError::UnsupportedToken) };
+            let user = oidc.verify(token).await.map_err(AuthError::Token)?;
+            let named = tenant.or_else(|| headers.get(TENANT_HEADER).and_then(|v| v.to_str().ok()));
+            resolve_user(&user, snapshot, named)
+        }
+    }
+}
+
+fn authenticate_key(key: &str, snapshot: &Snapshot, now: DateTime<Utc>) -> Result<Identity, AuthError> {
     // Compared by digest: the plaintext is never looked up or compared directly.
     let entry = snapshot.key(&keys::digest(key)).ok_or(AuthError::UnknownKey)?;
     if entry.expires_at.is_some_and(|at| at <= now) {
@@ -84,4 +136,97 @@ pub fn authenticate(headers: &HeaderMap, snapshot: &Snapshot, now: DateTime<Utc>
         method: "api_key",
         key_id: Some(entry.key_id.clone()),
     })
+}
+
+/// The persona of `user` in `tenant`: among the personas whose `subjects` name the user or one
+/// of their groups, the highest `priority` (ties: the first name).
+pub fn persona_for<'a>(tenant: &'a Tenant, user: &VerifiedUser) -> Option<&'a CompiledPersona> {
+    tenant
+        .personas
+        .values()
+        .filter(|p| p.subjects.users.contains(&user.user) || p.subjects.groups.iter().any(|g| user.groups.contains(g)))
+        .max_by(|a, b| a.priority.cmp(&b.priority).then_with(|| b.name.cmp(&a.name)))
+}
+
+fn resolve_user(user: &VerifiedUser, snapshot: &Snapshot, named: Option<&str>) -> Result<Identity, AuthError> {
+    let (tenant_name, persona) = match named {
+        Some(name) => {
+            let tenant = snapshot.tenant(name).ok_or(AuthError::NoPersona)?;
+            (name, persona_for(tenant, user).ok_or(AuthError::NoPersona)?)
+        }
+        None => {
+            let mut matches = snapshot
+                .tenants
+                .iter()
+                .filter_map(|(name, tenant)| persona_for(tenant, user).map(|p| (name.as_str(), p)));
+            let first = matches.next().ok_or(AuthError::NoPersona)?;
+            if matches.next().is_some() {
+                return Err(AuthError::TenantRequired);
+            }
+            first
+        }
+    };
+    Ok(Identity {
+        tenant: tenant_name.to_string(),
+        subject: format!("oidc:{}", user.user),
+        persona: persona.name.clone(),
+        method: "oidc",
+        key_id: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn snapshot() -> Snapshot {
+        let yaml = r#"
+apiVersion: portcullis.dev/v1alpha1
+kind: Persona
+metadata: {name: analyst, namespace: acme}
+spec: {subjects: {groups: [analysts]}, priority: 10}
+---
+apiVersion: portcullis.dev/v1alpha1
+kind: Persona
+metadata: {name: admin, namespace: acme}
+spec: {subjects: {groups: [platform], users: [root@acme.io]}, priority: 100, admin: true}
+---
+apiVersion: portcullis.dev/v1alpha1
+kind: Persona
+metadata: {name: reader, namespace: beta}
+spec: {subjects: {groups: [analysts]}}
+"#;
+        let (objects, _) = portcullis_crds::parse_manifests("t.yaml", yaml);
+        portcullis_crds::compile(&objects, Utc.with_ymd_and_hms(2026, 11, 23, 0, 0, 0).unwrap()).unwrap()
+    }
+
+    fn user(name: &str, groups: &[&str]) -> VerifiedUser {
+        VerifiedUser { user: name.into(), groups: groups.iter().map(|g| g.to_string()).collect() }
+    }
+
+    #[test]
+    fn the_highest_priority_matching_persona_wins() {
+        let s = snapshot();
+        let both = user("ann", &["analysts", "platform"]);
+        assert_eq!(resolve_user(&both, &s, Some("acme")).unwrap().persona, "admin");
+        let by_name = user("root@acme.io", &[]);
+        assert_eq!(resolve_user(&by_name, &s, None).unwrap().persona, "admin");
+        let analyst = resolve_user(&user("bob", &["analysts"]), &s, Some("acme")).unwrap();
+        assert_eq!(
+            (analyst.persona.as_str(), analyst.subject.as_str(), analyst.method),
+            ("analyst", "oidc:bob", "oidc")
+        );
+    }
+
+    #[test]
+    fn no_matching_persona_is_forbidden_and_an_ambiguous_tenant_must_be_named() {
+        let s = snapshot();
+        assert_eq!(resolve_user(&user("eve", &["guests"]), &s, Some("acme")).unwrap_err(), AuthError::NoPersona);
+        assert_eq!(resolve_user(&user("eve", &["platform"]), &s, Some("beta")).unwrap_err(), AuthError::NoPersona);
+        assert_eq!(resolve_user(&user("eve", &["platform"]), &s, Some("nope")).unwrap_err(), AuthError::NoPersona);
+        assert_eq!(resolve_user(&user("bob", &["analysts"]), &s, None).unwrap_err(), AuthError::TenantRequired);
+        assert_eq!(resolve_user(&user("bob", &["analysts"]), &s, Some("beta")).unwrap().persona, "reader");
+        assert_eq!(AuthError::NoPersona.status(), http::StatusCode::FORBIDDEN);
+    }
 }

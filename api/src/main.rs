@@ -10,6 +10,7 @@ mod identity;
 mod limits;
 mod manifest_dir;
 mod mcp;
+mod oidc;
 mod policy;
 mod rest;
 mod serve;

@@ -66,6 +66,9 @@ pub struct ServeArgs {
     /// How often this pod reports its upstreams' health and tools (for the operator's status).
     #[arg(long, env = "PORTCULLIS_REPORT_SECONDS", default_value_t = 10)]
     pub report_seconds: u64,
+    /// The organisation's identity provider (OIDC bearer tokens).
+    #[command(flatten)]
+    pub oidc: crate::oidc::OidcArgs,
 }
 
 /// What rate limiting does without Redis.
@@ -128,9 +131,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let (audit, writer) = AuditLog::start(AuditStore::Postgres(pool.clone()), args.audit_buffer);
     let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build()?;
+    let oidc = crate::oidc::OidcVerifier::from_args(&args.oidc, http.clone())?.map(std::sync::Arc::new);
     let state = AppState::new(Inner {
         snapshot: tokio::sync::watch::channel(None).0,
-        upstreams: Upstreams::new(http),
+        upstreams: Upstreams::new(http.clone()),
         sessions: Box::new(RedisSessions::new(
             connection.clone(),
             &args.redis_prefix,
@@ -151,6 +155,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             redis_required: args.when_redis_down == WhenRedisDown::Closed,
         }),
         history: Default::default(),
+        oidc,
     });
 
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -52,6 +52,8 @@ pub struct Inner {
     pub settings: ServerSettings,
     /// Shared backends whose health decides readiness (production only).
     pub backends: Option<Backends>,
+    /// Verifier of the organisation's OIDC tokens, when an issuer is configured.
+    pub oidc: Option<Arc<crate::oidc::OidcVerifier>>,
     /// Versions loaded by this process, for the changelog of dev mode (production reads the
     /// published versions from Postgres).
     pub history: std::sync::Mutex<Vec<ChangelogEntry>>,

@@ -77,15 +77,17 @@ async fn admit(
         event.detail = Some("origin not allowed".into());
         return Err(Problem::forbidden("this Origin may not call this endpoint"));
     }
-    let identity = match identity::authenticate(headers, &loaded.snapshot, Utc::now()) {
-        Ok(identity) => identity,
-        Err(error) => {
-            event.status = Status::Denied;
-            event.error_code = Some("401".into());
-            event.detail = Some(error.reason().into());
-            return Err(Problem::unauthorized(error));
-        }
-    };
+    let identity =
+        match identity::authenticate(headers, &loaded.snapshot, app.oidc.as_deref(), Some(tenant), Utc::now()).await {
+            Ok(identity) => identity,
+            Err(error) => {
+                event.status = Status::Denied;
+                event.error_code = Some(error.status().as_u16().to_string());
+                event.detail = Some(error.reason().into());
+                event.auth_method = Some(crate::rest::auth_method_of(headers).into());
+                return Err(Problem::from_auth(error));
+            }
+        };
     event.subject = Some(identity.subject.clone());
     event.persona = Some(identity.persona.clone());
     event.auth_method = Some(identity.method.into());

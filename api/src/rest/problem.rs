@@ -33,6 +33,16 @@ impl Problem {
         self
     }
 
+    /// The refusal of an authentication decision: 401 with a challenge, 403 without a persona,
+    /// 400 when the tenant must be named.
+    pub fn from_auth(error: AuthError) -> Self {
+        match error {
+            AuthError::NoPersona => Self::forbidden(error.to_string()),
+            AuthError::TenantRequired => Self::bad_request(error.to_string()),
+            other => Self::unauthorized(other),
+        }
+    }
+
     /// 401 with the `WWW-Authenticate` challenge.
     pub fn unauthorized(error: AuthError) -> Self {
         let challenge = match error {

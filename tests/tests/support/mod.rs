@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod fake_kube;
+pub mod oidc;
 pub use portcullis_e2e::{free_port, wait_until};
 
 use serde_json::{Value, json};
@@ -224,6 +225,8 @@ pub struct Gateway {
     pub stdout: Lines,
     /// Standard error (the log).
     pub stderr: Lines,
+    /// Extra command-line arguments of `portcullis dev`.
+    args: Vec<String>,
 }
 
 impl std::ops::Deref for Gateway {
@@ -241,8 +244,19 @@ impl Gateway {
         gateway
     }
 
+    /// Like `start`, with extra command-line arguments.
+    pub async fn start_with(files: &[(&str, String)], args: &[&str]) -> Self {
+        let gateway = Self::launch_with(files, args).await;
+        gateway.wait_ready().await;
+        gateway
+    }
+
     /// Like `start`, without waiting for a configuration to load.
     pub async fn start_unready(files: &[(&str, String)]) -> Self {
+        Self::launch_with(files, &[]).await
+    }
+
+    async fn launch_with(files: &[(&str, String)], args: &[&str]) -> Self {
         init();
         let manifests = tempfile::tempdir().expect("tempdir");
         for (name, text) in files {
@@ -257,6 +271,7 @@ impl Gateway {
             data: tempfile::tempdir().expect("tempdir"),
             stdout: Lines::default(),
             stderr: Lines::default(),
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         gateway.launch().await;
         gateway
@@ -270,6 +285,7 @@ impl Gateway {
             .arg("--data")
             .arg(self.data.path())
             .args(["--listen", &format!("127.0.0.1:{}", self.port), "--watch-interval-ms", "100"])
+            .args(&self.args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
