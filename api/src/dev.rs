@@ -214,6 +214,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot build the HTTP client")?;
     let oidc = crate::oidc::OidcVerifier::from_args(&args.oidc, http.clone())?.map(std::sync::Arc::new);
+    let rest_keys = std::sync::Arc::new(crate::rest_keys::RestKeys::new(crate::rest_keys::KeyDb::Sqlite(pool.clone())));
+    rest_keys.refresh().await.context("cannot read the keys minted over REST")?;
     let state = AppState::new(Inner {
         snapshot: tokio::sync::watch::channel(None).0,
         upstreams: Upstreams::new(http.clone()),
@@ -225,6 +227,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         backends: None,
         history: Default::default(),
         oidc,
+        rest_keys: Some(rest_keys),
     });
 
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -3,7 +3,9 @@
 //! a duplicate that arrives while the first is still running gets a 409 and does not execute.
 //! Keys are scoped to the caller (tenant and subject). In Redis in production, in process in dev.
 
+use base64::Engine;
 use futures::future::BoxFuture;
+use portcullis_store::secret_box::SecretKey;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -116,16 +118,29 @@ impl IdempotencyStore for MemoryIdempotency {
     }
 }
 
-/// Keys in Redis, shared by every replica.
+/// Keys in Redis, shared by every replica. Stored response bodies are sealed with the snapshot
+/// encryption key: they can hold tool results and freshly minted API keys.
 pub struct RedisIdempotency {
     connection: redis::aio::ConnectionManager,
     prefix: String,
+    seal: SecretKey,
 }
 
 impl RedisIdempotency {
-    /// Uses `connection`; keys start with `prefix`.
-    pub fn new(connection: redis::aio::ConnectionManager, prefix: &str) -> Self {
-        Self { connection, prefix: prefix.to_string() }
+    /// Uses `connection`; keys start with `prefix`; bodies are sealed with `seal`.
+    pub fn new(connection: redis::aio::ConnectionManager, prefix: &str, seal: SecretKey) -> Self {
+        Self { connection, prefix: prefix.to_string(), seal }
+    }
+
+    fn open(&self, entry: Entry) -> Option<Entry> {
+        match entry {
+            Entry::Done { body_hash, mut response } => {
+                let sealed = base64::engine::general_purpose::STANDARD.decode(&response.body).ok()?;
+                response.body = String::from_utf8(self.seal.open(&sealed).ok()?).ok()?;
+                Some(Entry::Done { body_hash, response })
+            }
+            pending => Some(pending),
+        }
     }
 
     fn key(&self, key: &str) -> String {
@@ -156,7 +171,11 @@ impl IdempotencyStore for RedisIdempotency {
             let existing: Option<String> =
                 bounded(redis::cmd("GET").arg(self.key(key)).query_async(&mut connection)).await?;
             match existing.and_then(|e| serde_json::from_str::<Entry>(&e).ok()) {
-                Some(entry) => Ok(decide(&entry, body_hash)),
+                Some(entry) => match self.open(entry) {
+                    Some(entry) => Ok(decide(&entry, body_hash)),
+                    // Sealed with another key (rotated): the stored answer cannot be replayed.
+                    None => Err(StoreUnavailable),
+                },
                 // Expired in between: treat as in flight; the client retries.
                 None => Ok(Begin::InFlight),
             }
@@ -171,6 +190,8 @@ impl IdempotencyStore for RedisIdempotency {
     ) -> BoxFuture<'a, Result<(), StoreUnavailable>> {
         Box::pin(async move {
             let mut connection = self.connection.clone();
+            let mut response = response;
+            response.body = base64::engine::general_purpose::STANDARD.encode(self.seal.seal(response.body.as_bytes()));
             let done =
                 serde_json::to_string(&Entry::Done { body_hash: body_hash.to_string(), response }).unwrap_or_default();
             let mut set = redis::cmd("SET");

@@ -4,6 +4,7 @@
 //! `priority`.
 
 use crate::oidc::{OidcVerifier, TokenError, VerifiedUser};
+use crate::rest_keys::RestKeys;
 use chrono::{DateTime, Utc};
 use http::HeaderMap;
 use portcullis_crds::snapshot::{CompiledPersona, Tenant};
@@ -99,19 +100,28 @@ fn presented(headers: &HeaderMap) -> Result<Credential<'_>, AuthError> {
     if keys::looks_like_key(token) { Ok(Credential::Key(token)) } else { Ok(Credential::Bearer(token)) }
 }
 
+/// What authentication consults besides the snapshot.
+#[derive(Clone, Copy, Default)]
+pub struct Credentials<'a> {
+    /// The organisation's identity provider.
+    pub oidc: Option<&'a OidcVerifier>,
+    /// Keys minted over REST.
+    pub rest_keys: Option<&'a RestKeys>,
+}
+
 /// Authenticates a request. `tenant` is the tenant the request addresses when the URL names one
 /// (MCP); over REST an OIDC caller may name it in `X-Portcullis-Tenant`.
 pub async fn authenticate(
     headers: &HeaderMap,
     snapshot: &Snapshot,
-    oidc: Option<&OidcVerifier>,
+    credentials: Credentials<'_>,
     tenant: Option<&str>,
     now: DateTime<Utc>,
 ) -> Result<Identity, AuthError> {
     match presented(headers)? {
-        Credential::Key(key) => authenticate_key(key, snapshot, now),
+        Credential::Key(key) => authenticate_key(key, snapshot, credentials.rest_keys, now),
         Credential::Bearer(token) => {
-            let Some(oidc) = oidc else { return Err(AuthError::UnsupportedToken) };
+            let Some(oidc) = credentials.oidc else { return Err(AuthError::UnsupportedToken) };
             let user = oidc.verify(token).await.map_err(AuthError::Token)?;
             let named = tenant.or_else(|| headers.get(TENANT_HEADER).and_then(|v| v.to_str().ok()));
             resolve_user(&user, snapshot, named)
@@ -119,9 +129,17 @@ pub async fn authenticate(
     }
 }
 
-fn authenticate_key(key: &str, snapshot: &Snapshot, now: DateTime<Utc>) -> Result<Identity, AuthError> {
+fn authenticate_key(
+    key: &str,
+    snapshot: &Snapshot,
+    rest_keys: Option<&RestKeys>,
+    now: DateTime<Utc>,
+) -> Result<Identity, AuthError> {
     // Compared by digest: the plaintext is never looked up or compared directly.
-    let entry = snapshot.key(&keys::digest(key)).ok_or(AuthError::UnknownKey)?;
+    let digest = keys::digest(key);
+    let Some(entry) = snapshot.key(&digest) else {
+        return authenticate_rest_key(&digest, snapshot, rest_keys, now);
+    };
     if entry.expires_at.is_some_and(|at| at <= now) {
         return Err(AuthError::Expired);
     }
@@ -135,6 +153,32 @@ fn authenticate_key(key: &str, snapshot: &Snapshot, now: DateTime<Utc>) -> Resul
         persona: entry.persona.clone(),
         method: "api_key",
         key_id: Some(entry.key_id.clone()),
+    })
+}
+
+fn authenticate_rest_key(
+    digest: &str,
+    snapshot: &Snapshot,
+    rest_keys: Option<&RestKeys>,
+    now: DateTime<Utc>,
+) -> Result<Identity, AuthError> {
+    let stored = rest_keys.and_then(|k| k.lookup(digest)).ok_or(AuthError::UnknownKey)?;
+    if stored.revoked_at.is_some_and(|at| at <= now) {
+        return Err(AuthError::UnknownKey);
+    }
+    if stored.expires_at.is_some_and(|at| at <= now) {
+        return Err(AuthError::Expired);
+    }
+    let tenant = snapshot.tenant(&stored.tenant).ok_or(AuthError::UnknownKey)?;
+    if !tenant.personas.contains_key(&stored.persona) {
+        return Err(AuthError::UnknownKey);
+    }
+    Ok(Identity {
+        tenant: stored.tenant,
+        subject: format!("apikey:{}", stored.key_id),
+        persona: stored.persona,
+        method: "api_key",
+        key_id: Some(stored.key_id),
     })
 }
 

@@ -13,6 +13,7 @@ mod mcp;
 mod oidc;
 mod policy;
 mod rest;
+mod rest_keys;
 mod serve;
 mod server;
 mod sessions;

@@ -132,6 +132,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let (audit, writer) = AuditLog::start(AuditStore::Postgres(pool.clone()), args.audit_buffer);
     let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build()?;
     let oidc = crate::oidc::OidcVerifier::from_args(&args.oidc, http.clone())?.map(std::sync::Arc::new);
+    let rest_keys =
+        std::sync::Arc::new(crate::rest_keys::RestKeys::new(crate::rest_keys::KeyDb::Postgres(pool.clone())));
     let state = AppState::new(Inner {
         snapshot: tokio::sync::watch::channel(None).0,
         upstreams: Upstreams::new(http.clone()),
@@ -146,7 +148,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 Box::new(RedisOrLocal::new(RedisLimiter::new(connection.clone(), &args.redis_prefix)))
             }
         },
-        idempotency: Box::new(crate::idempotency::RedisIdempotency::new(connection.clone(), &args.redis_prefix)),
+        idempotency: Box::new(crate::idempotency::RedisIdempotency::new(
+            connection.clone(),
+            &args.redis_prefix,
+            key.clone(),
+        )),
         audit,
         settings: ServerSettings { max_body_bytes: args.max_body_bytes, page_size: 100 },
         backends: Some(Backends {
@@ -156,6 +162,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }),
         history: Default::default(),
         oidc,
+        rest_keys: Some(rest_keys.clone()),
     });
 
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -164,6 +171,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config =
         tokio::spawn(follow_config(state.clone(), pool.clone(), key, Duration::from_secs(args.config_poll_seconds)));
     let maintenance = tokio::spawn(audit_maintenance(pool.clone(), args.audit_retention_months));
+    let key_sync = tokio::spawn(crate::rest_keys::follow(rest_keys, pool.clone()));
     let reports =
         tokio::spawn(report_connections(state.clone(), pool.clone(), Duration::from_secs(args.report_seconds.max(1))));
     tracing::info!(listen = %args.listen, "Portcullis serving");
@@ -173,6 +181,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     config.abort();
     maintenance.abort();
     reports.abort();
+    key_sync.abort();
     let _ = config.await;
     drop(state);
     // Every AuditLog clone is gone: the writer drains its queue (retrying while Postgres is down).

@@ -54,6 +54,8 @@ pub struct Inner {
     pub backends: Option<Backends>,
     /// Verifier of the organisation's OIDC tokens, when an issuer is configured.
     pub oidc: Option<Arc<crate::oidc::OidcVerifier>>,
+    /// Keys minted over REST.
+    pub rest_keys: Option<Arc<crate::rest_keys::RestKeys>>,
     /// Versions loaded by this process, for the changelog of dev mode (production reads the
     /// published versions from Postgres).
     pub history: std::sync::Mutex<Vec<ChangelogEntry>>,
@@ -104,6 +106,11 @@ impl AppState {
     /// Wraps the parts.
     pub fn new(inner: Inner) -> Self {
         Self(Arc::new(inner))
+    }
+
+    /// What authentication consults besides the snapshot.
+    pub fn credentials(&self) -> crate::identity::Credentials<'_> {
+        crate::identity::Credentials { oidc: self.oidc.as_deref(), rest_keys: self.rest_keys.as_deref() }
     }
 
     /// The snapshot requests should run on, if one is loaded.

@@ -264,3 +264,33 @@ async fn futures_statuses(api: &Api, key: &str, n: usize) -> Vec<u16> {
     }
     out
 }
+
+#[tokio::test]
+async fn keys_minted_over_rest_work_on_every_replica_and_a_revocation_reaches_all_within_a_second() {
+    let upstream = Upstream::start("both").await;
+    let backends = Shared::start().await;
+    let cluster =
+        Cluster::new(&backends.database_url, &backends.redis_url, &backends.redis_prefix, &manifests(&upstream));
+    cluster.publish();
+    let (a, b) = tokio::join!(cluster.replica(), cluster.replica());
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let minted: Value =
+        a.post(ADMIN_KEY, "/api/v1/admin/auth/keys", &json!({"persona": "analyst"})).await.json().await.unwrap();
+    let key = minted["key"].as_str().unwrap_or_else(|| panic!("no key: {minted}\n{}", a.stderr.text())).to_string();
+    let id = minted["id"].as_str().unwrap().to_string();
+    wait_until(Duration::from_secs(2), || async { b.get(&key, "/api/v1/portal/me").await.status() == 200 }).await;
+    let listed: Value = b.get(ADMIN_KEY, "/api/v1/admin/auth/keys").await.json().await.unwrap();
+    assert_eq!(listed["total"], 1, "{listed}");
+
+    let revoked = reqwest::Client::new()
+        .delete(format!("{}/api/v1/admin/auth/keys/{id}", b.base))
+        .header("X-API-Key", ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 204);
+    let started = Instant::now();
+    wait_until(Duration::from_secs(1), || async { a.get(&key, "/api/v1/portal/me").await.status() == 401 }).await;
+    eprintln!("revocation on B refused on A after {:?}", started.elapsed());
+}

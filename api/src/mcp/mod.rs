@@ -78,7 +78,7 @@ async fn admit(
         return Err(Problem::forbidden("this Origin may not call this endpoint"));
     }
     let identity =
-        match identity::authenticate(headers, &loaded.snapshot, app.oidc.as_deref(), Some(tenant), Utc::now()).await {
+        match identity::authenticate(headers, &loaded.snapshot, app.credentials(), Some(tenant), Utc::now()).await {
             Ok(identity) => identity,
             Err(error) => {
                 event.status = Status::Denied;

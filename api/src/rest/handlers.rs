@@ -104,7 +104,7 @@ pub struct Paging {
 }
 
 impl Paging {
-    fn bounds(&self) -> Result<(u32, u32), Problem> {
+    pub(super) fn bounds(&self) -> Result<(u32, u32), Problem> {
         let page = self.page.unwrap_or(1);
         let per_page = self.per_page.unwrap_or(50);
         if page == 0 {
@@ -218,7 +218,7 @@ pub struct CallToolRequest {
     pub arguments: Option<Map<String, Value>>,
 }
 
-fn with_note(mut response: Response, note: AuditNote) -> Response {
+pub(super) fn with_note(mut response: Response, note: AuditNote) -> Response {
     response.extensions_mut().insert(note);
     response
 }
@@ -262,6 +262,26 @@ pub async fn call_tool(
             return Problem::bad_request(format!("cannot read the request body: {rejection}")).into_response();
         }
     };
+    let (app, caller) = (&app, &caller);
+    idempotent(app, caller, &headers, "tools/call", body, |body| async move { execute_call(app, caller, &body).await })
+        .await
+}
+
+/// Runs `run` once per `Idempotency-Key` (scoped to the caller and `operation`): a retry with the
+/// same key and body within 24 h gets the first response (`Idempotent-Replayed: true`), another
+/// body a 422, a duplicate while the first runs a 409. Without the header, `run` just runs.
+pub(super) async fn idempotent<F, Fut>(
+    app: &AppState,
+    caller: &Caller,
+    headers: &http::HeaderMap,
+    operation: &str,
+    body: Bytes,
+    run: F,
+) -> Response
+where
+    F: FnOnce(Bytes) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
     let key = match headers.get("idempotency-key").map(|v| v.to_str()) {
         None => None,
         Some(Ok(k)) if (1..=255).contains(&k.len()) && k.bytes().all(|b| (0x21..0x7f).contains(&b)) => {
@@ -272,11 +292,13 @@ pub async fn call_tool(
         }
     };
     let Some(key) = key else {
-        return execute_call(&app, &caller, &body).await;
+        return run(body).await;
     };
     // Keys are the caller's own: another subject's identical key is another request.
-    let scoped =
-        portcullis_crds::keys::digest(&format!("{}\n{}\n{key}", caller.identity.tenant, caller.identity.subject));
+    let scoped = portcullis_crds::keys::digest(&format!(
+        "{}\n{}\n{operation}\n{key}",
+        caller.identity.tenant, caller.identity.subject
+    ));
     let body_hash = portcullis_crds::keys::digest(&String::from_utf8_lossy(&body));
     match app.idempotency.begin(&scoped, &body_hash).await {
         Err(_) => Problem::unavailable("idempotency keys cannot be checked right now; retry shortly").into_response(),
@@ -304,7 +326,7 @@ pub async fn call_tool(
             with_note(response, AuditNote { detail: Some("idempotent replay".into()), ..Default::default() })
         }
         Ok(Begin::Fresh) => {
-            let response = execute_call(&app, &caller, &body).await;
+            let response = run(body.clone()).await;
             let status = response.status();
             // Transient refusals are not remembered: a retry should run.
             if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {

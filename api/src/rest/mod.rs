@@ -3,6 +3,7 @@
 //! document is generated from the handlers.
 
 pub mod handlers;
+pub mod keys;
 pub mod problem;
 
 use crate::audit::{AuditEvent, Status};
@@ -103,6 +104,9 @@ pub fn router(state: AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(handlers::audit_events))
         .routes(routes!(handlers::audit_overview))
         .routes(routes!(handlers::config_changelog))
+        .routes(routes!(keys::create_key, keys::list_keys))
+        .routes(routes!(keys::revoke_key))
+        .routes(routes!(keys::rotate_key))
         .split_for_parts();
     let router = router
         .fallback(handlers::unknown_route)
@@ -189,7 +193,7 @@ async fn admit(
         event.status = Status::Error;
         return Err(Problem::unavailable("the gateway has no configuration loaded yet"));
     };
-    let identity = identity::authenticate(headers, &loaded.snapshot, app.oidc.as_deref(), None, Utc::now())
+    let identity = identity::authenticate(headers, &loaded.snapshot, app.credentials(), None, Utc::now())
         .await
         .map_err(|error| {
             event.status = Status::Denied;
