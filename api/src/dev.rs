@@ -43,6 +43,9 @@ pub struct DevArgs {
     /// The organisation's identity provider (OIDC bearer tokens).
     #[command(flatten)]
     pub oidc: crate::oidc::OidcArgs,
+    /// Portcullis's OAuth authorization server for MCP clients.
+    #[command(flatten)]
+    pub oauth: crate::oauth::OAuthArgs,
 }
 
 /// A key dev mode minted (or found in its data directory) for an ApiKey without a Secret manifest.
@@ -216,6 +219,19 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let oidc = crate::oidc::OidcVerifier::from_args(&args.oidc, http.clone())?.map(std::sync::Arc::new);
     let rest_keys = std::sync::Arc::new(crate::rest_keys::RestKeys::new(crate::rest_keys::KeyDb::Sqlite(pool.clone())));
     rest_keys.refresh().await.context("cannot read the keys minted over REST")?;
+    let oauth = crate::oauth::AuthServer::from_args(
+        &args.oauth,
+        format!("http://{}", args.listen),
+        oidc.clone(),
+        || match &args.oauth.oauth_signing_keys {
+            Some(dir) => crate::oauth::signing::SigningKeys::load_dir(dir),
+            None => crate::oauth::signing::SigningKeys::load_or_create(&args.data),
+        },
+        Box::new(crate::oauth::ephemeral::MemoryEphemeral::default()),
+        crate::oauth::clients::Clients::new(crate::db::Db::Sqlite(pool.clone())),
+        http.clone(),
+    )?
+    .map(std::sync::Arc::new);
     let state = AppState::new(Inner {
         snapshot: tokio::sync::watch::channel(None).0,
         upstreams: Upstreams::new(http.clone()),
@@ -226,7 +242,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         settings: ServerSettings { max_body_bytes: args.max_body_bytes, page_size: 100 },
         backends: None,
         history: Default::default(),
-        oidc,
+        oidc: oidc.clone(),
+        oauth,
         rest_keys: Some(rest_keys),
     });
 

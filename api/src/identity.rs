@@ -3,6 +3,8 @@
 //! identity provider, whose user and groups select a persona by the personas' `subjects` and
 //! `priority`.
 
+use crate::oauth::AuthServer;
+use crate::oauth::signing::{Refusal, peek_issuer};
 use crate::oidc::{OidcVerifier, TokenError, VerifiedUser};
 use crate::rest_keys::RestKeys;
 use chrono::{DateTime, Utc};
@@ -107,6 +109,17 @@ pub struct Credentials<'a> {
     pub oidc: Option<&'a OidcVerifier>,
     /// Keys minted over REST.
     pub rest_keys: Option<&'a RestKeys>,
+    /// Portcullis's own authorization server.
+    pub oauth: Option<&'a AuthServer>,
+}
+
+/// What the request addresses: the tenant (and MCP endpoint) its URL names.
+#[derive(Clone, Copy, Default)]
+pub struct Target<'a> {
+    /// Tenant named by the URL.
+    pub tenant: Option<&'a str>,
+    /// MCP endpoint named by the URL.
+    pub endpoint: Option<&'a str>,
 }
 
 /// Authenticates a request. `tenant` is the tenant the request addresses when the URL names one
@@ -115,11 +128,18 @@ pub async fn authenticate(
     headers: &HeaderMap,
     snapshot: &Snapshot,
     credentials: Credentials<'_>,
-    tenant: Option<&str>,
+    target: Target<'_>,
     now: DateTime<Utc>,
 ) -> Result<Identity, AuthError> {
+    let tenant = target.tenant;
     match presented(headers)? {
         Credential::Key(key) => authenticate_key(key, snapshot, credentials.rest_keys, now),
+        Credential::Bearer(token)
+            if credentials.oauth.is_some_and(|s| peek_issuer(token).as_deref() == Some(s.issuer.as_str())) =>
+        {
+            let server = credentials.oauth.expect("checked above");
+            authenticate_oauth(server, token, snapshot, target).await
+        }
         Credential::Bearer(token) => {
             let Some(oidc) = credentials.oidc else { return Err(AuthError::UnsupportedToken) };
             let user = oidc.verify(token).await.map_err(AuthError::Token)?;
@@ -154,6 +174,42 @@ fn authenticate_key(
         method: "api_key",
         key_id: Some(entry.key_id.clone()),
     })
+}
+
+/// A Portcullis access token: valid only for the endpoint it was issued for (RFC 8707), so it
+/// works over MCP on that endpoint and nowhere else.
+async fn authenticate_oauth(
+    server: &AuthServer,
+    token: &str,
+    snapshot: &Snapshot,
+    target: Target<'_>,
+) -> Result<Identity, AuthError> {
+    let (Some(tenant), Some(endpoint)) = (target.tenant, target.endpoint) else {
+        return Err(AuthError::Token(TokenError::Audience));
+    };
+    let claims = server.keys.verify(token, &server.issuer, &server.resource(tenant, endpoint)).map_err(|r| {
+        AuthError::Token(match r {
+            Refusal::Expired => TokenError::Expired,
+            Refusal::Audience => TokenError::Audience,
+            Refusal::Invalid => TokenError::Signature,
+        })
+    })?;
+    let family = claims.get("sid").and_then(|v| v.as_str()).unwrap_or_default();
+    if crate::oauth::token::family_revoked(server, family).await {
+        return Err(AuthError::Token(TokenError::Revoked));
+    }
+    let user = VerifiedUser {
+        user: claims.get("sub").and_then(|v| v.as_str()).unwrap_or_default().to_string(),
+        groups: claims
+            .get("groups")
+            .and_then(|v| v.as_array())
+            .map(|g| g.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            .unwrap_or_default(),
+    };
+    let mut identity = resolve_user(&user, snapshot, Some(tenant))?;
+    identity.method = "oauth";
+    identity.key_id = claims.get("client_id").and_then(|v| v.as_str()).map(str::to_string);
+    Ok(identity)
 }
 
 fn authenticate_rest_key(

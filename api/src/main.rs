@@ -3,6 +3,7 @@
 
 mod audit;
 mod connectors;
+mod db;
 mod dev;
 mod http_context;
 mod idempotency;
@@ -10,6 +11,7 @@ mod identity;
 mod limits;
 mod manifest_dir;
 mod mcp;
+mod oauth;
 mod oidc;
 mod policy;
 mod rest;

@@ -74,6 +74,9 @@ pub enum TokenError {
     /// The token names no user in the configured claim.
     #[error("the token names no user")]
     NoUser,
+    /// A Portcullis access token that was revoked (or whose session was).
+    #[error("the token was revoked")]
+    Revoked,
 }
 
 impl TokenError {
@@ -90,6 +93,7 @@ impl TokenError {
             TokenError::Audience => "token_audience",
             TokenError::IdpUnreachable => "idp_unreachable",
             TokenError::NoUser => "token_no_user",
+            TokenError::Revoked => "token_revoked",
         }
     }
 }
@@ -123,7 +127,7 @@ pub struct OidcVerifier {
     keys: RwLock<Keys>,
     // Single flight: one JWKS fetch at a time.
     refreshing: Mutex<()>,
-    jwks_uri: Mutex<Option<String>>,
+    discovery: Mutex<Option<Value>>,
 }
 
 /// Configuration mistakes, reported at start.
@@ -193,12 +197,40 @@ impl OidcVerifier {
             http,
             keys: RwLock::new(Keys { by_kid: HashMap::new(), fetched_at: None, last_attempt: None }),
             refreshing: Mutex::new(()),
-            jwks_uri: Mutex::new(None),
+            discovery: Mutex::new(None),
         }))
     }
 
     /// Verifies `token` and reads the user and groups from it.
     pub async fn verify(&self, token: &str) -> Result<VerifiedUser, TokenError> {
+        let claims = self.decode(token, &self.audiences).await?;
+        self.user_of(&claims)
+    }
+
+    /// Verifies an ID token from the bridged login: audience is Portcullis's client id at the
+    /// identity provider, and the `nonce` must be the one sent.
+    pub async fn verify_id_token(&self, token: &str, client_id: &str, nonce: &str) -> Result<VerifiedUser, TokenError> {
+        let claims = self.decode(token, &[client_id.to_string()]).await?;
+        if claims.get("nonce").and_then(Value::as_str) != Some(nonce) {
+            return Err(TokenError::Malformed);
+        }
+        self.user_of(&claims)
+    }
+
+    /// The identity provider's authorization and token endpoints, from discovery.
+    pub async fn endpoints(&self) -> Result<(String, String), String> {
+        let discovery = self.discovery().await?;
+        let get = |name: &str| {
+            discovery[name]
+                .as_str()
+                .filter(|u| acceptable_url(u))
+                .map(str::to_string)
+                .ok_or_else(|| format!("discovery has no usable {name}"))
+        };
+        Ok((get("authorization_endpoint")?, get("token_endpoint")?))
+    }
+
+    async fn decode(&self, token: &str, audiences: &[String]) -> Result<Value, TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
         if !self.algorithms.contains(&header.alg) {
             return Err(TokenError::Algorithm);
@@ -213,7 +245,7 @@ impl OidcVerifier {
         validation.leeway = self.leeway;
         validation.validate_nbf = true;
         validation.set_issuer(&[&self.issuer, &format!("{}/", self.issuer)]);
-        validation.set_audience(&self.audiences);
+        validation.set_audience(audiences);
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);
         let data = jsonwebtoken::decode::<Value>(token, &key, &validation).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind;
@@ -229,12 +261,15 @@ impl OidcVerifier {
                 _ => TokenError::Malformed,
             }
         })?;
-        let claims = data.claims;
-        let user = lookup(&claims, &self.user_claim)
+        Ok(data.claims)
+    }
+
+    fn user_of(&self, claims: &Value) -> Result<VerifiedUser, TokenError> {
+        let user = lookup(claims, &self.user_claim)
             .and_then(|v| v.as_str().map(str::to_string))
             .filter(|u| !u.is_empty())
             .ok_or(TokenError::NoUser)?;
-        let groups = match lookup(&claims, &self.groups_claim) {
+        let groups = match lookup(claims, &self.groups_claim) {
             Some(Value::Array(items)) => items.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
             Some(Value::String(one)) => vec![one.clone()],
             _ => Vec::new(),
@@ -286,27 +321,27 @@ impl OidcVerifier {
         }
     }
 
+    async fn discovery(&self) -> Result<Value, String> {
+        let mut cached = self.discovery.lock().await;
+        if let Some(d) = cached.clone() {
+            return Ok(d);
+        }
+        let url = format!("{}/.well-known/openid-configuration", self.issuer);
+        let discovery: Value = self.get_json(&url).await?;
+        let issuer = discovery["issuer"].as_str().unwrap_or_default().trim_end_matches('/');
+        if issuer != self.issuer {
+            return Err(format!("discovery names issuer {issuer:?}, not the configured one"));
+        }
+        *cached = Some(discovery.clone());
+        Ok(discovery)
+    }
+
     async fn fetch_jwks(&self) -> Result<HashMap<String, (Jwk, DecodingKey)>, String> {
-        let uri = {
-            let mut cached = self.jwks_uri.lock().await;
-            match cached.clone() {
-                Some(uri) => uri,
-                None => {
-                    let url = format!("{}/.well-known/openid-configuration", self.issuer);
-                    let discovery: Value = self.get_json(&url).await?;
-                    let issuer = discovery["issuer"].as_str().unwrap_or_default().trim_end_matches('/');
-                    if issuer != self.issuer {
-                        return Err(format!("discovery names issuer {issuer:?}, not the configured one"));
-                    }
-                    let uri = discovery["jwks_uri"].as_str().ok_or("discovery has no jwks_uri")?.to_string();
-                    if !acceptable_url(&uri) {
-                        return Err("jwks_uri is not https".into());
-                    }
-                    *cached = Some(uri.clone());
-                    uri
-                }
-            }
-        };
+        let discovery = self.discovery().await?;
+        let uri = discovery["jwks_uri"].as_str().ok_or("discovery has no jwks_uri")?.to_string();
+        if !acceptable_url(&uri) {
+            return Err("jwks_uri is not https".into());
+        }
         let set: JwkSet = serde_json::from_value(self.get_json(&uri).await?).map_err(|e| format!("bad JWKS: {e}"))?;
         let mut keys = HashMap::new();
         for jwk in set.keys {

@@ -4,7 +4,7 @@
 //! revocation is effective everywhere within a second.
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgPool, SqlitePool};
+use sqlx::PgPool;
 use std::collections::HashMap;
 use std::sync::RwLock;
 
@@ -45,26 +45,11 @@ impl StoredKey {
     }
 }
 
-/// Where keys are stored.
-#[derive(Clone)]
-pub enum KeyDb {
-    /// Dev mode.
-    Sqlite(SqlitePool),
-    /// Production.
-    Postgres(PgPool),
-}
+pub use crate::db::Db as KeyDb;
+use crate::on_pool;
 
 const COLUMNS: &str =
     "id, tenant, persona, digest, key_id, description, created_by, created_at, expires_at, revoked_at, updated_at";
-
-macro_rules! on_pool {
-    ($db:expr, $pool:ident => $body:expr) => {
-        match $db {
-            KeyDb::Sqlite($pool) => $body,
-            KeyDb::Postgres($pool) => $body,
-        }
-    };
-}
 
 /// The keys of this process: database plus cache by digest.
 pub struct RestKeys {

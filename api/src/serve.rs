@@ -69,6 +69,9 @@ pub struct ServeArgs {
     /// The organisation's identity provider (OIDC bearer tokens).
     #[command(flatten)]
     pub oidc: crate::oidc::OidcArgs,
+    /// Portcullis's OAuth authorization server for MCP clients.
+    #[command(flatten)]
+    pub oauth: crate::oauth::OAuthArgs,
 }
 
 /// What rate limiting does without Redis.
@@ -134,6 +137,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let oidc = crate::oidc::OidcVerifier::from_args(&args.oidc, http.clone())?.map(std::sync::Arc::new);
     let rest_keys =
         std::sync::Arc::new(crate::rest_keys::RestKeys::new(crate::rest_keys::KeyDb::Postgres(pool.clone())));
+    let oauth = crate::oauth::AuthServer::from_args(
+        &args.oauth,
+        format!("http://{}", args.listen),
+        oidc.clone(),
+        || match &args.oauth.oauth_signing_keys {
+            Some(dir) => crate::oauth::signing::SigningKeys::load_dir(dir),
+            None => anyhow::bail!(
+                "--oauth-signing-keys is required in production: a directory of EC P-256 PEM keys every pod shares"
+            ),
+        },
+        Box::new(crate::oauth::ephemeral::RedisEphemeral::new(connection.clone(), &args.redis_prefix)),
+        crate::oauth::clients::Clients::new(crate::db::Db::Postgres(pool.clone())),
+        http.clone(),
+    )?
+    .map(std::sync::Arc::new);
     let state = AppState::new(Inner {
         snapshot: tokio::sync::watch::channel(None).0,
         upstreams: Upstreams::new(http.clone()),
@@ -161,7 +179,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             redis_required: args.when_redis_down == WhenRedisDown::Closed,
         }),
         history: Default::default(),
-        oidc,
+        oidc: oidc.clone(),
+        oauth,
         rest_keys: Some(rest_keys.clone()),
     });
 

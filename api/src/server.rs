@@ -36,6 +36,7 @@ pub fn router(state: AppState) -> Router {
     let yaml_doc = openapi.to_yaml().unwrap_or_default();
     Router::new()
         .merge(crate::mcp::router())
+        .merge(crate::oauth::router(&state))
         .merge(api)
         .route(
             "/api/v1/openapi.json",

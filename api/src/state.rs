@@ -56,6 +56,8 @@ pub struct Inner {
     pub oidc: Option<Arc<crate::oidc::OidcVerifier>>,
     /// Keys minted over REST.
     pub rest_keys: Option<Arc<crate::rest_keys::RestKeys>>,
+    /// Portcullis's OAuth authorization server, when configured.
+    pub oauth: Option<Arc<crate::oauth::AuthServer>>,
     /// Versions loaded by this process, for the changelog of dev mode (production reads the
     /// published versions from Postgres).
     pub history: std::sync::Mutex<Vec<ChangelogEntry>>,
@@ -110,7 +112,11 @@ impl AppState {
 
     /// What authentication consults besides the snapshot.
     pub fn credentials(&self) -> crate::identity::Credentials<'_> {
-        crate::identity::Credentials { oidc: self.oidc.as_deref(), rest_keys: self.rest_keys.as_deref() }
+        crate::identity::Credentials {
+            oidc: self.oidc.as_deref(),
+            rest_keys: self.rest_keys.as_deref(),
+            oauth: self.oauth.as_deref(),
+        }
     }
 
     /// The snapshot requests should run on, if one is loaded.

@@ -77,17 +77,32 @@ async fn admit(
         event.detail = Some("origin not allowed".into());
         return Err(Problem::forbidden("this Origin may not call this endpoint"));
     }
-    let identity =
-        match identity::authenticate(headers, &loaded.snapshot, app.credentials(), Some(tenant), Utc::now()).await {
-            Ok(identity) => identity,
-            Err(error) => {
-                event.status = Status::Denied;
-                event.error_code = Some(error.status().as_u16().to_string());
-                event.detail = Some(error.reason().into());
-                event.auth_method = Some(crate::rest::auth_method_of(headers).into());
-                return Err(Problem::from_auth(error));
+    let target = identity::Target { tenant: Some(tenant), endpoint: Some(endpoint) };
+    let identity = match identity::authenticate(headers, &loaded.snapshot, app.credentials(), target, Utc::now()).await
+    {
+        Ok(identity) => identity,
+        Err(error) => {
+            event.status = Status::Denied;
+            event.error_code = Some(error.status().as_u16().to_string());
+            event.detail = Some(error.reason().into());
+            event.auth_method = Some(crate::rest::auth_method_of(headers).into());
+            let mut problem = Problem::from_auth(error);
+            // MCP clients find the authorization server from the challenge (RFC 9728 §5.1).
+            if let Some(server) = app.oauth.as_deref()
+                && error.status() == StatusCode::UNAUTHORIZED
+            {
+                let mut challenge = format!(
+                    r#"Bearer resource_metadata="{}", scope="mcp""#,
+                    server.resource_metadata(tenant, endpoint)
+                );
+                if error != identity::AuthError::Missing {
+                    challenge.push_str(r#", error="invalid_token""#);
+                }
+                problem = problem.with_header(http::header::WWW_AUTHENTICATE, &challenge);
             }
-        };
+            return Err(problem);
+        }
+    };
     event.subject = Some(identity.subject.clone());
     event.persona = Some(identity.persona.clone());
     event.auth_method = Some(identity.method.into());

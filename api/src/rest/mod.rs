@@ -193,21 +193,22 @@ async fn admit(
         event.status = Status::Error;
         return Err(Problem::unavailable("the gateway has no configuration loaded yet"));
     };
-    let identity = identity::authenticate(headers, &loaded.snapshot, app.credentials(), None, Utc::now())
-        .await
-        .map_err(|error| {
-            event.status = Status::Denied;
-            event.error_code = Some(error.status().as_u16().to_string());
-            event.detail = Some(error.reason().into());
-            event.auth_method = Some(auth_method_of(headers).into());
-            // Like MCP's URL, the tenant a request names gets its refusals in its audit log.
-            if let Some(named) = headers.get(identity::TENANT_HEADER).and_then(|v| v.to_str().ok())
-                && loaded.snapshot.tenant(named).is_some()
-            {
-                event.tenant = named.to_string();
-            }
-            Problem::from_auth(error)
-        })?;
+    let identity =
+        identity::authenticate(headers, &loaded.snapshot, app.credentials(), identity::Target::default(), Utc::now())
+            .await
+            .map_err(|error| {
+                event.status = Status::Denied;
+                event.error_code = Some(error.status().as_u16().to_string());
+                event.detail = Some(error.reason().into());
+                event.auth_method = Some(auth_method_of(headers).into());
+                // Like MCP's URL, the tenant a request names gets its refusals in its audit log.
+                if let Some(named) = headers.get(identity::TENANT_HEADER).and_then(|v| v.to_str().ok())
+                    && loaded.snapshot.tenant(named).is_some()
+                {
+                    event.tenant = named.to_string();
+                }
+                Problem::from_auth(error)
+            })?;
     event.tenant = identity.tenant.clone();
     event.subject = Some(identity.subject.clone());
     event.persona = Some(identity.persona.clone());

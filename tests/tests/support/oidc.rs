@@ -74,7 +74,17 @@ struct Inner {
     published: Mutex<Vec<Value>>,
     jwks_fetches: AtomicUsize,
     down: AtomicBool,
+    signer: Mutex<Option<SigningKey>>,
+    /// The user the authorize endpoint signs in: (user, groups).
+    login: Mutex<(String, Vec<String>)>,
+    /// Issued codes: code → (client_id, redirect_uri, challenge, nonce, user, groups).
+    codes: Mutex<std::collections::HashMap<String, Value>>,
 }
+
+/// Portcullis's client credentials at this provider.
+pub const IDP_CLIENT_ID: &str = "portcullis";
+/// Its secret.
+pub const IDP_CLIENT_SECRET: &str = "idp-secret-for-tests";
 
 /// The running provider.
 pub struct Idp {
@@ -97,10 +107,15 @@ impl Idp {
             published: Mutex::new(vec![rsa.jwk.clone(), ec.jwk.clone()]),
             jwks_fetches: AtomicUsize::new(0),
             down: AtomicBool::new(false),
+            signer: Mutex::new(Some(rsa.clone())),
+            login: Mutex::new(("ann".into(), vec!["analysts".into()])),
+            codes: Mutex::default(),
         });
         let app = Router::new()
             .route("/realms/test/.well-known/openid-configuration", get(discovery))
             .route("/realms/test/jwks", get(jwks))
+            .route("/realms/test/authorize", get(authorize))
+            .route("/realms/test/token", axum::routing::post(token))
             .with_state(inner.clone());
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -116,6 +131,11 @@ impl Idp {
     /// Publishes another key (a rotation at the IdP).
     pub fn publish(&self, key: &SigningKey) {
         self.inner.published.lock().unwrap().push(key.jwk.clone());
+    }
+
+    /// Who the authorize endpoint signs in next.
+    pub fn set_login(&self, user: &str, groups: &[&str]) {
+        *self.inner.login.lock().unwrap() = (user.into(), groups.iter().map(|g| g.to_string()).collect());
     }
 
     /// Makes the provider answer 503 to everything (or recover).
@@ -156,4 +176,57 @@ async fn jwks(State(inner): State<Arc<Inner>>) -> Response {
     }
     inner.jwks_fetches.fetch_add(1, Ordering::SeqCst);
     axum::Json(json!({"keys": *inner.published.lock().unwrap()})).into_response()
+}
+
+async fn authorize(
+    State(inner): State<Arc<Inner>>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    // Signs the configured test user in at once, as a real IdP would after its login form.
+    if q.get("client_id").map(String::as_str) != Some(IDP_CLIENT_ID)
+        || q.get("code_challenge_method").map(String::as_str) != Some("S256")
+    {
+        return (StatusCode::BAD_REQUEST, "bad authorization request").into_response();
+    }
+    let (user, groups) = inner.login.lock().unwrap().clone();
+    let code = format!("idp-code-{}", uuid_like());
+    inner.codes.lock().unwrap().insert(
+        code.clone(),
+        json!({"redirect_uri": q["redirect_uri"], "challenge": q["code_challenge"], "nonce": q.get("nonce"),
+               "user": user, "groups": groups}),
+    );
+    let mut target = reqwest::Url::parse(&q["redirect_uri"]).unwrap();
+    target.query_pairs_mut().append_pair("code", &code).append_pair("state", &q["state"]);
+    (StatusCode::FOUND, [(axum::http::header::LOCATION, target.to_string())]).into_response()
+}
+
+async fn token(State(inner): State<Arc<Inner>>, body: String) -> Response {
+    let form: std::collections::HashMap<String, String> =
+        reqwest::Url::parse(&format!("http://x/?{body}")).unwrap().query_pairs().into_owned().collect();
+    let Some(grant) = form.get("code").and_then(|c| inner.codes.lock().unwrap().remove(c)) else {
+        return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": "invalid_grant"}))).into_response();
+    };
+    use sha2::Digest;
+    let verifier = form.get("code_verifier").cloned().unwrap_or_default();
+    let challenge = URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier.as_bytes()));
+    let ok = form.get("client_id").map(String::as_str) == Some(IDP_CLIENT_ID)
+        && form.get("client_secret").map(String::as_str) == Some(IDP_CLIENT_SECRET)
+        && grant["challenge"] == challenge
+        && form.get("redirect_uri").map(String::as_str) == grant["redirect_uri"].as_str();
+    if !ok {
+        return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": "invalid_grant"}))).into_response();
+    }
+    let now = chrono::Utc::now().timestamp();
+    let claims = json!({"iss": inner.issuer, "aud": IDP_CLIENT_ID, "sub": grant["user"], "nonce": grant["nonce"],
+        "groups": grant["groups"], "iat": now, "exp": now + 300});
+    let signer = inner.signer.lock().unwrap().clone().unwrap();
+    axum::Json(json!({"access_token": "opaque", "token_type": "Bearer", "id_token": signer.sign(&claims)}))
+        .into_response()
+}
+
+fn uuid_like() -> String {
+    use rand_core::RngCore;
+    let mut b = [0u8; 16];
+    rand_core::OsRng.fill_bytes(&mut b);
+    URL_SAFE_NO_PAD.encode(b)
 }

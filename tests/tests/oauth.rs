@@ -1,0 +1,410 @@
+//! Portcullis as an OAuth 2.1 authorization server for MCP clients, bridged to a local OIDC
+//! provider with real keys: the whole flow as an MCP client runs it (401 → protected-resource
+//! metadata → server metadata → registration → authorize → IdP login → consent → code → token →
+//! MCP call), refresh rotation and reuse detection, and the attacks the specifications name.
+
+mod support;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde_json::{Value, json};
+use sha2::Digest;
+use std::collections::HashMap;
+use std::time::Duration;
+use support::oidc::{IDP_CLIENT_ID, IDP_CLIENT_SECRET, Idp};
+use support::*;
+
+const REDIRECT: &str = "http://127.0.0.1:43117/callback";
+
+fn manifests(upstream: &Upstream) -> Vec<(&'static str, String)> {
+    let mut files = quickstart(&upstream.url());
+    files.push((
+        "people.yaml",
+        r#"apiVersion: portcullis.dev/v1alpha1
+kind: Persona
+metadata: {name: people-analyst, namespace: demo}
+spec:
+  subjects: {groups: [analysts]}
+  tools: {allow: ["notes.list_*", "notes.get_*"]}
+---
+apiVersion: portcullis.dev/v1alpha1
+kind: McpEndpoint
+metadata: {name: people, namespace: demo}
+spec: {connections: [notes], personas: [people-*]}
+"#
+        .to_string(),
+    ));
+    files
+}
+
+async fn start(idp: &Idp, upstream: &Upstream) -> Gateway {
+    let issuer = idp.issuer();
+    Gateway::start_with(
+        &manifests(upstream),
+        &[
+            "--oidc-issuer",
+            &issuer,
+            "--oidc-audiences",
+            "portcullis-api",
+            "--oauth-idp-client-id",
+            IDP_CLIENT_ID,
+            "--oauth-idp-client-secret",
+            IDP_CLIENT_SECRET,
+        ],
+    )
+    .await
+}
+
+fn browser() -> reqwest::Client {
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
+}
+
+fn location(r: &reqwest::Response) -> String {
+    r.headers()["location"].to_str().unwrap().to_string()
+}
+
+fn query(url: &str) -> HashMap<String, String> {
+    reqwest::Url::parse(url).unwrap().query_pairs().into_owned().collect()
+}
+
+fn pkce() -> (String, String) {
+    let verifier = URL_SAFE_NO_PAD.encode(rand_bytes());
+    let challenge = URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier.as_bytes()));
+    (verifier, challenge)
+}
+
+fn rand_bytes() -> [u8; 32] {
+    use rand_core::RngCore;
+    let mut b = [0u8; 32];
+    rand_core::OsRng.fill_bytes(&mut b);
+    b
+}
+
+async fn mcp_list(gateway: &Gateway, endpoint: &str, token: &str) -> (u16, Value, Option<String>) {
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {"_meta": {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}}});
+    let mut request = reqwest::Client::new()
+        .post(gateway.mcp_url("demo", endpoint))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("MCP-Protocol-Version", "2026-07-28")
+        .header("Mcp-Method", "tools/list")
+        .body(body.to_string());
+    if !token.is_empty() {
+        request = request.header("Authorization", format!("Bearer {token}"));
+    }
+    let r = request.send().await.unwrap();
+    let challenge = r.headers().get("www-authenticate").map(|v| v.to_str().unwrap().to_string());
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null), challenge)
+}
+
+struct Registered {
+    client_id: String,
+    secret: Option<String>,
+}
+
+async fn register(gateway: &Gateway, body: Value) -> (u16, Value) {
+    let r = reqwest::Client::new().post(format!("{}/oauth/register", gateway.base)).json(&body).send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+/// Runs authorize → IdP → callback (→ consent) and returns the final redirect to the client.
+async fn authorize(gateway: &Gateway, client: &Registered, params: &[(&str, &str)], consent: bool) -> String {
+    let b = browser();
+    let mut url = reqwest::Url::parse(&format!("{}/oauth/authorize", gateway.base)).unwrap();
+    url.query_pairs_mut().append_pair("client_id", &client.client_id).extend_pairs(params);
+    let r = b.get(url).send().await.unwrap();
+    assert!(r.status().is_redirection(), "authorize: {} {}", r.status(), r.text().await.unwrap_or_default());
+    let to_idp = location(&r);
+    if to_idp.starts_with(REDIRECT) {
+        return to_idp;
+    }
+    let r = b.get(&to_idp).send().await.unwrap();
+    let to_callback = location(&r);
+    let r = b.get(&to_callback).send().await.unwrap();
+    if r.status().is_redirection() {
+        assert!(!consent, "expected a consent page");
+        return location(&r);
+    }
+    assert_eq!(r.status(), 200);
+    let page = r.text().await.unwrap();
+    assert!(page.contains("Allow") && page.contains("/mcp/demo/people"), "{page}");
+    let ticket = page.split("name=ticket value=\"").nth(1).unwrap().split('"').next().unwrap().to_string();
+    let r = b
+        .post(format!("{}/oauth/consent", gateway.base))
+        .form(&[("ticket", ticket.as_str()), ("decision", "allow")])
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_redirection());
+    location(&r)
+}
+
+async fn token(gateway: &Gateway, form: &[(&str, &str)], basic: Option<(&str, &str)>) -> (u16, Value) {
+    let mut request = reqwest::Client::new().post(format!("{}/oauth/token", gateway.base)).form(form);
+    if let Some((id, secret)) = basic {
+        request = request.basic_auth(id, Some(secret));
+    }
+    let r = request.send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn an_mcp_client_completes_the_flow_and_refresh_tokens_rotate() {
+    let idp = Idp::start().await;
+    let upstream = Upstream::start("both").await;
+    let gateway = start(&idp, &upstream).await;
+    wait_until(Duration::from_secs(10), || async { !gateway.tool_names(ANALYST_KEY).await.is_empty() }).await;
+    let resource = gateway.mcp_url("demo", "people");
+
+    // Discovery from the 401.
+    let (status, _, challenge) = mcp_list(&gateway, "people", "").await;
+    assert_eq!(status, 401);
+    let challenge = challenge.expect("WWW-Authenticate");
+    let prm_url = challenge.split("resource_metadata=\"").nth(1).unwrap().split('"').next().unwrap().to_string();
+    assert_eq!(prm_url, format!("{}/.well-known/oauth-protected-resource/mcp/demo/people", gateway.base));
+    let prm: Value = reqwest::get(&prm_url).await.unwrap().json().await.unwrap();
+    assert_eq!(prm["resource"], resource.as_str());
+    let issuer = prm["authorization_servers"][0].as_str().unwrap().to_string();
+    let metadata: Value =
+        reqwest::get(format!("{issuer}/.well-known/oauth-authorization-server")).await.unwrap().json().await.unwrap();
+    assert_eq!(metadata["issuer"], issuer.as_str(), "RFC 8414: the issuer matches");
+    assert_eq!(metadata["code_challenge_methods_supported"], json!(["S256"]));
+    assert_eq!(metadata["authorization_response_iss_parameter_supported"], true);
+
+    // Dynamic registration of a native public client.
+    let (status, reg) = register(
+        &gateway,
+        json!({"client_name": "Test Agent", "application_type": "native", "redirect_uris": [REDIRECT],
+               "token_endpoint_auth_method": "none", "grant_types": ["authorization_code", "refresh_token"]}),
+    )
+    .await;
+    assert_eq!(status, 201, "{reg}");
+    assert!(reg.get("client_secret").is_none(), "public clients get no secret");
+    let client = Registered { client_id: reg["client_id"].as_str().unwrap().to_string(), secret: None };
+
+    // Authorize with PKCE and a resource; the user logs in at the IdP and consents once.
+    let (verifier, challenge) = pkce();
+    let params = [
+        ("response_type", "code"),
+        ("redirect_uri", REDIRECT),
+        ("code_challenge", challenge.as_str()),
+        ("code_challenge_method", "S256"),
+        ("state", "xyz"),
+        ("resource", resource.as_str()),
+    ];
+    let back = authorize(&gateway, &client, &params, true).await;
+    let answer = query(&back);
+    assert_eq!(answer.get("state").map(String::as_str), Some("xyz"));
+    assert_eq!(answer.get("iss"), Some(&issuer), "RFC 9207 iss");
+    let code = answer["code"].clone();
+
+    let form = [
+        ("grant_type", "authorization_code"),
+        ("code", code.as_str()),
+        ("redirect_uri", REDIRECT),
+        ("code_verifier", verifier.as_str()),
+        ("client_id", client.client_id.as_str()),
+        ("resource", resource.as_str()),
+    ];
+    let (status, tokens) = token(&gateway, &form, None).await;
+    assert_eq!(status, 200, "{tokens}");
+    let access = tokens["access_token"].as_str().unwrap().to_string();
+    let refresh = tokens["refresh_token"].as_str().unwrap().to_string();
+
+    // The MCP call sees exactly the persona's tools.
+    let (status, listed, _) = mcp_list(&gateway, "people", &access).await;
+    assert_eq!(status, 200, "{listed}");
+    let names: Vec<&str> =
+        listed["result"]["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert!(
+        !names.is_empty() && names.iter().all(|n| n.starts_with("notes.list_") || n.starts_with("notes.get_")),
+        "{names:?}"
+    );
+
+    // A code is redeemed once; the replay also revokes what the code gave.
+    let (status, replay) = token(&gateway, &form, None).await;
+    assert_eq!((status, replay["error"].as_str()), (400, Some("invalid_grant")));
+    let (status, _, _) = mcp_list(&gateway, "people", &access).await;
+    assert_eq!(status, 401, "tokens of a replayed code are revoked");
+
+    // A fresh authorization: no consent page the second time.
+    let (verifier, challenge) = pkce();
+    let params = [
+        ("response_type", "code"),
+        ("redirect_uri", REDIRECT),
+        ("code_challenge", challenge.as_str()),
+        ("code_challenge_method", "S256"),
+        ("resource", resource.as_str()),
+    ];
+    let back = authorize(&gateway, &client, &params, false).await;
+    let code = query(&back)["code"].clone();
+    let (_, tokens) = token(
+        &gateway,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", code.as_str()),
+            ("redirect_uri", REDIRECT),
+            ("code_verifier", verifier.as_str()),
+            ("client_id", client.client_id.as_str()),
+            ("resource", resource.as_str()),
+        ],
+        None,
+    )
+    .await;
+    let access = tokens["access_token"].as_str().unwrap().to_string();
+    let refresh = tokens["refresh_token"].as_str().unwrap_or(&refresh).to_string();
+
+    // The token is bound to its endpoint: another endpoint refuses it.
+    assert_eq!(mcp_list(&gateway, "notes", &access).await.0, 401);
+    assert_eq!(gateway.get(&access, "/api/v1/portal/me").await.status(), 401, "not a REST credential");
+
+    // Refresh rotates; the spent refresh token used again revokes the family.
+    let refresh_form = |t: &str| {
+        vec![
+            ("grant_type", "refresh_token".to_string()),
+            ("refresh_token", t.to_string()),
+            ("client_id", client.client_id.clone()),
+        ]
+    };
+    let as_refs = |v: &Vec<(&'static str, String)>| v.iter().map(|(k, v)| (*k, v.clone())).collect::<Vec<_>>();
+    let f = as_refs(&refresh_form(&refresh));
+    let f: Vec<(&str, &str)> = f.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (status, rotated) = token(&gateway, &f, None).await;
+    assert_eq!(status, 200, "{rotated}");
+    let new_refresh = rotated["refresh_token"].as_str().unwrap().to_string();
+    let new_access = rotated["access_token"].as_str().unwrap().to_string();
+    assert_ne!(new_refresh, refresh);
+    assert_eq!(mcp_list(&gateway, "people", &new_access).await.0, 200);
+    let (status, reused) = token(&gateway, &f, None).await;
+    assert_eq!((status, reused["error"].as_str()), (400, Some("invalid_grant")), "reuse detected");
+    let g = as_refs(&refresh_form(&new_refresh));
+    let g: Vec<(&str, &str)> = g.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    assert_eq!(token(&gateway, &g, None).await.0, 400, "the whole family is revoked");
+    assert_eq!(mcp_list(&gateway, "people", &new_access).await.0, 401, "and its access tokens");
+
+    // Every step was audited; no token in the audit log.
+    wait_until(Duration::from_secs(5), || async {
+        gateway.audit("auth_method=oauth").await.iter().any(|e| e["subject"] == "oidc:ann")
+    })
+    .await;
+    let log = gateway.audit("per_page=1000").await.iter().map(Value::to_string).collect::<String>();
+    assert!(!log.contains(&new_access) && !log.contains(&new_refresh));
+    let _ = client.secret;
+}
+
+#[tokio::test]
+async fn the_flow_refuses_what_the_specifications_forbid() {
+    let idp = Idp::start().await;
+    let upstream = Upstream::start("both").await;
+    let gateway = start(&idp, &upstream).await;
+    let resource = gateway.mcp_url("demo", "people");
+    let (_, reg) = register(
+        &gateway,
+        json!({"application_type": "web", "redirect_uris": ["https://agent.example.com/cb"],
+               "grant_types": ["authorization_code"]}),
+    )
+    .await;
+    let client_id = reg["client_id"].as_str().unwrap().to_string();
+    let secret = reg["client_secret"].as_str().expect("a confidential client gets a secret").to_string();
+
+    // Registration: loopback http needs application_type native; http elsewhere is refused.
+    let (status, body) = register(&gateway, json!({"application_type": "web", "redirect_uris": [REDIRECT]})).await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("invalid_redirect_uri")));
+    assert_eq!(register(&gateway, json!({"redirect_uris": ["http://agent.example.com/cb"]})).await.0, 400);
+    assert_eq!(register(&gateway, json!({"redirect_uris": []})).await.0, 400);
+
+    let b = browser();
+    let authorize = |extra: Vec<(&'static str, String)>| {
+        let mut url = reqwest::Url::parse(&format!("{}/oauth/authorize", gateway.base)).unwrap();
+        url.query_pairs_mut().append_pair("client_id", &client_id).append_pair("response_type", "code");
+        for (k, v) in &extra {
+            url.query_pairs_mut().append_pair(k, v);
+        }
+        url
+    };
+    let (_, challenge) = pkce();
+    // A redirect URI that is not registered exactly: an error page, never a redirect.
+    let r = b
+        .get(authorize(vec![
+            ("redirect_uri", "https://agent.example.com/cb/evil".into()),
+            ("code_challenge", challenge.clone()),
+            ("code_challenge_method", "S256".into()),
+            ("resource", resource.clone()),
+        ]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.headers().get("location").is_none());
+    // No PKCE, plain PKCE, no resource, a foreign resource: errors sent back with iss and state.
+    for (extra, error) in [
+        (vec![("resource", resource.clone())], "invalid_request"),
+        (
+            vec![
+                ("code_challenge", challenge.clone()),
+                ("code_challenge_method", "plain".into()),
+                ("resource", resource.clone()),
+            ],
+            "invalid_request",
+        ),
+        (vec![("code_challenge", challenge.clone()), ("code_challenge_method", "S256".into())], "invalid_target"),
+        (
+            vec![
+                ("code_challenge", challenge.clone()),
+                ("code_challenge_method", "S256".into()),
+                ("resource", "https://elsewhere.example.com/mcp".into()),
+            ],
+            "invalid_target",
+        ),
+    ] {
+        let mut params = vec![("redirect_uri", "https://agent.example.com/cb".to_string()), ("state", "s1".into())];
+        params.extend(extra);
+        let r = b.get(authorize(params)).send().await.unwrap();
+        assert!(r.status().is_redirection());
+        let back = query(&location(&r));
+        assert_eq!(back.get("error").map(String::as_str), Some(error), "{back:?}");
+        assert_eq!(back.get("state").map(String::as_str), Some("s1"));
+        assert!(back.contains_key("iss"));
+    }
+    // An unregistered client.
+    let r =
+        b.get(format!("{}/oauth/authorize?client_id=nobody&response_type=code", gateway.base)).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+
+    // A user whose groups map to no persona that may use the endpoint is refused at the callback.
+    idp.set_login("gus", &["guests"]);
+    let (verifier, challenge) = pkce();
+    let r = b
+        .get(authorize(vec![
+            ("redirect_uri", "https://agent.example.com/cb".into()),
+            ("code_challenge", challenge.clone()),
+            ("code_challenge_method", "S256".into()),
+            ("resource", resource.clone()),
+        ]))
+        .send()
+        .await
+        .unwrap();
+    let r = b.get(location(&r)).send().await.unwrap();
+    let r = b.get(location(&r)).send().await.unwrap();
+    let back = query(&location(&r));
+    assert_eq!(back.get("error").map(String::as_str), Some("access_denied"), "{back:?}");
+    let _ = verifier;
+
+    // A confidential client must authenticate at the token endpoint.
+    let (status, body) =
+        token(&gateway, &[("grant_type", "authorization_code"), ("code", "x"), ("client_id", &client_id)], None).await;
+    assert_eq!((status, body["error"].as_str()), (401, Some("invalid_client")));
+    let (status, body) =
+        token(&gateway, &[("grant_type", "authorization_code"), ("code", "x")], Some((&client_id, "wrong"))).await;
+    assert_eq!((status, body["error"].as_str()), (401, Some("invalid_client")));
+    let (status, body) =
+        token(&gateway, &[("grant_type", "authorization_code"), ("code", "x")], Some((&client_id, &secret))).await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("invalid_grant")), "authenticated, but no such code");
+
+    // A forged token with our issuer but another key is refused.
+    let forged = support::oidc::SigningKey::ec("forged")
+        .sign(&json!({"iss": gateway.base, "aud": resource, "sub": "ann",
+        "groups": ["analysts"], "exp": chrono::Utc::now().timestamp() + 300}));
+    assert_eq!(mcp_list(&gateway, "people", &forged).await.0, 401);
+}
