@@ -408,3 +408,179 @@ async fn the_flow_refuses_what_the_specifications_forbid() {
         "groups": ["analysts"], "exp": chrono::Utc::now().timestamp() + 300}));
     assert_eq!(mcp_list(&gateway, "people", &forged).await.0, 401);
 }
+
+#[tokio::test]
+async fn the_rust_sdk_completes_the_oauth_flow_and_calls_tools_as_the_users_persona() {
+    use rmcp::model::{ClientCapabilities, ClientConfig, Implementation, ProtocolVersion};
+    use rmcp::service::{ClientLifecycleMode, ClientServiceExt};
+    use rmcp::transport::StreamableHttpClientTransport;
+    use rmcp::transport::auth::{AuthClient, AuthorizationRequest, OAuthState};
+    use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+
+    let idp = Idp::start().await;
+    let upstream = Upstream::start("both").await;
+    let gateway = start(&idp, &upstream).await;
+    wait_until(Duration::from_secs(10), || async { !gateway.tool_names(ANALYST_KEY).await.is_empty() }).await;
+    let url = gateway.mcp_url("demo", "people");
+
+    // The SDK discovers, registers (dynamic registration) and builds the authorization URL.
+    let (_, _, challenge) = mcp_list(&gateway, "people", "").await;
+    let mut oauth = OAuthState::new(url.as_str(), None).await.expect("OAuth state");
+    let request = AuthorizationRequest::new(REDIRECT)
+        .with_client_name("rmcp e2e")
+        .with_application_type("native")
+        .with_challenge(challenge.expect("a challenge"));
+    oauth.start_authorization(request).await.expect("discovery and registration");
+    let authorization_url = oauth.get_authorization_url().await.expect("authorization URL");
+    assert!(authorization_url.contains("code_challenge_method=S256") && authorization_url.contains("resource="));
+
+    // The user's browser: Portcullis → IdP login → callback → consent → back to the client.
+    let b = browser();
+    let r = b.get(&authorization_url).send().await.unwrap();
+    let r = b.get(location(&r)).send().await.unwrap();
+    let r = b.get(location(&r)).send().await.unwrap();
+    let page = r.text().await.unwrap();
+    let ticket =
+        page.split("name=ticket value=\"").nth(1).expect("consent page").split('"').next().unwrap().to_string();
+    let r = b
+        .post(format!("{}/oauth/consent", gateway.base))
+        .form(&[("ticket", ticket.as_str()), ("decision", "allow")])
+        .send()
+        .await
+        .unwrap();
+    let callback = location(&r);
+    assert!(callback.starts_with(REDIRECT), "{callback}");
+
+    // The SDK checks iss and state, redeems the code, and calls tools with the token.
+    oauth.handle_callback_url(&callback).await.expect("code exchange");
+    let manager = oauth.into_authorization_manager().expect("authorized");
+    let transport = StreamableHttpClientTransport::with_client(
+        AuthClient::new(reqwest::Client::new(), manager),
+        StreamableHttpClientTransportConfig::with_uri(url.as_str()),
+    );
+    let client = ClientConfig::new(ClientCapabilities::default(), Implementation::new("rmcp-oauth", "1.0"))
+        .serve_with_lifecycle(
+            transport,
+            ClientLifecycleMode::Discover { preferred_versions: vec![ProtocolVersion::V_2026_07_28] },
+        )
+        .await
+        .expect("MCP client connects with its OAuth token");
+    let names: Vec<String> =
+        client.peer().list_all_tools().await.expect("tools/list").into_iter().map(|t| t.name.to_string()).collect();
+    assert!(
+        !names.is_empty() && names.iter().all(|n| n.starts_with("notes.list_") || n.starts_with("notes.get_")),
+        "{names:?}"
+    );
+    wait_until(Duration::from_secs(5), || async {
+        gateway.audit("auth_method=oauth").await.iter().any(|e| e["subject"] == "oidc:ann")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn every_step_of_the_flow_can_land_on_another_replica() {
+    use p256::pkcs8::EncodePrivateKey;
+    use portcullis_e2e::backends::Shared;
+    use support::cluster::Cluster;
+
+    let idp = Idp::start().await;
+    let upstream = Upstream::start("both").await;
+    let backends = Shared::start().await;
+    let cluster =
+        Cluster::new(&backends.database_url, &backends.redis_url, &backends.redis_prefix, &manifests(&upstream));
+    cluster.publish();
+    // One signing key directory shared by both pods (a mounted Secret in a cluster).
+    let keys = tempfile::tempdir().unwrap();
+    let pem = p256::SecretKey::random(&mut rand_core::OsRng).to_pkcs8_pem(Default::default()).unwrap();
+    std::fs::write(keys.path().join("2026-11.pem"), pem.as_bytes()).unwrap();
+    // The public URL is A's, as an ingress in front of both would be.
+    let port_a = free_port();
+    let public = format!("http://127.0.0.1:{port_a}");
+    let issuer = idp.issuer();
+    let keys_dir = keys.path().display().to_string();
+    let env = [
+        ("PORTCULLIS_PUBLIC_URL", public.as_str()),
+        ("PORTCULLIS_OIDC_ISSUER", issuer.as_str()),
+        ("PORTCULLIS_OIDC_AUDIENCES", "portcullis-api"),
+        ("PORTCULLIS_OAUTH_IDP_CLIENT_ID", IDP_CLIENT_ID),
+        ("PORTCULLIS_OAUTH_IDP_CLIENT_SECRET", IDP_CLIENT_SECRET),
+        ("PORTCULLIS_OAUTH_SIGNING_KEYS", keys_dir.as_str()),
+    ];
+    let (a, b) = tokio::join!(cluster.replica_at(port_a, &env), cluster.replica_with(&env));
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let resource = format!("{public}/mcp/demo/people");
+
+    // Register on A; authorize on B; the IdP returns to the public URL (A); consent and token on B.
+    let r = reqwest::Client::new()
+        .post(format!("{}/oauth/register", a.base))
+        .json(&json!({"application_type": "native", "redirect_uris": [REDIRECT], "token_endpoint_auth_method": "none",
+                      "grant_types": ["authorization_code", "refresh_token"]}))
+        .send()
+        .await
+        .unwrap();
+    let client_id = r.json::<Value>().await.unwrap()["client_id"].as_str().unwrap().to_string();
+    let (verifier, challenge) = pkce();
+    let mut url = reqwest::Url::parse(&format!("{}/oauth/authorize", b.base)).unwrap();
+    url.query_pairs_mut().extend_pairs([
+        ("client_id", client_id.as_str()),
+        ("response_type", "code"),
+        ("redirect_uri", REDIRECT),
+        ("code_challenge", challenge.as_str()),
+        ("code_challenge_method", "S256"),
+        ("resource", resource.as_str()),
+    ]);
+    let br = browser();
+    let r = br.get(url).send().await.unwrap();
+    let r = br.get(location(&r)).send().await.unwrap();
+    let callback = location(&r);
+    assert!(callback.starts_with(&public), "{callback}");
+    let page = br.get(&callback).send().await.unwrap().text().await.unwrap();
+    let ticket =
+        page.split("name=ticket value=\"").nth(1).expect("consent page").split('"').next().unwrap().to_string();
+    let r = br
+        .post(format!("{}/oauth/consent", b.base))
+        .form(&[("ticket", ticket.as_str()), ("decision", "allow")])
+        .send()
+        .await
+        .unwrap();
+    let code = query(&location(&r))["code"].clone();
+    let r = reqwest::Client::new()
+        .post(format!("{}/oauth/token", b.base))
+        .form(&[
+            ("grant_type", "authorization_code"),
+            ("code", code.as_str()),
+            ("redirect_uri", REDIRECT),
+            ("code_verifier", verifier.as_str()),
+            ("client_id", client_id.as_str()),
+            ("resource", resource.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    let tokens: Value = r.json().await.unwrap();
+    let access = tokens["access_token"].as_str().unwrap_or_else(|| panic!("{tokens}")).to_string();
+    // The token works on both pods; a refresh on A, then reuse of the spent token on B is caught.
+    for replica in [&a, &b] {
+        let r = reqwest::Client::new()
+            .post(format!("{}/mcp/demo/people", replica.base))
+            .header("Authorization", format!("Bearer {access}"))
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("MCP-Protocol-Version", "2026-07-28")
+            .header("Mcp-Method", "tools/list")
+            .body(json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {"_meta": {
+                "io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}}}).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let refresh = tokens["refresh_token"].as_str().unwrap().to_string();
+    let form =
+        [("grant_type", "refresh_token"), ("refresh_token", refresh.as_str()), ("client_id", client_id.as_str())];
+    let r = reqwest::Client::new().post(format!("{}/oauth/token", a.base)).form(&form).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = reqwest::Client::new().post(format!("{}/oauth/token", b.base)).form(&form).send().await.unwrap();
+    assert_eq!(r.status(), 400, "reuse detected on the other pod");
+}

@@ -84,7 +84,11 @@ impl Cluster {
 
     /// A replica with extra environment variables.
     pub async fn replica_with(&self, env: &[(&str, &str)]) -> Replica {
-        let port = free_port();
+        self.replica_at(free_port(), env).await
+    }
+
+    /// A replica listening on `port`, with extra environment variables.
+    pub async fn replica_at(&self, port: u16, env: &[(&str, &str)]) -> Replica {
         let mut child = self
             .command(&["serve", "--migrate", "--listen", &format!("127.0.0.1:{port}"), "--config-poll-seconds", "1"])
             .envs(env.iter().copied())
