@@ -223,3 +223,38 @@ fn the_chart_ships_the_generated_crds_and_notes() {
     let notes = std::fs::read_to_string(chart().join("templates/NOTES.txt")).unwrap();
     assert!(notes.contains("kubectl apply") && notes.contains("kubectl get personas"), "NOTES tell what to do next");
 }
+
+#[test]
+fn identity_settings_reach_the_api_pods_and_signing_keys_are_mounted_read_only() {
+    let docs = render(&[
+        "publicUrl=https://gw.example.com",
+        "identity.oidc.issuer=https://idp.example.com/realms/acme",
+        "identity.oidc.audiences={portcullis}",
+        "identity.oauth.enabled=true",
+        "identity.oauth.idpClientId=portcullis-gw",
+        "identity.oauth.signingKeysSecret=portcullis-oauth-keys",
+    ]);
+    let api = named(&docs, "Deployment", "-api");
+    let pod = &api["spec"]["template"]["spec"];
+    let env: std::collections::HashMap<String, Value> = pod["containers"][0]["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap().to_string(), e.clone()))
+        .collect();
+    assert_eq!(env["PORTCULLIS_OIDC_ISSUER"]["value"].as_str(), Some("https://idp.example.com/realms/acme"));
+    assert_eq!(env["PORTCULLIS_PUBLIC_URL"]["value"].as_str(), Some("https://gw.example.com"));
+    assert_eq!(
+        env["PORTCULLIS_OAUTH_IDP_CLIENT_SECRET"]["valueFrom"]["secretKeyRef"]["name"].as_str(),
+        Some("portcullis")
+    );
+    let mount = &pod["containers"][0]["volumeMounts"][0];
+    assert_eq!(mount["readOnly"].as_bool(), Some(true));
+    assert_eq!(env["PORTCULLIS_OAUTH_SIGNING_KEYS"]["value"], mount["mountPath"]);
+    assert_eq!(pod["volumes"][0]["secret"]["secretName"].as_str(), Some("portcullis-oauth-keys"));
+    assert_eq!(pod["automountServiceAccountToken"].as_bool(), Some(false), "still no Kubernetes credentials");
+
+    let chart = chart().display().to_string();
+    let (ok, text) = run_helm(&["template", "rel", &chart, "--set", "identity.oauth.enabled=true"]);
+    assert!(!ok && text.contains("needs identity.oidc.issuer"), "{text}");
+}
