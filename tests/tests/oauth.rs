@@ -288,8 +288,24 @@ async fn an_mcp_client_completes_the_flow_and_refresh_tokens_rotate() {
         gateway.audit("auth_method=oauth").await.iter().any(|e| e["subject"] == "oidc:ann")
     })
     .await;
+    wait_until(Duration::from_secs(5), || async {
+        let refusals: Vec<String> = gateway
+            .audit("status=denied&per_page=500")
+            .await
+            .iter()
+            .filter(|e| e["channel"] == "oauth")
+            .filter_map(|e| e["detail"].as_str().map(str::to_string))
+            .collect();
+        let found = refusals.contains(&"code_replay".to_string()) && refusals.contains(&"refresh_reuse".to_string());
+        if !found {
+            eprintln!("refusals so far: {refusals:?}");
+        }
+        found
+    })
+    .await;
     let log = gateway.audit("per_page=1000").await.iter().map(Value::to_string).collect::<String>();
     assert!(!log.contains(&new_access) && !log.contains(&new_refresh));
+    assert!(log.contains("POST /oauth/token") && log.contains("GET /oauth/authorize"), "every step is an event");
     let _ = client.secret;
 }
 
@@ -401,6 +417,20 @@ async fn the_flow_refuses_what_the_specifications_forbid() {
     let (status, body) =
         token(&gateway, &[("grant_type", "authorization_code"), ("code", "x")], Some((&client_id, &secret))).await;
     assert_eq!((status, body["error"].as_str()), (400, Some("invalid_grant")), "authenticated, but no such code");
+
+    // The refusals are audited with their reasons, in the tenant the request named.
+    wait_until(Duration::from_secs(5), || async {
+        let refusals: Vec<String> = gateway
+            .audit("status=denied&per_page=500")
+            .await
+            .iter()
+            .filter_map(|e| e["detail"].as_str().map(str::to_string))
+            .collect();
+        ["pkce_missing", "pkce_not_s256", "redirect_uri_mismatch", "no_persona"]
+            .iter()
+            .all(|r| refusals.iter().any(|x| x == r))
+    })
+    .await;
 
     // A forged token with our issuer but another key is refused.
     let forged = support::oidc::SigningKey::ec("forged")

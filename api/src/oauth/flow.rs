@@ -4,7 +4,7 @@
 //! lets a client use an endpoint; then the client gets a one-time code bound to its PKCE
 //! challenge, redirect URI and the endpoint (resource).
 
-use super::{AuthServer, hash, random_token, s256, server};
+use super::{AuthServer, OAuthNote, hash, noted, random_token, s256, server};
 use crate::identity::persona_for;
 use crate::oidc::VerifiedUser;
 use crate::state::AppState;
@@ -92,30 +92,69 @@ pub async fn authorize(State(app): State<AppState>, Query(q): Query<BTreeMap<Str
     let s = server(&app);
     let param = |name: &str| q.get(name).map(String::as_str).filter(|v| !v.is_empty());
     // Until the client and redirect URI are known good, errors are shown, never redirected.
+    let mut note = OAuthNote { client: param("client_id").map(str::to_string), ..OAuthNote::default() };
+    if let Some((tenant, endpoint)) = param("resource").and_then(|r| s.parse_resource(r)) {
+        note.tenant = Some(tenant);
+        note.endpoint = Some(endpoint);
+    }
     let Some(client_id) = param("client_id") else {
-        return error_page(StatusCode::BAD_REQUEST, "The request names no client_id.");
+        return noted(
+            error_page(StatusCode::BAD_REQUEST, "The request names no client_id."),
+            note.refused("no_client_id"),
+        );
     };
     let client = match s.clients.get(client_id).await {
         Ok(Some(c)) => c,
-        Ok(None) => return error_page(StatusCode::BAD_REQUEST, "This client is not registered."),
+        Ok(None) => {
+            return noted(
+                error_page(StatusCode::BAD_REQUEST, "This client is not registered."),
+                note.refused("unknown_client"),
+            );
+        }
         Err(_) => return error_page(StatusCode::SERVICE_UNAVAILABLE, "Try again shortly."),
     };
     let Some(redirect_uri) = param("redirect_uri") else {
-        return error_page(StatusCode::BAD_REQUEST, "The request names no redirect_uri.");
+        return noted(
+            error_page(StatusCode::BAD_REQUEST, "The request names no redirect_uri."),
+            note.refused("no_redirect_uri"),
+        );
     };
     if !client.allows_redirect(redirect_uri) {
-        return error_page(StatusCode::BAD_REQUEST, "The redirect_uri is not registered for this client.");
+        return noted(
+            error_page(StatusCode::BAD_REQUEST, "The redirect_uri is not registered for this client."),
+            note.refused("redirect_uri_mismatch"),
+        );
     }
     let state = param("state");
-    let fail = |error: &str, description: &str| redirect_error(s, redirect_uri, state, error, description);
+    let fail = |error: &str, description: &str| {
+        noted(redirect_error(s, redirect_uri, state, error, description), note.clone().refused(error))
+    };
     if param("response_type") != Some("code") {
         return fail("unsupported_response_type", "only response_type=code is supported");
     }
     let Some(code_challenge) = param("code_challenge") else {
-        return fail("invalid_request", "PKCE is required: send code_challenge with code_challenge_method=S256");
+        return noted(
+            redirect_error(
+                s,
+                redirect_uri,
+                state,
+                "invalid_request",
+                "PKCE is required: send code_challenge with code_challenge_method=S256",
+            ),
+            note.refused("pkce_missing"),
+        );
     };
     if param("code_challenge_method") != Some("S256") {
-        return fail("invalid_request", "code_challenge_method must be S256 (plain is not accepted)");
+        return noted(
+            redirect_error(
+                s,
+                redirect_uri,
+                state,
+                "invalid_request",
+                "code_challenge_method must be S256 (plain is not accepted)",
+            ),
+            note.refused("pkce_not_s256"),
+        );
     }
     if code_challenge.len() != 43 {
         return fail("invalid_request", "code_challenge must be a base64url SHA-256 (43 characters)");
@@ -153,20 +192,23 @@ pub async fn authorize(State(app): State<AppState>, Query(q): Query<BTreeMap<Str
     let (idp_client, _, scopes) = s.idp_client();
     let callback = format!("{}/oauth/callback", s.issuer);
     let challenge = s256(&pending.idp_verifier);
-    Redirect::to(&url_with(
-        &authorization_endpoint,
-        &[
-            ("response_type", "code"),
-            ("client_id", idp_client),
-            ("redirect_uri", &callback),
-            ("scope", scopes),
-            ("state", &login),
-            ("nonce", &pending.nonce),
-            ("code_challenge", &challenge),
-            ("code_challenge_method", "S256"),
-        ],
-    ))
-    .into_response()
+    noted(
+        Redirect::to(&url_with(
+            &authorization_endpoint,
+            &[
+                ("response_type", "code"),
+                ("client_id", idp_client),
+                ("redirect_uri", &callback),
+                ("scope", scopes),
+                ("state", &login),
+                ("nonce", &pending.nonce),
+                ("code_challenge", &challenge),
+                ("code_challenge_method", "S256"),
+            ],
+        ))
+        .into_response(),
+        note,
+    )
 }
 
 #[derive(Deserialize)]
@@ -186,20 +228,37 @@ pub async fn callback(State(app): State<AppState>, Query(q): Query<BTreeMap<Stri
         Ok(None) => return error_page(StatusCode::BAD_REQUEST, "This login expired or was already used; start again."),
         Err(_) => return error_page(StatusCode::SERVICE_UNAVAILABLE, "Try again shortly."),
     };
-    let fail = |error: &str, d: &str| redirect_error(s, &pending.redirect_uri, pending.state.as_deref(), error, d);
-    if q.contains_key("error") {
-        return fail("access_denied", "the identity provider did not sign the user in");
+    let mut note = OAuthNote { client: Some(pending.client_id.clone()), ..OAuthNote::default() };
+    if let Some((tenant, endpoint)) = s.parse_resource(&pending.resource) {
+        note.tenant = Some(tenant);
+        note.endpoint = Some(endpoint);
     }
-    let Some(code) = q.get("code") else { return fail("access_denied", "the identity provider sent no code") };
+    let fail = |note: &OAuthNote, error: &str, d: &str| {
+        noted(redirect_error(s, &pending.redirect_uri, pending.state.as_deref(), error, d), note.clone().refused(error))
+    };
+    if q.contains_key("error") {
+        return fail(&note, "access_denied", "the identity provider did not sign the user in");
+    }
+    let Some(code) = q.get("code") else { return fail(&note, "access_denied", "the identity provider sent no code") };
     let user = match idp_login(s, code, &pending).await {
         Ok(user) => user,
         Err(reason) => {
             tracing::warn!(%reason, "Bridged login failed");
-            return fail("access_denied", "the login could not be verified");
+            return noted(
+                redirect_error(
+                    s,
+                    &pending.redirect_uri,
+                    pending.state.as_deref(),
+                    "access_denied",
+                    "the login could not be verified",
+                ),
+                note.refused(&format!("idp_login_failed: {reason}")),
+            );
         }
     };
+    note.subject = Some(format!("oidc:{}", user.user));
     let Some((tenant, endpoint)) = s.parse_resource(&pending.resource) else {
-        return fail("invalid_target", "resource is not an MCP endpoint of this server");
+        return fail(&note, "invalid_target", "resource is not an MCP endpoint of this server");
     };
     // The user must have a persona that may use this endpoint; otherwise it does not exist for them.
     let allowed = app.current().is_some_and(|loaded| {
@@ -209,13 +268,22 @@ pub async fn callback(State(app): State<AppState>, Query(q): Query<BTreeMap<Stri
             .is_some_and(|t| persona_for(t, &user).is_some_and(|p| t.endpoint_for(&endpoint, &p.name).is_some()))
     });
     if !allowed {
-        return fail("access_denied", "no persona of yours may use this endpoint");
+        return noted(
+            redirect_error(
+                s,
+                &pending.redirect_uri,
+                pending.state.as_deref(),
+                "access_denied",
+                "no persona of yours may use this endpoint",
+            ),
+            note.refused("no_persona"),
+        );
     }
     let subject = format!("oidc:{}", user.user);
     match s.clients.has_consent(&pending.client_id, &subject, &pending.resource).await {
-        Ok(true) => issue_code(s, &pending, &user).await,
-        Ok(false) => consent_page(s, pending, user).await,
-        Err(_) => fail("temporarily_unavailable", "try again shortly"),
+        Ok(true) => noted(issue_code(s, &pending, &user).await, note),
+        Ok(false) => noted(consent_page(s, pending, user).await, note),
+        Err(_) => fail(&note, "temporarily_unavailable", "try again shortly"),
     }
 }
 

@@ -130,6 +130,79 @@ impl AuthServer {
     }
 }
 
+/// What an OAuth step adds to its audit event: who, for which tenant and client, and why a
+/// refusal happened (never a code, token or secret).
+#[derive(Clone, Debug, Default)]
+pub struct OAuthNote {
+    /// Tenant of the endpoint the step concerns, when known.
+    pub tenant: Option<String>,
+    /// Endpoint name, when known.
+    pub endpoint: Option<String>,
+    /// The user (`oidc:<user>`), when known.
+    pub subject: Option<String>,
+    /// Client id.
+    pub client: Option<String>,
+    /// Machine-readable reason of a refusal; `None` means the step succeeded.
+    pub refusal: Option<String>,
+}
+
+impl OAuthNote {
+    /// This note with a refusal reason.
+    pub fn refused(mut self, reason: &str) -> Self {
+        self.refusal = Some(reason.to_string());
+        self
+    }
+}
+
+/// Attaches `note` to `response` for the audit layer.
+pub fn noted(mut response: Response, note: OAuthNote) -> Response {
+    response.extensions_mut().insert(note);
+    response
+}
+
+/// One audit event per OAuth request. Refusals are `denied` with the reason in `detail`.
+async fn audit_layer(
+    State(app): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use crate::audit::{AuditEvent, Status};
+    let started = std::time::Instant::now();
+    let operation = format!("{} {}", request.method(), request.uri().path());
+    // No unaudited work: when the audit queue is full, refuse before doing anything.
+    if !app.audit.has_capacity() {
+        return oauth_error(http::StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", "retry shortly");
+    }
+    let mut response = next.run(request).await;
+    let note = response.extensions_mut().remove::<OAuthNote>().unwrap_or_default();
+    let mut event = AuditEvent::new(
+        note.tenant.as_deref().unwrap_or(""),
+        "oauth",
+        operation,
+        &crate::http_context::request_id(),
+        chrono::Utc::now(),
+    );
+    event.auth_method = Some("oauth".into());
+    event.subject = note.subject;
+    event.client_name = note.client;
+    event.endpoint = note.endpoint;
+    let code = response.status();
+    event.status = match (&note.refusal, code.as_u16()) {
+        (Some(_), _) | (None, 400..=499) => Status::Denied,
+        (None, 500..=599) => Status::Error,
+        _ => Status::Ok,
+    };
+    if event.status != Status::Ok {
+        event.error_code = Some(code.as_u16().to_string());
+        event.detail = note.refusal.or_else(|| Some(format!("http_{}", code.as_u16())));
+    }
+    event.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    if app.audit.record(event).await.is_err() {
+        tracing::error!("An OAuth audit event could not be queued");
+    }
+    response
+}
+
 /// The routes of the authorization server (none when it is off).
 pub fn router(state: &AppState) -> Router<AppState> {
     if state.oauth.is_none() {
@@ -145,6 +218,7 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/oauth/consent", post(flow::consent))
         .route("/oauth/token", post(token::token))
         .route("/oauth/revoke", post(token::revoke))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), audit_layer))
 }
 
 fn server(app: &AppState) -> &AuthServer {

@@ -5,7 +5,7 @@
 
 use super::clients::Client;
 use super::flow::CodeGrant;
-use super::{AuthServer, hash, oauth_error, random_token, s256, server};
+use super::{AuthServer, OAuthNote, hash, noted, oauth_error, random_token, s256, server};
 use crate::state::AppState;
 use axum::Json;
 use axum::body::Bytes;
@@ -91,21 +91,38 @@ fn invalid_grant(description: &str) -> Response {
 pub async fn token(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let s = server(&app);
     let f = form(&body);
+    let mut note = OAuthNote { client: f.get("client_id").cloned(), ..OAuthNote::default() };
     let client = match authenticate_client(s, &headers, &f).await {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(r) => return noted(r, note.refused("invalid_client")),
     };
-    match f.get("grant_type").map(String::as_str) {
-        Some("authorization_code") => authorization_code(s, &client, &f).await,
-        Some("refresh_token") => refresh(s, &client, &f).await,
+    note.client = Some(client.client_id.clone());
+    let response = match f.get("grant_type").map(String::as_str) {
+        Some("authorization_code") => authorization_code(s, &client, &f, &mut note).await,
+        Some("refresh_token") => refresh(s, &client, &f, &mut note).await,
         Some(_) => {
+            note.refusal = Some("unsupported_grant_type".into());
             oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type", "use authorization_code or refresh_token")
         }
         None => oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "grant_type is required"),
-    }
+    };
+    noted(response, note)
 }
 
-async fn authorization_code(s: &AuthServer, client: &Client, f: &BTreeMap<String, String>) -> Response {
+fn locate(s: &AuthServer, note: &mut OAuthNote, resource: &str, user: &str) {
+    if let Some((tenant, endpoint)) = s.parse_resource(resource) {
+        note.tenant = Some(tenant);
+        note.endpoint = Some(endpoint);
+    }
+    note.subject = Some(format!("oidc:{user}"));
+}
+
+async fn authorization_code(
+    s: &AuthServer,
+    client: &Client,
+    f: &BTreeMap<String, String>,
+    note: &mut OAuthNote,
+) -> Response {
     let Some(code) = f.get("code") else {
         return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "code is required");
     };
@@ -118,24 +135,40 @@ async fn authorization_code(s: &AuthServer, client: &Client, f: &BTreeMap<String
         Ok(None) => {
             // A replayed code: revoke what it was exchanged for (RFC 9700 §4.2.4).
             if let Ok(Some(family)) = s.state.take(&format!("used-code:{code_hash}")).await {
+                if let Ok(Some(stored)) = s.state.get(&format!("family:{family}")).await
+                    && let Ok(f) = serde_json::from_str::<Family>(&stored)
+                {
+                    locate(s, note, &f.resource, &f.user);
+                }
                 revoke_family(s, &family).await;
                 tracing::warn!(client = %client.client_id, "Authorization code replayed; its tokens are revoked");
+                note.refusal = Some("code_replay".into());
+            } else {
+                note.refusal = Some("unknown_code".into());
             }
             return invalid_grant("the code is invalid, expired or already used");
         }
         Err(_) => return oauth_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", "try again"),
     };
+    locate(s, note, &grant.resource, &grant.user);
     if grant.client_id != client.client_id {
+        note.refusal = Some("code_of_another_client".into());
         return invalid_grant("the code was issued to another client");
     }
     if f.get("redirect_uri") != Some(&grant.redirect_uri) {
+        note.refusal = Some("redirect_uri_mismatch".into());
         return invalid_grant("redirect_uri does not match the authorization request");
     }
-    let Some(verifier) = f.get("code_verifier") else { return invalid_grant("code_verifier is required (PKCE)") };
+    let Some(verifier) = f.get("code_verifier") else {
+        note.refusal = Some("pkce_verifier_missing".into());
+        return invalid_grant("code_verifier is required (PKCE)");
+    };
     if !(43..=128).contains(&verifier.len()) || s256(verifier) != grant.code_challenge {
+        note.refusal = Some("pkce_mismatch".into());
         return invalid_grant("code_verifier does not match the code_challenge");
     }
     if f.get("resource").is_some_and(|r| *r != grant.resource) {
+        note.refusal = Some("resource_mismatch".into());
         return oauth_error(
             StatusCode::BAD_REQUEST,
             "invalid_target",
@@ -162,7 +195,7 @@ async fn authorization_code(s: &AuthServer, client: &Client, f: &BTreeMap<String
     response
 }
 
-async fn refresh(s: &AuthServer, client: &Client, f: &BTreeMap<String, String>) -> Response {
+async fn refresh(s: &AuthServer, client: &Client, f: &BTreeMap<String, String>, note: &mut OAuthNote) -> Response {
     let Some(token) = f.get("refresh_token") else {
         return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "refresh_token is required");
     };
@@ -172,16 +205,23 @@ async fn refresh(s: &AuthServer, client: &Client, f: &BTreeMap<String, String>) 
             Ok(f) => f,
             Err(_) => return invalid_grant("the refresh token is invalid"),
         },
-        Ok(None) => return invalid_grant("the refresh token is invalid or expired"),
+        Ok(None) => {
+            note.refusal = Some("unknown_refresh_token".into());
+            return invalid_grant("the refresh token is invalid or expired");
+        }
         Err(_) => return oauth_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", "try again"),
     };
+    locate(s, note, &family.resource, &family.user);
     if family.client_id != client.client_id {
+        note.refusal = Some("refresh_of_another_client".into());
         return invalid_grant("the refresh token was issued to another client");
     }
     if family.revoked {
+        note.refusal = Some("refresh_revoked".into());
         return invalid_grant("the refresh token was revoked");
     }
     if family.current != hash(token) {
+        note.refusal = Some("refresh_reuse".into());
         // A spent token came back: someone else may hold the live one. Revoke them all.
         revoke_family(s, family_id).await;
         tracing::warn!(client = %client.client_id, "Refresh token reused; the family is revoked");
@@ -254,7 +294,7 @@ pub async fn revoke(State(app): State<AppState>, headers: HeaderMap, body: Bytes
     let f = form(&body);
     let client = match authenticate_client(s, &headers, &f).await {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(r) => return noted(r, OAuthNote::default().refused("invalid_client")),
     };
     let Some(token) = f.get("token") else {
         return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "token is required");
