@@ -117,6 +117,43 @@ async fn operator_passes_change_what_serve_serves_within_a_second() {
     operator.pass(&w).await;
     within_a_second("endpoint re-apply", || async { !replica.tool_names(ANALYST_KEY).await.is_empty() }).await;
 
+    // Credentials from a Secret: referencing one, then changing its value, each publish a new
+    // version the replica loads (the values travel sealed); the tools keep being served.
+    let version = |pool: sqlx::PgPool| async move {
+        portcullis_store::config_store::latest_version(&pool).await.unwrap().unwrap_or(0)
+    };
+    let before = version(operator.pool.clone()).await;
+    let with_secret = world(&format!(
+        "{}\n---\napiVersion: v1\nkind: Secret\nmetadata: {{name: notes-auth, namespace: demo}}\nstringData: {{X-Upstream-Token: upstream-token-one-5f2c}}\n",
+        yaml(&edited).replace(
+            "refreshIntervalSeconds: 5}",
+            "refreshIntervalSeconds: 5, headersFrom: {secretRef: {name: notes-auth}}}"
+        )
+    ));
+    assert_eq!(
+        with_secret.connections[0].spec.mcp.as_ref().unwrap().headers_from.as_ref().unwrap().secret_ref.name,
+        "notes-auth"
+    );
+    w.connections = with_secret.connections.clone();
+    w.secrets = with_secret.secrets.clone();
+    operator.pass(&w).await;
+    let referenced = version(operator.pool.clone()).await;
+    assert!(referenced > before, "referencing a Secret publishes");
+    let rotated = world(
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: notes-auth, namespace: demo}\nstringData: {X-Upstream-Token: upstream-token-two-9d1e}\n",
+    );
+    w.secrets.retain(|s| s.metadata.name.as_deref() != Some("notes-auth"));
+    w.secrets.extend(rotated.secrets.iter().cloned());
+    operator.pass(&w).await;
+    assert!(version(operator.pool.clone()).await > referenced, "a changed Secret value publishes");
+    let stored: String =
+        sqlx::query_scalar("SELECT snapshot::text FROM config_snapshots ORDER BY version DESC LIMIT 1")
+            .fetch_one(&operator.pool)
+            .await
+            .unwrap();
+    assert!(!stored.contains("upstream-token-two-9d1e"), "secret values are sealed, not in the snapshot document");
+    within_a_second("credentials change", || async { !replica.tool_names(ANALYST_KEY).await.is_empty() }).await;
+
     // Delete the Connection: the endpoint is left without it (DependencyNotReady) and the tools
     // go; apply it again and they return.
     let connections = std::mem::take(&mut w.connections);
