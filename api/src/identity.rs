@@ -194,6 +194,24 @@ async fn authenticate_oauth(
             Refusal::Invalid => TokenError::Signature,
         })
     })?;
+    // A service client (client-credentials grant) acts as its persona in its tenant.
+    if let Some(persona) = claims.get("persona").and_then(|v| v.as_str()) {
+        let client_id = claims.get("client_id").and_then(|v| v.as_str()).unwrap_or_default();
+        let token_tenant = claims.get("tenant").and_then(|v| v.as_str());
+        let exists = snapshot.tenant(tenant).is_some_and(|t| t.personas.contains_key(persona));
+        // A deleted client's tokens stop at once (its revocation marker outlives its tokens).
+        let live = !crate::oauth::token::client_revoked(server, client_id).await;
+        if token_tenant != Some(tenant) || !exists || !live {
+            return Err(AuthError::Token(TokenError::Revoked));
+        }
+        return Ok(Identity {
+            tenant: tenant.to_string(),
+            subject: format!("client:{client_id}"),
+            persona: persona.to_string(),
+            method: "oauth",
+            key_id: Some(client_id.to_string()),
+        });
+    }
     let family = claims.get("sid").and_then(|v| v.as_str()).unwrap_or_default();
     if crate::oauth::token::family_revoked(server, family).await {
         return Err(AuthError::Token(TokenError::Revoked));

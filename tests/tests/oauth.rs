@@ -614,3 +614,90 @@ async fn every_step_of_the_flow_can_land_on_another_replica() {
     let r = reqwest::Client::new().post(format!("{}/oauth/token", b.base)).form(&form).send().await.unwrap();
     assert_eq!(r.status(), 400, "reuse detected on the other pod");
 }
+
+#[tokio::test]
+async fn service_clients_use_client_credentials_as_their_persona_on_their_tenants_endpoints() {
+    let idp = Idp::start().await;
+    let upstream = Upstream::start("both").await;
+    let gateway = start(&idp, &upstream).await;
+    wait_until(Duration::from_secs(10), || async { !gateway.tool_names(ANALYST_KEY).await.is_empty() }).await;
+    let resource = gateway.mcp_url("demo", "people");
+
+    // An administrator mints a client bound to the people-analyst persona; the secret is shown once.
+    let r = gateway
+        .post(ADMIN_KEY, "/api/v1/admin/auth/clients", &json!({"persona": "people-analyst", "name": "nightly job"}))
+        .await;
+    assert_eq!(r.status(), 201);
+    let minted: Value = r.json().await.unwrap();
+    let (client_id, secret) =
+        (minted["client_id"].as_str().unwrap().to_string(), minted["client_secret"].as_str().unwrap().to_string());
+    assert_eq!(
+        gateway.post(ANALYST_KEY, "/api/v1/admin/auth/clients", &json!({"persona": "analyst"})).await.status(),
+        403
+    );
+    assert_eq!(gateway.post(ADMIN_KEY, "/api/v1/admin/auth/clients", &json!({"persona": "ghost"})).await.status(), 422);
+    let listed: Value = gateway.get(ADMIN_KEY, "/api/v1/admin/auth/clients").await.json().await.unwrap();
+    assert_eq!(listed["total"], 1);
+    assert!(!listed.to_string().contains(&secret));
+
+    // client_credentials with the secret and a resource of the tenant.
+    let grant = [("grant_type", "client_credentials"), ("resource", resource.as_str())];
+    let (status, body) = token(&gateway, &grant, Some((&client_id, "wrong-secret"))).await;
+    assert_eq!((status, body["error"].as_str()), (401, Some("invalid_client")));
+    let (status, body) = token(&gateway, &[("grant_type", "client_credentials")], Some((&client_id, &secret))).await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("invalid_target")));
+    let foreign = format!("{}/mcp/other/notes", gateway.base);
+    let (status, _) =
+        token(&gateway, &[("grant_type", "client_credentials"), ("resource", &foreign)], Some((&client_id, &secret)))
+            .await;
+    assert_eq!(status, 400, "another tenant's endpoint");
+    let (status, body) = token(&gateway, &grant, Some((&client_id, &secret))).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.get("refresh_token").is_none());
+    let access = body["access_token"].as_str().unwrap().to_string();
+    let (status, listed_tools, _) = mcp_list(&gateway, "people", &access).await;
+    assert_eq!(status, 200, "{listed_tools}");
+    let names: Vec<&str> =
+        listed_tools["result"]["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert!(
+        !names.is_empty() && names.iter().all(|n| n.starts_with("notes.list_") || n.starts_with("notes.get_")),
+        "{names:?}"
+    );
+    assert_eq!(mcp_list(&gateway, "notes", &access).await.0, 401, "bound to its endpoint");
+    // A user's public client cannot use the grant.
+    let (_, reg) = register(
+        &gateway,
+        json!({"application_type": "native", "redirect_uris": [REDIRECT], "token_endpoint_auth_method": "none"}),
+    )
+    .await;
+    let (status, body) = token(
+        &gateway,
+        &[
+            ("grant_type", "client_credentials"),
+            ("resource", &resource),
+            ("client_id", reg["client_id"].as_str().unwrap()),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("unauthorized_client")));
+
+    // Deleting the client stops its tokens at once.
+    let deleted = reqwest::Client::new()
+        .delete(format!("{}/api/v1/admin/auth/clients/{client_id}", gateway.base))
+        .header("X-API-Key", ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    assert_eq!(mcp_list(&gateway, "people", &access).await.0, 401);
+    assert_eq!(token(&gateway, &grant, Some((&client_id, &secret))).await.0, 401);
+    wait_until(Duration::from_secs(5), || async {
+        gateway
+            .audit("per_page=500")
+            .await
+            .iter()
+            .any(|e| e["subject"] == format!("client:{client_id}") && e["status"] == "ok")
+    })
+    .await;
+}

@@ -32,6 +32,12 @@ pub struct Client {
     pub grant_types: String,
     /// When registered.
     pub created_at: DateTime<Utc>,
+    /// Tenant of a service client (client-credentials grant).
+    pub tenant: Option<String>,
+    /// Persona a service client acts as.
+    pub persona: Option<String>,
+    /// Who minted a service client.
+    pub created_by: Option<String>,
 }
 
 impl Client {
@@ -60,16 +66,17 @@ impl Clients {
     /// A client by id.
     pub async fn get(&self, client_id: &str) -> Result<Option<Client>, sqlx::Error> {
         on_pool!(&self.db, pool => {
-            sqlx::query_as("SELECT client_id, secret_hash, client_name, redirect_uris, application_type, token_endpoint_auth_method, grant_types, created_at FROM oauth_clients WHERE client_id = $1")
+            sqlx::query_as("SELECT client_id, secret_hash, client_name, redirect_uris, application_type, token_endpoint_auth_method, grant_types, created_at, tenant, persona, created_by FROM oauth_clients WHERE client_id = $1")
                 .bind(client_id)
                 .fetch_optional(pool)
                 .await
         })
     }
 
-    async fn insert(&self, c: &Client) -> Result<(), sqlx::Error> {
+    /// Stores a client.
+    pub async fn insert(&self, c: &Client) -> Result<(), sqlx::Error> {
         on_pool!(&self.db, pool => {
-            sqlx::query("INSERT INTO oauth_clients (client_id, secret_hash, client_name, redirect_uris, application_type, token_endpoint_auth_method, grant_types, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
+            sqlx::query("INSERT INTO oauth_clients (client_id, secret_hash, client_name, redirect_uris, application_type, token_endpoint_auth_method, grant_types, created_at, tenant, persona, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)")
                 .bind(&c.client_id)
                 .bind(&c.secret_hash)
                 .bind(&c.client_name)
@@ -78,10 +85,47 @@ impl Clients {
                 .bind(&c.token_endpoint_auth_method)
                 .bind(&c.grant_types)
                 .bind(c.created_at)
+                .bind(&c.tenant)
+                .bind(&c.persona)
+                .bind(&c.created_by)
                 .execute(pool)
                 .await
                 .map(drop)
         })
+    }
+
+    /// A tenant's service clients, newest first, and how many there are.
+    pub async fn service_clients(
+        &self,
+        tenant: &str,
+        offset: i64,
+        limit: i64,
+    ) -> Result<(Vec<Client>, i64), sqlx::Error> {
+        let rows: Vec<Client> = on_pool!(&self.db, pool => {
+            sqlx::query_as("SELECT client_id, secret_hash, client_name, redirect_uris, application_type, token_endpoint_auth_method, grant_types, created_at, tenant, persona, created_by FROM oauth_clients WHERE tenant = $1 ORDER BY created_at DESC, client_id DESC LIMIT $2 OFFSET $3")
+                .bind(tenant)
+                .bind(limit)
+                .bind(offset)
+                .fetch_all(pool)
+                .await
+        })?;
+        let total: i64 = on_pool!(&self.db, pool => {
+            sqlx::query_scalar("SELECT count(*) FROM oauth_clients WHERE tenant = $1").bind(tenant).fetch_one(pool).await
+        })?;
+        Ok((rows, total))
+    }
+
+    /// Deletes a tenant's service client; true if it existed.
+    pub async fn delete_service_client(&self, tenant: &str, client_id: &str) -> Result<bool, sqlx::Error> {
+        let done = on_pool!(&self.db, pool => {
+            sqlx::query("DELETE FROM oauth_clients WHERE tenant = $1 AND client_id = $2")
+                .bind(tenant)
+                .bind(client_id)
+                .execute(pool)
+                .await
+                .map(|r| r.rows_affected())
+        })?;
+        Ok(done > 0)
     }
 
     /// Whether `subject` consented to `client_id` using `resource`.
@@ -197,6 +241,9 @@ pub async fn register(State(app): State<AppState>, body: axum::body::Bytes) -> R
         token_endpoint_auth_method: method.clone(),
         grant_types: serde_json::to_string(&grant_types).unwrap_or_default(),
         created_at: Utc::now(),
+        tenant: None,
+        persona: None,
+        created_by: None,
     };
     if let Err(e) = s.clients.insert(&client).await {
         tracing::error!(error = %e, "Cannot store an OAuth client");

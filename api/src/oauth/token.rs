@@ -100,13 +100,66 @@ pub async fn token(State(app): State<AppState>, headers: HeaderMap, body: Bytes)
     let response = match f.get("grant_type").map(String::as_str) {
         Some("authorization_code") => authorization_code(s, &client, &f, &mut note).await,
         Some("refresh_token") => refresh(s, &client, &f, &mut note).await,
+        Some("client_credentials") => client_credentials(s, &client, &f, &mut note),
         Some(_) => {
             note.refusal = Some("unsupported_grant_type".into());
-            oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type", "use authorization_code or refresh_token")
+            oauth_error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                "use authorization_code, refresh_token or client_credentials",
+            )
         }
         None => oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "grant_type is required"),
     };
     noted(response, note)
+}
+
+/// The client-credentials grant: a service client minted by a tenant's administrators acts as
+/// its persona, on one endpoint of its tenant (`resource`), with no refresh token.
+fn client_credentials(s: &AuthServer, client: &Client, f: &BTreeMap<String, String>, note: &mut OAuthNote) -> Response {
+    let (Some(tenant), Some(persona)) = (client.tenant.as_deref(), client.persona.as_deref()) else {
+        note.refusal = Some("not_a_service_client".into());
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "unauthorized_client",
+            "this client may not use client_credentials",
+        );
+    };
+    note.tenant = Some(tenant.to_string());
+    note.subject = Some(format!("client:{}", client.client_id));
+    let Some(resource) = f.get("resource") else {
+        note.refusal = Some("resource_missing".into());
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_target", "resource is required: the MCP endpoint URL");
+    };
+    match s.parse_resource(resource) {
+        Some((t, endpoint)) if t == tenant => note.endpoint = Some(endpoint),
+        _ => {
+            note.refusal = Some("invalid_target".into());
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_target",
+                "resource is not an MCP endpoint of this client's tenant",
+            );
+        }
+    }
+    let now = chrono::Utc::now().timestamp();
+    let ttl = s.access_ttl.as_secs();
+    let access = s.keys.sign(&json!({
+        "iss": s.issuer,
+        "aud": resource,
+        "sub": format!("client:{}", client.client_id),
+        "client_id": client.client_id,
+        "tenant": tenant,
+        "persona": persona,
+        "scope": "mcp",
+        "iat": now,
+        "exp": now + ttl as i64,
+        "jti": uuid::Uuid::new_v4().simple().to_string(),
+    }));
+    let mut response = Json(json!({"access_token": access, "token_type": "Bearer", "expires_in": ttl, "scope": "mcp"}))
+        .into_response();
+    response.headers_mut().insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+    response
 }
 
 fn locate(s: &AuthServer, note: &mut OAuthNote, resource: &str, user: &str) {
@@ -280,6 +333,19 @@ async fn issue(s: &AuthServer, family_id: &str, mut family: Family, client: &Cli
     let mut response = Json(body).into_response();
     response.headers_mut().insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
     response
+}
+
+/// Marks a deleted service client's tokens revoked until they would have expired anyway.
+pub async fn revoke_client(s: &AuthServer, client_id: &str) -> bool {
+    s.state
+        .put(&format!("revoked-client:{client_id}"), "1".into(), s.access_ttl + Duration::from_secs(60))
+        .await
+        .is_ok()
+}
+
+/// Whether a service client was deleted (fail closed when the store cannot answer).
+pub async fn client_revoked(s: &AuthServer, client_id: &str) -> bool {
+    !matches!(s.state.get(&format!("revoked-client:{client_id}")).await, Ok(None))
 }
 
 /// Whether the family an access token belongs to was revoked.

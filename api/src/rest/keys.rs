@@ -312,3 +312,177 @@ pub async fn rotate_key(
     })
     .await
 }
+
+/// A service client for the client-credentials grant, as listed (never its secret).
+#[derive(Serialize, ToSchema)]
+pub struct ServiceClientView {
+    /// OAuth client id.
+    pub client_id: String,
+    /// Display name.
+    pub name: Option<String>,
+    /// Persona it acts as.
+    pub persona: Option<String>,
+    /// Who minted it.
+    pub created_by: Option<String>,
+    /// When.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A freshly minted service client: the only time the secret is shown.
+#[derive(Serialize, ToSchema)]
+pub struct MintedServiceClient {
+    /// The client secret: store it now, it is not shown again.
+    pub client_secret: String,
+    /// Token endpoint to use with grant_type=client_credentials and a `resource`.
+    pub token_endpoint: String,
+    /// The stored record.
+    #[serde(flatten)]
+    pub record: ServiceClientView,
+}
+
+/// What service client to mint.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateServiceClient {
+    /// Persona of this tenant the client acts as.
+    pub persona: String,
+    /// Display name.
+    pub name: Option<String>,
+}
+
+fn view(c: &crate::oauth::clients::Client) -> ServiceClientView {
+    ServiceClientView {
+        client_id: c.client_id.clone(),
+        name: c.client_name.clone(),
+        persona: c.persona.clone(),
+        created_by: c.created_by.clone(),
+        created_at: c.created_at,
+    }
+}
+
+fn oauth_server(app: &AppState) -> Result<&crate::oauth::AuthServer, Problem> {
+    app.oauth.as_deref().ok_or_else(|| {
+        Problem::not_found(
+            "the OAuth authorization server is not enabled (--oauth-idp-client-id); see docs/identity.md",
+        )
+    })
+}
+
+/// Mints a confidential OAuth client bound to a persona, for the client-credentials grant
+/// (services that prefer OAuth tokens to API keys). The secret is in this response only.
+#[utoipa::path(post, path = "/api/v1/admin/auth/clients", tag = "admin", request_body = CreateServiceClient,
+    responses((status = 201, body = MintedServiceClient), (status = 403, description = "Not an admin persona", content_type = "application/problem+json"),
+        (status = 422, description = "Unknown persona", content_type = "application/problem+json")))]
+pub async fn create_client(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Json<CreateServiceClient>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err(p) = admin(&caller) {
+        return p.into_response();
+    }
+    let server = match oauth_server(&app) {
+        Ok(s) => s,
+        Err(p) => return p.into_response(),
+    };
+    let Json(request) = match body {
+        Ok(b) => b,
+        Err(e) => return Problem::bad_request(format!("invalid request body: {}", e.body_text())).into_response(),
+    };
+    let tenant = &caller.loaded.snapshot.tenants[&caller.identity.tenant];
+    if !tenant.personas.contains_key(&request.persona) {
+        return Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown-persona",
+            "Unprocessable Entity",
+            format!("there is no persona {:?} in this tenant", request.persona),
+        )
+        .into_response();
+    }
+    let secret = crate::oauth::random_token();
+    let Ok(secret_hash) = bcrypt::hash(&secret, 10) else { return Problem::internal().into_response() };
+    let client = crate::oauth::clients::Client {
+        client_id: format!("pcl-service-{}", uuid::Uuid::now_v7().simple()),
+        secret_hash: Some(secret_hash),
+        client_name: request.name,
+        redirect_uris: "[]".into(),
+        application_type: "web".into(),
+        token_endpoint_auth_method: "client_secret_basic".into(),
+        grant_types: r#"["client_credentials"]"#.into(),
+        created_at: Utc::now(),
+        tenant: Some(caller.identity.tenant.clone()),
+        persona: Some(request.persona),
+        created_by: Some(caller.identity.subject.clone()),
+    };
+    if let Err(e) = server.clients.insert(&client).await {
+        return database_error(e).into_response();
+    }
+    let detail = format!(
+        "minted service client {} for persona {}",
+        client.client_id,
+        client.persona.clone().unwrap_or_default()
+    );
+    let body = MintedServiceClient {
+        client_secret: secret,
+        token_endpoint: format!("{}/oauth/token", server.issuer),
+        record: view(&client),
+    };
+    super::handlers::with_note((StatusCode::CREATED, Json(body)).into_response(), note(detail))
+}
+
+/// The tenant's service clients (never their secrets).
+#[utoipa::path(get, path = "/api/v1/admin/auth/clients", tag = "admin", params(Paging),
+    responses((status = 200, body = Page<ServiceClientView>)))]
+pub async fn list_clients(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    paging: Result<Query<Paging>, QueryRejection>,
+) -> Result<Json<Page<ServiceClientView>>, Problem> {
+    admin(&caller)?;
+    let server = oauth_server(&app)?;
+    let Query(paging) = paging.map_err(|e| Problem::bad_request(e.body_text()))?;
+    let (page, per_page) = paging.bounds()?;
+    let offset = i64::from(page - 1) * i64::from(per_page);
+    let (rows, total) = server
+        .clients
+        .service_clients(&caller.identity.tenant, offset, per_page.into())
+        .await
+        .map_err(database_error)?;
+    Ok(Json(Page { items: rows.iter().map(view).collect(), total: total.try_into().unwrap_or(0), page, per_page }))
+}
+
+/// Deletes a service client; its tokens stop working on every pod at once.
+#[utoipa::path(delete, path = "/api/v1/admin/auth/clients/{client_id}", tag = "admin",
+    params(("client_id" = String, Path, description = "Client id")),
+    responses((status = 204, description = "Deleted"), (status = 404, description = "No such client", content_type = "application/problem+json")))]
+pub async fn delete_client(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(client_id): Path<String>,
+) -> Response {
+    if let Err(p) = admin(&caller) {
+        return p.into_response();
+    }
+    let server = match oauth_server(&app) {
+        Ok(s) => s,
+        Err(p) => return p.into_response(),
+    };
+    // Only this tenant's clients; then revoke first, so a deleted client never keeps working
+    // even if the delete fails.
+    match server.clients.get(&client_id).await {
+        Ok(Some(c)) if c.tenant.as_deref() == Some(caller.identity.tenant.as_str()) => {}
+        Ok(_) => return Problem::not_found(format!("there is no service client {client_id:?}")).into_response(),
+        Err(e) => return database_error(e).into_response(),
+    }
+    if !crate::oauth::token::revoke_client(server, &client_id).await {
+        return Problem::unavailable("cannot revoke the client's tokens right now; retry").into_response();
+    }
+    match server.clients.delete_service_client(&caller.identity.tenant, &client_id).await {
+        Ok(true) => super::handlers::with_note(
+            StatusCode::NO_CONTENT.into_response(),
+            note(format!("deleted service client {client_id}")),
+        ),
+        Ok(false) => Problem::not_found(format!("there is no service client {client_id:?}")).into_response(),
+        Err(e) => database_error(e).into_response(),
+    }
+}

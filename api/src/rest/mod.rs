@@ -107,6 +107,8 @@ pub fn router(state: AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(keys::create_key, keys::list_keys))
         .routes(routes!(keys::revoke_key))
         .routes(routes!(keys::rotate_key))
+        .routes(routes!(keys::create_client, keys::list_clients))
+        .routes(routes!(keys::delete_client))
         .split_for_parts();
     let router = router
         .fallback(handlers::unknown_route)
