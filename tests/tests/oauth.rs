@@ -701,3 +701,105 @@ async fn service_clients_use_client_credentials_as_their_persona_on_their_tenant
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_client_identified_by_its_metadata_document_needs_no_registration() {
+    let idp = Idp::start().await;
+    let upstream = Upstream::start("both").await;
+    let issuer = idp.issuer();
+    let gateway = Gateway::start_with(
+        &manifests(&upstream),
+        &[
+            "--oidc-issuer",
+            &issuer,
+            "--oidc-audiences",
+            "portcullis-api",
+            "--oauth-idp-client-id",
+            IDP_CLIENT_ID,
+            "--oauth-idp-client-secret",
+            IDP_CLIENT_SECRET,
+            "--oauth-client-metadata-allow-private",
+        ],
+    )
+    .await;
+    wait_until(Duration::from_secs(10), || async { !gateway.tool_names(ANALYST_KEY).await.is_empty() }).await;
+    let resource = gateway.mcp_url("demo", "people");
+    let metadata: Value = reqwest::get(format!("{}/.well-known/oauth-authorization-server", gateway.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(metadata["client_id_metadata_document_supported"], true);
+
+    // The client's documents, served where its client_id URLs point.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let good = format!("{base}/client.json");
+    let liar = format!("{base}/liar.json");
+    let documents = std::sync::Arc::new(HashMap::from([
+        (
+            "/client.json".to_string(),
+            json!({"client_id": good, "client_name": "Doc Agent", "redirect_uris": [REDIRECT]}),
+        ),
+        (
+            "/liar.json".to_string(),
+            json!({"client_id": "https://someone-else.example.com/c.json", "redirect_uris": [REDIRECT]}),
+        ),
+    ]));
+    let served = documents.clone();
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        let served = served.clone();
+        async move {
+            match served.get(uri.path()) {
+                Some(doc) => axum::Json(doc.clone()).into_response(),
+                None => axum::http::StatusCode::NOT_FOUND.into_response(),
+            }
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    use axum::response::IntoResponse;
+
+    let client = Registered { client_id: good.clone(), secret: None };
+    let (verifier, challenge) = pkce();
+    let params = [
+        ("response_type", "code"),
+        ("redirect_uri", REDIRECT),
+        ("code_challenge", challenge.as_str()),
+        ("code_challenge_method", "S256"),
+        ("resource", resource.as_str()),
+    ];
+    let back = authorize(&gateway, &client, &params, true).await;
+    let code = query(&back)["code"].clone();
+    let (status, tokens) = token(
+        &gateway,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", code.as_str()),
+            ("redirect_uri", REDIRECT),
+            ("code_verifier", verifier.as_str()),
+            ("client_id", good.as_str()),
+            ("resource", resource.as_str()),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{tokens}");
+    assert_eq!(mcp_list(&gateway, "people", tokens["access_token"].as_str().unwrap()).await.0, 200);
+
+    // A document that names another client_id, or a redirect URI it does not list, is refused.
+    for (client_id, redirect) in [(liar.as_str(), REDIRECT), (good.as_str(), "http://127.0.0.1:43117/elsewhere")] {
+        let mut url = reqwest::Url::parse(&format!("{}/oauth/authorize", gateway.base)).unwrap();
+        url.query_pairs_mut().append_pair("client_id", client_id).extend_pairs([
+            ("response_type", "code"),
+            ("redirect_uri", redirect),
+            ("code_challenge", challenge.as_str()),
+            ("code_challenge_method", "S256"),
+            ("resource", resource.as_str()),
+        ]);
+        let r = browser().get(url).send().await.unwrap();
+        assert_eq!(r.status(), 400, "{client_id} {redirect}");
+        assert!(r.headers().get("location").is_none());
+    }
+    let _ = documents;
+}

@@ -103,7 +103,7 @@ pub async fn authorize(State(app): State<AppState>, Query(q): Query<BTreeMap<Str
             note.refused("no_client_id"),
         );
     };
-    let client = match s.clients.get(client_id).await {
+    let client = match s.client(client_id).await {
         Ok(Some(c)) => c,
         Ok(None) => {
             return noted(

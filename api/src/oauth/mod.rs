@@ -8,6 +8,7 @@
 pub mod clients;
 pub mod ephemeral;
 pub mod flow;
+pub mod metadata_documents;
 pub mod signing;
 pub mod token;
 
@@ -48,6 +49,10 @@ pub struct OAuthArgs {
     /// Lifetime of access tokens, in seconds.
     #[arg(long, env = "PORTCULLIS_OAUTH_ACCESS_TOKEN_SECONDS", default_value_t = 900)]
     pub oauth_access_token_seconds: u64,
+    /// Let client metadata documents live on private or loopback addresses (and plain http on
+    /// loopback): for internal clients and development only.
+    #[arg(long, env = "PORTCULLIS_OAUTH_CLIENT_METADATA_ALLOW_PRIVATE")]
+    pub oauth_client_metadata_allow_private: bool,
     /// Lifetime of a refresh-token family without use, in days.
     #[arg(long, env = "PORTCULLIS_OAUTH_REFRESH_TOKEN_DAYS", default_value_t = 30)]
     pub oauth_refresh_token_days: u64,
@@ -68,6 +73,8 @@ pub struct AuthServer {
     pub state: Box<dyn Ephemeral>,
     /// Registered clients and consents.
     pub clients: clients::Clients,
+    /// Clients identified by metadata-document URLs.
+    pub documents: metadata_documents::MetadataDocuments,
     /// Access-token lifetime.
     pub access_ttl: Duration,
     /// Refresh-family lifetime.
@@ -103,6 +110,7 @@ impl AuthServer {
             keys: keys()?,
             state,
             clients,
+            documents: metadata_documents::MetadataDocuments::new(args.oauth_client_metadata_allow_private),
             access_ttl: Duration::from_secs(args.oauth_access_token_seconds.clamp(60, 86_400)),
             refresh_ttl: Duration::from_secs(args.oauth_refresh_token_days.clamp(1, 365) * 86_400),
             http,
@@ -242,7 +250,7 @@ async fn server_metadata(State(app): State<AppState>) -> Response {
         "token_endpoint_auth_methods_supported": ["none", "client_secret_basic", "client_secret_post"],
         "revocation_endpoint_auth_methods_supported": ["none", "client_secret_basic", "client_secret_post"],
         "authorization_response_iss_parameter_supported": true,
-        "client_id_metadata_document_supported": false,
+        "client_id_metadata_document_supported": true,
         "scopes_supported": ["mcp"],
     }))
     .into_response()
@@ -294,6 +302,20 @@ pub fn s256(verifier: &str) -> String {
 }
 
 impl AuthServer {
+    /// A client by id: registered, or described by the metadata document at its URL.
+    pub async fn client(&self, client_id: &str) -> Result<Option<clients::Client>, String> {
+        if metadata_documents::is_document_id(client_id) {
+            return match self.documents.client(client_id).await {
+                Ok(c) => Ok(Some(c)),
+                Err(reason) => {
+                    tracing::info!(client_id, %reason, "Client metadata document refused");
+                    Ok(None)
+                }
+            };
+        }
+        self.clients.get(client_id).await.map_err(|e| e.to_string())
+    }
+
     pub(crate) fn idp_client(&self) -> (&str, Option<&str>, &str) {
         (&self.idp_client_id, self.idp_client_secret.as_deref(), &self.idp_scopes)
     }

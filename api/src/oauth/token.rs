@@ -63,7 +63,7 @@ async fn authenticate_client(
         },
         (None, None) => return Err(invalid()),
     };
-    let client = match s.clients.get(&client_id).await {
+    let client = match s.client(&client_id).await {
         Ok(Some(c)) => c,
         Ok(None) => return Err(invalid()),
         Err(_) => return Err(oauth_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", "try again")),
