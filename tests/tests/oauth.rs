@@ -803,3 +803,73 @@ async fn a_client_identified_by_its_metadata_document_needs_no_registration() {
     }
     let _ = documents;
 }
+
+#[tokio::test]
+async fn revoking_a_refresh_token_ends_the_session() {
+    let idp = Idp::start().await;
+    let upstream = Upstream::start("both").await;
+    let gateway = start(&idp, &upstream).await;
+    wait_until(Duration::from_secs(10), || async { !gateway.tool_names(ANALYST_KEY).await.is_empty() }).await;
+    let resource = gateway.mcp_url("demo", "people");
+    let (_, reg) = register(
+        &gateway,
+        json!({"application_type": "native", "redirect_uris": [REDIRECT], "token_endpoint_auth_method": "none",
+               "grant_types": ["authorization_code", "refresh_token"]}),
+    )
+    .await;
+    let client = Registered { client_id: reg["client_id"].as_str().unwrap().to_string(), secret: None };
+    let (verifier, challenge) = pkce();
+    let params = [
+        ("response_type", "code"),
+        ("redirect_uri", REDIRECT),
+        ("code_challenge", challenge.as_str()),
+        ("code_challenge_method", "S256"),
+        ("resource", resource.as_str()),
+    ];
+    let code = query(&authorize(&gateway, &client, &params, true).await)["code"].clone();
+    let (_, tokens) = token(
+        &gateway,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", code.as_str()),
+            ("redirect_uri", REDIRECT),
+            ("code_verifier", verifier.as_str()),
+            ("client_id", client.client_id.as_str()),
+        ],
+        None,
+    )
+    .await;
+    let (access, refresh) = (tokens["access_token"].as_str().unwrap(), tokens["refresh_token"].as_str().unwrap());
+    assert_eq!(mcp_list(&gateway, "people", access).await.0, 200);
+    // Another client cannot revoke it; its own client can (RFC 7009: 200 either way).
+    let (_, other) = register(
+        &gateway,
+        json!({"application_type": "native", "redirect_uris": [REDIRECT], "token_endpoint_auth_method": "none"}),
+    )
+    .await;
+    let revoke_url = format!("{}/oauth/revoke", gateway.base);
+    let revoke = |client_id: String, token: String| {
+        let url = revoke_url.clone();
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .form(&[("token", token.as_str()), ("client_id", client_id.as_str())])
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(revoke(other["client_id"].as_str().unwrap().to_string(), refresh.to_string()).await, 200);
+    assert_eq!(mcp_list(&gateway, "people", access).await.0, 200, "a foreign client's revocation does nothing");
+    assert_eq!(revoke(client.client_id.clone(), refresh.to_string()).await, 200);
+    assert_eq!(mcp_list(&gateway, "people", access).await.0, 401, "the session's access tokens stop");
+    let (status, body) = token(
+        &gateway,
+        &[("grant_type", "refresh_token"), ("refresh_token", refresh), ("client_id", client.client_id.as_str())],
+        None,
+    )
+    .await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("invalid_grant")));
+}
