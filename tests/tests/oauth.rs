@@ -149,6 +149,33 @@ async fn token(gateway: &Gateway, form: &[(&str, &str)], basic: Option<(&str, &s
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
+/// PKCE, authorize (with the IdP login and, when `consent`, the consent page), then the code
+/// exchange; returns the token endpoint's status and body.
+async fn sign_in(gateway: &Gateway, client: &Registered, resource: &str, consent: bool) -> (u16, Value) {
+    let (verifier, challenge) = pkce();
+    let params = [
+        ("response_type", "code"),
+        ("redirect_uri", REDIRECT),
+        ("code_challenge", challenge.as_str()),
+        ("code_challenge_method", "S256"),
+        ("resource", resource),
+    ];
+    let code = query(&authorize(gateway, client, &params, consent).await)["code"].clone();
+    token(
+        gateway,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", code.as_str()),
+            ("redirect_uri", REDIRECT),
+            ("code_verifier", verifier.as_str()),
+            ("client_id", client.client_id.as_str()),
+            ("resource", resource),
+        ],
+        None,
+    )
+    .await
+}
+
 #[tokio::test]
 async fn an_mcp_client_completes_the_flow_and_refresh_tokens_rotate() {
     let idp = Idp::start().await;
@@ -229,29 +256,7 @@ async fn an_mcp_client_completes_the_flow_and_refresh_tokens_rotate() {
     assert_eq!(status, 401, "tokens of a replayed code are revoked");
 
     // A fresh authorization: no consent page the second time.
-    let (verifier, challenge) = pkce();
-    let params = [
-        ("response_type", "code"),
-        ("redirect_uri", REDIRECT),
-        ("code_challenge", challenge.as_str()),
-        ("code_challenge_method", "S256"),
-        ("resource", resource.as_str()),
-    ];
-    let back = authorize(&gateway, &client, &params, false).await;
-    let code = query(&back)["code"].clone();
-    let (_, tokens) = token(
-        &gateway,
-        &[
-            ("grant_type", "authorization_code"),
-            ("code", code.as_str()),
-            ("redirect_uri", REDIRECT),
-            ("code_verifier", verifier.as_str()),
-            ("client_id", client.client_id.as_str()),
-            ("resource", resource.as_str()),
-        ],
-        None,
-    )
-    .await;
+    let (_, tokens) = sign_in(&gateway, &client, &resource, false).await;
     let access = tokens["access_token"].as_str().unwrap().to_string();
     let refresh = tokens["refresh_token"].as_str().unwrap_or(&refresh).to_string();
 
@@ -761,33 +766,12 @@ async fn a_client_identified_by_its_metadata_document_needs_no_registration() {
     use axum::response::IntoResponse;
 
     let client = Registered { client_id: good.clone(), secret: None };
-    let (verifier, challenge) = pkce();
-    let params = [
-        ("response_type", "code"),
-        ("redirect_uri", REDIRECT),
-        ("code_challenge", challenge.as_str()),
-        ("code_challenge_method", "S256"),
-        ("resource", resource.as_str()),
-    ];
-    let back = authorize(&gateway, &client, &params, true).await;
-    let code = query(&back)["code"].clone();
-    let (status, tokens) = token(
-        &gateway,
-        &[
-            ("grant_type", "authorization_code"),
-            ("code", code.as_str()),
-            ("redirect_uri", REDIRECT),
-            ("code_verifier", verifier.as_str()),
-            ("client_id", good.as_str()),
-            ("resource", resource.as_str()),
-        ],
-        None,
-    )
-    .await;
+    let (status, tokens) = sign_in(&gateway, &client, &resource, true).await;
     assert_eq!(status, 200, "{tokens}");
     assert_eq!(mcp_list(&gateway, "people", tokens["access_token"].as_str().unwrap()).await.0, 200);
 
     // A document that names another client_id, or a redirect URI it does not list, is refused.
+    let (_, challenge) = pkce();
     for (client_id, redirect) in [(liar.as_str(), REDIRECT), (good.as_str(), "http://127.0.0.1:43117/elsewhere")] {
         let mut url = reqwest::Url::parse(&format!("{}/oauth/authorize", gateway.base)).unwrap();
         url.query_pairs_mut().append_pair("client_id", client_id).extend_pairs([
@@ -818,27 +802,7 @@ async fn revoking_a_refresh_token_ends_the_session() {
     )
     .await;
     let client = Registered { client_id: reg["client_id"].as_str().unwrap().to_string(), secret: None };
-    let (verifier, challenge) = pkce();
-    let params = [
-        ("response_type", "code"),
-        ("redirect_uri", REDIRECT),
-        ("code_challenge", challenge.as_str()),
-        ("code_challenge_method", "S256"),
-        ("resource", resource.as_str()),
-    ];
-    let code = query(&authorize(&gateway, &client, &params, true).await)["code"].clone();
-    let (_, tokens) = token(
-        &gateway,
-        &[
-            ("grant_type", "authorization_code"),
-            ("code", code.as_str()),
-            ("redirect_uri", REDIRECT),
-            ("code_verifier", verifier.as_str()),
-            ("client_id", client.client_id.as_str()),
-        ],
-        None,
-    )
-    .await;
+    let (_, tokens) = sign_in(&gateway, &client, &resource, true).await;
     let (access, refresh) = (tokens["access_token"].as_str().unwrap(), tokens["refresh_token"].as_str().unwrap());
     assert_eq!(mcp_list(&gateway, "people", access).await.0, 200);
     // Another client cannot revoke it; its own client can (RFC 7009: 200 either way).
