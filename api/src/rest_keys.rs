@@ -118,8 +118,8 @@ impl RestKeys {
     pub async fn revoke(&self, tenant: &str, id: &str, at: DateTime<Utc>) -> Result<Option<StoredKey>, sqlx::Error> {
         let now = Utc::now();
         let sql = format!(
-            "UPDATE api_keys SET revoked_at = $1, updated_at = $2 WHERE tenant = $3 AND id = $4 \
-             AND (revoked_at IS NULL OR revoked_at > $2) RETURNING {COLUMNS}"
+            "UPDATE api_keys SET revoked_at = CASE WHEN revoked_at IS NULL OR revoked_at > $1 THEN $1 ELSE revoked_at END, \
+             updated_at = $2 WHERE tenant = $3 AND id = $4 AND (revoked_at IS NULL OR revoked_at > $2) RETURNING {COLUMNS}"
         );
         let row: Option<StoredKey> = on_pool!(&self.db, pool => {
             sqlx::query_as(sqlx::AssertSqlSafe(sql.clone())).bind(at).bind(now).bind(tenant).bind(id).fetch_optional(pool).await

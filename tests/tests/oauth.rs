@@ -805,6 +805,31 @@ async fn revoking_a_refresh_token_ends_the_session() {
     let (_, tokens) = sign_in(&gateway, &client, &resource, true).await;
     let (access, refresh) = (tokens["access_token"].as_str().unwrap(), tokens["refresh_token"].as_str().unwrap());
     assert_eq!(mcp_list(&gateway, "people", access).await.0, 200);
+    // A made-up token of the same family is refused without ending the session.
+    let family = refresh.split_once('.').unwrap().0;
+    let guessed = format!("{family}.not-a-token-of-this-family");
+    let (status, _) = token(
+        &gateway,
+        &[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", guessed.as_str()),
+            ("client_id", client.client_id.as_str()),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(mcp_list(&gateway, "people", access).await.0, 200, "a guess does not revoke the session");
+    // Repeated parameters are refused (RFC 6749 §3.2).
+    let r = reqwest::Client::new()
+        .post(format!("{}/oauth/token", gateway.base))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("grant_type=refresh_token&grant_type=refresh_token&client_id={}", client.client_id))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "invalid_request");
     // Another client cannot revoke it; its own client can (RFC 7009: 200 either way).
     let (_, other) = register(
         &gateway,

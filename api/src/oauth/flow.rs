@@ -162,9 +162,10 @@ pub async fn authorize(State(app): State<AppState>, Query(q): Query<BTreeMap<Str
     let Some(resource) = param("resource") else {
         return fail("invalid_target", "resource is required: the URL of the MCP endpoint the token is for");
     };
-    if s.parse_resource(resource).is_none() {
+    // Stored in canonical form, so the token's audience always matches the endpoint's URI.
+    let Some(resource) = s.parse_resource(resource).map(|(t, e)| s.resource(&t, &e)) else {
         return fail("invalid_target", "resource is not an MCP endpoint of this server");
-    }
+    };
     let (authorization_endpoint, _) = match s.idp.endpoints().await {
         Ok(e) => e,
         Err(e) => {
@@ -178,7 +179,7 @@ pub async fn authorize(State(app): State<AppState>, Query(q): Query<BTreeMap<Str
         redirect_uri: redirect_uri.to_string(),
         state: state.map(str::to_string),
         code_challenge: code_challenge.to_string(),
-        resource: resource.to_string(),
+        resource,
         scope: param("scope").map(str::to_string),
         idp_verifier: random_token(),
         nonce: random_token(),

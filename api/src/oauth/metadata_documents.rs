@@ -18,8 +18,12 @@ const CACHE_FOR: Duration = Duration::from_secs(300);
 /// Fetches and caches client metadata documents.
 pub struct MetadataDocuments {
     allow_private: bool,
-    cache: Mutex<HashMap<String, (Client, Instant)>>,
+    cache: Mutex<HashMap<String, (Result<Client, String>, Instant)>>,
 }
+
+/// Refusals are remembered this long, so anonymous requests cannot make the server fetch a
+/// bad URL again and again.
+const REFUSALS_CACHED_FOR: Duration = Duration::from_secs(60);
 
 /// Whether `ip` is an address a server on the public internet may have.
 pub fn is_public(ip: IpAddr) -> bool {
@@ -44,12 +48,23 @@ pub fn is_public(ip: IpAddr) -> bool {
                 return is_public(IpAddr::V4(v4));
             }
             let s = v6.segments();
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (s[0] & 0xfe00) == 0xfc00
-                || (s[0] & 0xffc0) == 0xfe80
-                || (s[0] == 0x2001 && s[1] == 0x0db8))
+            let embedded_v4 = |hi: u16, lo: u16| {
+                IpAddr::V4(std::net::Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8))
+            };
+            // Forms that carry an IPv4 address: check the address they lead to.
+            let nat64 = s[0] == 0x64 && s[1] == 0xff9b && (s[2..6] == [0, 0, 0, 0] || s[2] == 1);
+            if nat64 {
+                return is_public(embedded_v4(s[6], s[7]));
+            }
+            if s[0] == 0x2002 {
+                return is_public(embedded_v4(s[1], s[2]));
+            }
+            // Only global unicast (2000::/3), minus Teredo, documentation and the v4-compatible
+            // and site-local ranges, is public.
+            (s[0] & 0xe000) == 0x2000
+                && !(s[0] == 0x2001 && s[1] == 0)
+                && !(s[0] == 0x2001 && s[1] == 0x0db8)
+                && !v6.is_loopback()
         }
     }
 }
@@ -67,18 +82,19 @@ impl MetadataDocuments {
 
     /// The client a document URL describes, fetched or cached.
     pub async fn client(&self, client_id: &str) -> Result<Client, String> {
-        if let Some((client, at)) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(client_id)
-            && at.elapsed() < CACHE_FOR
-        {
-            return Ok(client.clone());
+        if let Some((outcome, at)) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(client_id) {
+            let fresh = if outcome.is_ok() { CACHE_FOR } else { REFUSALS_CACHED_FOR };
+            if at.elapsed() < fresh {
+                return outcome.clone();
+            }
         }
-        let client = self.fetch(client_id).await?;
+        let outcome = self.fetch(client_id).await;
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() > 10_000 {
             cache.clear();
         }
-        cache.insert(client_id.to_string(), (client.clone(), Instant::now()));
-        Ok(client)
+        cache.insert(client_id.to_string(), (outcome.clone(), Instant::now()));
+        outcome
     }
 
     async fn fetch(&self, client_id: &str) -> Result<Client, String> {
@@ -110,6 +126,8 @@ impl MetadataDocuments {
         // Pinned to the checked address: a second DNS answer cannot point the fetch elsewhere.
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
+            // A proxy would resolve the host itself and undo the pinning.
+            .no_proxy()
             .timeout(Duration::from_secs(5))
             .resolve(&host, address)
             .build()

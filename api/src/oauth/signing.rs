@@ -111,6 +111,17 @@ impl SigningKeys {
         })
     }
 
+    /// Verifies a token this server issued, for any audience (revocation).
+    pub fn verify_any_audience(&self, token: &str, issuer: &str) -> Result<Value, Refusal> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| Refusal::Invalid)?;
+        let kid = header.kid.unwrap_or_default();
+        let key = self.keys.iter().find(|k| k.kid == kid).ok_or(Refusal::Invalid)?;
+        let mut validation = Validation::new(Algorithm::ES256);
+        validation.validate_aud = false;
+        validation.set_issuer(&[issuer]);
+        jsonwebtoken::decode::<Value>(token, &key.decoding, &validation).map(|d| d.claims).map_err(|_| Refusal::Invalid)
+    }
+
     /// The JWKS document.
     pub fn jwks(&self) -> Value {
         json!({"keys": self.keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()})

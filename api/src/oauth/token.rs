@@ -18,7 +18,9 @@ use serde_json::json;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-/// A refresh-token family: every token descended from one authorization.
+/// A refresh-token family: every token descended from one authorization. Revocation is a
+/// separate marker (`revoked-family:<id>`) that lives as long as the family could, so no
+/// concurrent write can undo it.
 #[derive(Serialize, Deserialize)]
 struct Family {
     client_id: String,
@@ -28,12 +30,27 @@ struct Family {
     groups: Vec<String>,
     /// Hash of the one refresh token that may be used next.
     current: String,
-    revoked: bool,
+    /// Hashes of refresh tokens already used (the last few): presenting one is reuse.
+    #[serde(default)]
+    spent: Vec<String>,
+    /// When the user logged in (Unix seconds): the session ends `refresh_ttl` later at the latest.
+    #[serde(default)]
+    auth_time: i64,
 }
 
-fn form(body: &Bytes) -> BTreeMap<String, String> {
+/// Spent refresh tokens remembered per family for reuse detection.
+const SPENT_KEPT: usize = 32;
+
+/// The form, or `None` when a parameter is repeated (RFC 6749 §3.2: `invalid_request`).
+fn form(body: &Bytes) -> Option<BTreeMap<String, String>> {
     let url = format!("http://x/?{}", String::from_utf8_lossy(body));
-    reqwest::Url::parse(&url).map(|u| u.query_pairs().into_owned().collect()).unwrap_or_default()
+    let mut out = BTreeMap::new();
+    for (k, v) in reqwest::Url::parse(&url).ok()?.query_pairs().into_owned() {
+        if out.insert(k, v).is_some() {
+            return None;
+        }
+    }
+    Some(out)
 }
 
 /// Authenticates the client: HTTP Basic, `client_secret` in the form, or none for public clients.
@@ -90,13 +107,29 @@ fn invalid_grant(description: &str) -> Response {
 /// `POST /oauth/token`.
 pub async fn token(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let s = server(&app);
-    let f = form(&body);
+    let Some(f) = form(&body) else {
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "a parameter is repeated");
+    };
     let mut note = OAuthNote { client: f.get("client_id").cloned(), ..OAuthNote::default() };
     let client = match authenticate_client(s, &headers, &f).await {
         Ok(c) => c,
         Err(r) => return noted(r, note.refused("invalid_client")),
     };
     note.client = Some(client.client_id.clone());
+    let registered: Vec<String> = serde_json::from_str(&client.grant_types).unwrap_or_default();
+    if let Some(grant) = f.get("grant_type")
+        && !registered.iter().any(|g| g == grant)
+        && ["authorization_code", "refresh_token", "client_credentials"].contains(&grant.as_str())
+    {
+        return noted(
+            oauth_error(
+                StatusCode::BAD_REQUEST,
+                "unauthorized_client",
+                "this client is not registered for this grant type",
+            ),
+            note.refused("unauthorized_client"),
+        );
+    }
     let response = match f.get("grant_type").map(String::as_str) {
         Some("authorization_code") => authorization_code(s, &client, &f, &mut note).await,
         Some("refresh_token") => refresh(s, &client, &f, &mut note).await,
@@ -193,7 +226,9 @@ async fn authorization_code(
                 {
                     locate(s, note, &f.resource, &f.user);
                 }
-                revoke_family(s, &family).await;
+                if revoke_family(s, &family).await.is_err() {
+                    tracing::error!("Cannot revoke the tokens of a replayed code");
+                }
                 tracing::warn!(client = %client.client_id, "Authorization code replayed; its tokens are revoked");
                 note.refusal = Some("code_replay".into());
             } else {
@@ -239,7 +274,8 @@ async fn authorization_code(
             user: grant.user,
             groups: grant.groups,
             current: String::new(),
-            revoked: false,
+            spent: Vec::new(),
+            auth_time: chrono::Utc::now().timestamp(),
         },
         client,
     )
@@ -253,57 +289,89 @@ async fn refresh(s: &AuthServer, client: &Client, f: &BTreeMap<String, String>, 
         return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "refresh_token is required");
     };
     let Some((family_id, _)) = token.split_once('.') else { return invalid_grant("the refresh token is invalid") };
-    let family: Family = match s.state.get(&format!("family:{family_id}")).await {
+    if family_revoked(s, family_id).await {
+        note.refusal = Some("refresh_revoked".into());
+        return invalid_grant("the refresh token was revoked");
+    }
+    // Taken atomically: of two refreshes racing with the same token, only one rotates it.
+    let key = format!("family:{family_id}");
+    let family: Family = match s.state.take(&key).await {
         Ok(Some(f)) => match serde_json::from_str(&f) {
             Ok(f) => f,
             Err(_) => return invalid_grant("the refresh token is invalid"),
         },
         Ok(None) => {
             note.refusal = Some("unknown_refresh_token".into());
-            return invalid_grant("the refresh token is invalid or expired");
+            return invalid_grant("the refresh token is invalid, expired or being used concurrently");
         }
         Err(_) => return oauth_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", "try again"),
     };
     locate(s, note, &family.resource, &family.user);
+    let presented = hash(token);
+    let refuse = |note: &mut OAuthNote, reason: &str, description: &str| {
+        note.refusal = Some(reason.into());
+        invalid_grant(description)
+    };
     if family.client_id != client.client_id {
-        note.refusal = Some("refresh_of_another_client".into());
-        return invalid_grant("the refresh token was issued to another client");
+        put_family(s, family_id, &family).await;
+        return refuse(note, "refresh_of_another_client", "the refresh token was issued to another client");
     }
-    if family.revoked {
-        note.refusal = Some("refresh_revoked".into());
-        return invalid_grant("the refresh token was revoked");
+    if family.current != presented {
+        if family.spent.contains(&presented) {
+            // A spent token came back: someone else may hold the live one. Revoke them all.
+            let _ = revoke_family(s, family_id).await;
+            tracing::warn!(client = %client.client_id, "Refresh token reused; the family is revoked");
+            return refuse(note, "refresh_reuse", "the refresh token was already used; the session is revoked");
+        }
+        // Not a token of this family at all (e.g. a guessed suffix): refused, nothing revoked.
+        put_family(s, family_id, &family).await;
+        return refuse(note, "unknown_refresh_token", "the refresh token is invalid");
     }
-    if family.current != hash(token) {
-        note.refusal = Some("refresh_reuse".into());
-        // A spent token came back: someone else may hold the live one. Revoke them all.
-        revoke_family(s, family_id).await;
-        tracing::warn!(client = %client.client_id, "Refresh token reused; the family is revoked");
-        return invalid_grant("the refresh token was already used; the session is revoked");
+    if session_end(s, &family) <= chrono::Utc::now().timestamp() {
+        return refuse(note, "session_expired", "the session reached its maximum lifetime; sign in again");
     }
     if f.get("resource").is_some_and(|r| *r != family.resource) {
+        put_family(s, family_id, &family).await;
+        note.refusal = Some("resource_mismatch".into());
         return oauth_error(StatusCode::BAD_REQUEST, "invalid_target", "resource differs from the authorization");
     }
     issue(s, family_id, family, client).await
 }
 
-async fn revoke_family(s: &AuthServer, family_id: &str) {
-    let key = format!("family:{family_id}");
-    if let Ok(Some(stored)) = s.state.get(&key).await
-        && let Ok(mut family) = serde_json::from_str::<Family>(&stored)
-    {
-        family.revoked = true;
-        let _ = s.state.put(&key, serde_json::to_string(&family).unwrap_or_default(), s.refresh_ttl).await;
-    }
-    // Access tokens of the family stop at once too.
-    let _ =
-        s.state.put(&format!("revoked-family:{family_id}"), "1".into(), s.access_ttl + Duration::from_secs(60)).await;
+/// The session's absolute end: the login plus the refresh lifetime (users removed from a group
+/// at the identity provider lose access by then at the latest).
+fn session_end(s: &AuthServer, family: &Family) -> i64 {
+    family.auth_time + s.refresh_ttl.as_secs() as i64
+}
+
+fn family_ttl(s: &AuthServer, family: &Family) -> Duration {
+    let left = session_end(s, family) - chrono::Utc::now().timestamp();
+    Duration::from_secs(left.max(1) as u64)
+}
+
+async fn put_family(s: &AuthServer, family_id: &str, family: &Family) {
+    let stored = serde_json::to_string(family).unwrap_or_default();
+    let _ = s.state.put(&format!("family:{family_id}"), stored, family_ttl(s, family)).await;
+}
+
+/// Revokes a family: its refresh token and its live access tokens.
+async fn revoke_family(s: &AuthServer, family_id: &str) -> Result<(), super::ephemeral::Unavailable> {
+    s.state.put(&format!("revoked-family:{family_id}"), "1".into(), s.refresh_ttl).await?;
+    s.state.take(&format!("family:{family_id}")).await.map(drop)
 }
 
 async fn issue(s: &AuthServer, family_id: &str, mut family: Family, client: &Client) -> Response {
     let refresh_token = format!("{family_id}.{}", random_token());
+    if !family.current.is_empty() {
+        let spent = std::mem::take(&mut family.current);
+        family.spent.push(spent);
+        if family.spent.len() > SPENT_KEPT {
+            family.spent.remove(0);
+        }
+    }
     family.current = hash(&refresh_token);
     let stored = serde_json::to_string(&family).unwrap_or_default();
-    if s.state.put(&format!("family:{family_id}"), stored, s.refresh_ttl).await.is_err() {
+    if s.state.put(&format!("family:{family_id}"), stored, family_ttl(s, &family)).await.is_err() {
         return oauth_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", "try again");
     }
     let now = chrono::Utc::now().timestamp();
@@ -357,7 +425,9 @@ pub async fn family_revoked(s: &AuthServer, family_id: &str) -> bool {
 /// `POST /oauth/revoke` (RFC 7009): always 200 for an authenticated client.
 pub async fn revoke(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let s = server(&app);
-    let f = form(&body);
+    let Some(f) = form(&body) else {
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "a parameter is repeated");
+    };
     let client = match authenticate_client(s, &headers, &f).await {
         Ok(c) => c,
         Err(r) => return noted(r, OAuthNote::default().refused("invalid_client")),
@@ -365,17 +435,29 @@ pub async fn revoke(State(app): State<AppState>, headers: HeaderMap, body: Bytes
     let Some(token) = f.get("token") else {
         return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "token is required");
     };
+    // Only the client a session belongs to may end it, and only with one of its real tokens.
     let family_id = match token.split_once('.') {
-        // A refresh token: `<family>.<secret>`.
-        Some((family, rest)) if !rest.contains('.') => Some(family.to_string()),
-        // An access token: its `sid` (only the client the family belongs to may revoke it).
-        _ => super::signing::peek_claims(token).and_then(|c| c.get("sid").and_then(|v| v.as_str()).map(str::to_string)),
+        Some((family, rest)) if !rest.contains('.') => match s.state.get(&format!("family:{family}")).await {
+            Ok(Some(stored)) => serde_json::from_str::<Family>(&stored)
+                .ok()
+                .filter(|f| f.client_id == client.client_id)
+                .filter(|f| f.current == hash(token) || f.spent.contains(&hash(token)))
+                .map(|_| family.to_string()),
+            Ok(None) => None,
+            Err(_) => return oauth_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", "try again"),
+        },
+        _ => s
+            .keys
+            .verify_any_audience(token, &s.issuer)
+            .ok()
+            .filter(|c| c.get("client_id").and_then(|v| v.as_str()) == Some(client.client_id.as_str()))
+            .and_then(|c| c.get("sid").and_then(|v| v.as_str()).map(str::to_string)),
     };
     if let Some(family_id) = family_id
-        && let Ok(Some(stored)) = s.state.get(&format!("family:{family_id}")).await
-        && serde_json::from_str::<Family>(&stored).is_ok_and(|f| f.client_id == client.client_id)
+        && revoke_family(s, &family_id).await.is_err()
     {
-        revoke_family(s, &family_id).await;
+        // RFC 7009 §2.2.1: the client should retry.
+        return oauth_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", "try again");
     }
     StatusCode::OK.into_response()
 }

@@ -157,6 +157,7 @@ async fn mint_record(
 
 fn created(key: String, record: &StoredKey) -> Response {
     let mut response = (StatusCode::CREATED, Json(MintedKey { key, record: KeyView::from(record) })).into_response();
+    response.headers_mut().insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
     if let Ok(location) = http::HeaderValue::from_str(&format!("/api/v1/admin/auth/keys/{}", record.id)) {
         response.headers_mut().insert(http::header::LOCATION, location);
     }
@@ -427,7 +428,9 @@ pub async fn create_client(
         token_endpoint: format!("{}/oauth/token", server.issuer),
         record: view(&client),
     };
-    super::handlers::with_note((StatusCode::CREATED, Json(body)).into_response(), note(detail))
+    let mut response = (StatusCode::CREATED, Json(body)).into_response();
+    response.headers_mut().insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+    super::handlers::with_note(response, note(detail))
 }
 
 /// The tenant's service clients (never their secrets).
