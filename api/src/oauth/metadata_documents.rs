@@ -18,8 +18,11 @@ const CACHE_FOR: Duration = Duration::from_secs(300);
 /// Fetches and caches client metadata documents.
 pub struct MetadataDocuments {
     allow_private: bool,
-    cache: Mutex<HashMap<String, (Result<Client, String>, Instant)>>,
+    cache: Mutex<HashMap<String, Cached>>,
 }
+
+/// A fetched client or the reason it was refused, and when.
+type Cached = (Result<Client, String>, Instant);
 
 /// Refusals are remembered this long, so anonymous requests cannot make the server fetch a
 /// bad URL again and again.
@@ -61,10 +64,10 @@ pub fn is_public(ip: IpAddr) -> bool {
             }
             // Only global unicast (2000::/3), minus Teredo, documentation and the v4-compatible
             // and site-local ranges, is public.
-            (s[0] & 0xe000) == 0x2000
-                && !(s[0] == 0x2001 && s[1] == 0)
-                && !(s[0] == 0x2001 && s[1] == 0x0db8)
-                && !v6.is_loopback()
+            let global_unicast = (s[0] & 0xe000) == 0x2000;
+            let teredo = s[0] == 0x2001 && s[1] == 0;
+            let documentation = s[0] == 0x2001 && s[1] == 0x0db8;
+            global_unicast && !teredo && !documentation
         }
     }
 }
