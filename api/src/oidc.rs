@@ -201,6 +201,11 @@ impl OidcVerifier {
         }))
     }
 
+    /// Whether bearer tokens for `audience` are accepted.
+    pub fn accepts_audience(&self, audience: &str) -> bool {
+        self.audiences.iter().any(|a| a == audience)
+    }
+
     /// Verifies `token` and reads the user and groups from it.
     pub async fn verify(&self, token: &str) -> Result<VerifiedUser, TokenError> {
         let claims = self.decode(token, &self.audiences).await?;

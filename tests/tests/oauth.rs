@@ -862,3 +862,20 @@ async fn revoking_a_refresh_token_ends_the_session() {
     .await;
     assert_eq!((status, body["error"].as_str()), (400, Some("invalid_grant")));
 }
+
+#[test]
+fn the_login_client_id_cannot_also_be_an_accepted_bearer_audience() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(bin("portcullis"))
+        .args(["dev", "--manifests"])
+        .arg(dir.path())
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .args(["--listen", "127.0.0.1:0", "--oidc-issuer", "http://127.0.0.1:9/realms/x"])
+        .args(["--oidc-audiences", "portcullis,gateway", "--oauth-idp-client-id", "gateway"])
+        .output()
+        .expect("run portcullis dev");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("must not include --oauth-idp-client-id"), "{stderr}");
+}

@@ -96,6 +96,12 @@ impl AuthServer {
         let Some(client_id) = args.oauth_idp_client_id.clone().filter(|c| !c.is_empty()) else { return Ok(None) };
         let idp =
             idp.ok_or_else(|| anyhow::anyhow!("--oauth-idp-client-id needs --oidc-issuer: users log in there"))?;
+        // ID tokens of the bridged login carry aud = this client id; were it an accepted bearer
+        // audience, a login's ID token would work as an access token.
+        anyhow::ensure!(
+            !idp.accepts_audience(&client_id),
+            "--oidc-audiences must not include --oauth-idp-client-id: ID tokens of the login would pass as access tokens"
+        );
         let issuer = args.public_url.clone().unwrap_or(default_public_url).trim_end_matches('/').to_string();
         anyhow::ensure!(
             crate::oidc::acceptable_url(&issuer),
