@@ -232,9 +232,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         http.clone(),
     )?
     .map(std::sync::Arc::new);
+    let changes = crate::changes::Changes::new();
     let state = AppState::new(Inner {
         snapshot: tokio::sync::watch::channel(None).0,
-        upstreams: Upstreams::new(http.clone()),
+        upstreams: Upstreams::new(http.clone(), changes.clone()),
+        changes: changes.clone(),
         sessions: Box::new(MemorySessions::new(Duration::from_secs(args.session_idle_seconds))),
         limits: Box::new(Limiter::default()),
         idempotency: Box::new(crate::idempotency::MemoryIdempotency::default()),

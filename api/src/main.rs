@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod audit;
+mod changes;
 mod connectors;
 mod db;
 mod dev;

@@ -152,9 +152,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         http.clone(),
     )?
     .map(std::sync::Arc::new);
+    let changes = crate::changes::Changes::new();
     let state = AppState::new(Inner {
         snapshot: tokio::sync::watch::channel(None).0,
-        upstreams: Upstreams::new(http.clone()),
+        upstreams: Upstreams::new(http.clone(), changes.clone()),
+        changes: changes.clone(),
         sessions: Box::new(RedisSessions::new(
             connection.clone(),
             &args.redis_prefix,
@@ -191,6 +193,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tokio::spawn(follow_config(state.clone(), pool.clone(), key, Duration::from_secs(args.config_poll_seconds)));
     let maintenance = tokio::spawn(audit_maintenance(pool.clone(), args.audit_retention_months));
     let key_sync = tokio::spawn(crate::rest_keys::follow(rest_keys, pool.clone()));
+    let relay = tokio::spawn(
+        changes.clone().relay(redis::Client::open(args.redis_url.as_str())?, format!("{}changes", args.redis_prefix)),
+    );
     let reports =
         tokio::spawn(report_connections(state.clone(), pool.clone(), Duration::from_secs(args.report_seconds.max(1))));
     tracing::info!(listen = %args.listen, "Portcullis serving");
@@ -201,6 +206,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     maintenance.abort();
     reports.abort();
     key_sync.abort();
+    relay.abort();
     let _ = config.await;
     drop(state);
     // Every AuditLog clone is gone: the writer drains its queue (retrying while Postgres is down).

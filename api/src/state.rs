@@ -56,6 +56,8 @@ pub struct Inner {
     pub oidc: Option<Arc<crate::oidc::OidcVerifier>>,
     /// Keys minted over REST.
     pub rest_keys: Option<Arc<crate::rest_keys::RestKeys>>,
+    /// Changes that listen streams turn into list_changed notifications.
+    pub changes: crate::changes::Changes,
     /// Portcullis's OAuth authorization server, when configured.
     pub oauth: Option<Arc<crate::oauth::AuthServer>>,
     /// Versions loaded by this process, for the changelog of dev mode (production reads the
@@ -127,6 +129,16 @@ impl AppState {
     /// Swaps in a new snapshot and brings upstream connections in line with it.
     pub fn install(&self, version: u64, snapshot: Snapshot) {
         self.upstreams.sync(&snapshot);
+        // Tenants whose compiled configuration differs: their callers may see other tools.
+        if let Some(previous) = self.current() {
+            let names: std::collections::BTreeSet<&String> =
+                previous.snapshot.tenants.keys().chain(snapshot.tenants.keys()).collect();
+            for name in names {
+                if previous.snapshot.tenants.get(name) != snapshot.tenants.get(name) {
+                    self.changes.announce(name);
+                }
+            }
+        }
         if self.backends.is_none() {
             let previous = self.current();
             let summary = summarize(previous.as_ref().map(|l| &l.snapshot), &snapshot);

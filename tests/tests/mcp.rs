@@ -289,3 +289,41 @@ async fn authentication_fails_closed_and_foreign_endpoints_do_not_exist() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_listen_stream_acknowledges_its_filter_and_announces_tool_list_changes() {
+    let upstream = Upstream::start("both").await;
+    let files = quickstart(&upstream.url());
+    let gateway = Gateway::start(&files).await;
+    wait_until(std::time::Duration::from_secs(10), || async { !gateway.tool_names(ANALYST_KEY).await.is_empty() })
+        .await;
+    let stream = ListenStream::open(&gateway, ANALYST_KEY, "notes").await;
+    wait_until(std::time::Duration::from_secs(5), || async {
+        stream.count("notifications/subscriptions/acknowledged") == 1
+    })
+    .await;
+    let ack = stream.messages.lock().unwrap()[0].clone();
+    assert_eq!(ack["method"], "notifications/subscriptions/acknowledged", "the acknowledgement comes first");
+    assert_eq!(ack["params"]["notifications"], json!({"toolsListChanged": true}), "only what is honoured");
+    assert_eq!(ack["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"], "listen-1");
+    assert_eq!(stream.count("notifications/tools/list_changed"), 0);
+
+    // A persona edit changes what the analyst sees: the stream says so.
+    let edited = files[0].1.replace(r#"deny: ["notes.delete_note"]"#, r#"deny: ["notes.delete_note", "notes.echo"]"#);
+    gateway.write("personas.yaml", &edited);
+    wait_until(std::time::Duration::from_secs(5), || async { stream.count("notifications/tools/list_changed") >= 1 })
+        .await;
+    let changed = stream
+        .messages
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|m| m["method"] == "notifications/tools/list_changed")
+        .cloned()
+        .unwrap();
+    assert_eq!(changed["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"], "listen-1");
+
+    // server/discover advertises it.
+    let (_, discovered) = gateway.mcp_modern(ANALYST_KEY, 2, "server/discover", json!({})).await;
+    assert_eq!(discovered["result"]["capabilities"]["tools"]["listChanged"], true, "{discovered}");
+}

@@ -294,3 +294,51 @@ async fn keys_minted_over_rest_work_on_every_replica_and_a_revocation_reaches_al
     wait_until(Duration::from_secs(1), || async { a.get(&key, "/api/v1/portal/me").await.status() == 401 }).await;
     eprintln!("revocation on B refused on A after {:?}", started.elapsed());
 }
+
+#[tokio::test]
+async fn tool_list_changes_reach_listen_streams_on_every_replica_through_redis() {
+    let upstream = Upstream::start("both").await;
+    let backends = Shared::start().await;
+    let cluster =
+        Cluster::new(&backends.database_url, &backends.redis_url, &backends.redis_prefix, &manifests(&upstream));
+    cluster.publish();
+    let (a, b) = tokio::join!(cluster.replica(), cluster.replica());
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let stream = ListenStream::open(&b, ANALYST_KEY, "notes").await;
+    wait_until(Duration::from_secs(5), || async { stream.count("notifications/subscriptions/acknowledged") == 1 })
+        .await;
+    let channel = format!("{}changes", backends.redis_prefix);
+
+    // A change another pod noticed arrives over Redis and reaches B's stream.
+    let payload = json!({"tenant": "demo", "origin": "another-pod"}).to_string();
+    let out = std::process::Command::new("redis-cli")
+        .args(["-u", &backends.redis_url, "PUBLISH", &channel, &payload])
+        .output()
+        .expect("redis-cli");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_until(Duration::from_secs(5), || async { stream.count("notifications/tools/list_changed") >= 1 }).await;
+    // Another tenant's change does not.
+    let before = stream.count("notifications/tools/list_changed");
+    let other = json!({"tenant": "elsewhere", "origin": "another-pod"}).to_string();
+    std::process::Command::new("redis-cli")
+        .args(["-u", &backends.redis_url, "PUBLISH", &channel, &other])
+        .output()
+        .unwrap();
+
+    // And a pod publishes what it notices: a configuration change, seen by A and B.
+    let mut subscriber = std::process::Command::new("redis-cli")
+        .args(["-u", &backends.redis_url, "SUBSCRIBE", &channel])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = Lines::default();
+    lines.collect(subscriber.stdout.take().unwrap());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.write("limited.yaml", "apiVersion: portcullis.dev/v1alpha1\nkind: Persona\nmetadata: {name: limited, namespace: demo}\nspec: {tools: {allow: [\"notes.list_*\"]}}\n");
+    cluster.publish();
+    wait_until(Duration::from_secs(5), || async { lines.text().contains("\"tenant\":\"demo\"") }).await;
+    let _ = subscriber.kill();
+    let _ = subscriber.wait();
+    wait_until(Duration::from_secs(5), || async { stream.count("notifications/tools/list_changed") > before }).await;
+}

@@ -93,6 +93,7 @@ pub struct McpUpstream {
     pub name: String,
     upstream: Upstream,
     http: reqwest::Client,
+    changes: crate::changes::Changes,
     live: Mutex<Option<Arc<RunningService<RoleClient, Listener>>>>,
     state: RwLock<State>,
     catalog_changed: Arc<Notify>,
@@ -114,12 +115,19 @@ impl Drop for McpUpstream {
 
 impl McpUpstream {
     /// Creates the connection and starts refreshing its catalog in the background.
-    pub fn start(tenant: String, name: String, upstream: Upstream, http: reqwest::Client) -> Arc<Self> {
+    pub fn start(
+        tenant: String,
+        name: String,
+        upstream: Upstream,
+        http: reqwest::Client,
+        changes: crate::changes::Changes,
+    ) -> Arc<Self> {
         let this = Arc::new(Self {
             tenant,
             name,
             upstream,
             http,
+            changes,
             live: Mutex::new(None),
             state: RwLock::new(State {
                 health: portcullis_crds::kinds::Health::Unknown,
@@ -369,9 +377,17 @@ impl McpUpstream {
             }
         };
         self.mark_healthy();
-        let mut state = self.write_state();
-        state.catalog = Arc::new(tools);
-        state.catalog_fetched_at = Some(Utc::now());
+        let changed = {
+            let mut state = self.write_state();
+            let changed = state.catalog_fetched_at.is_some() && *state.catalog != tools;
+            state.catalog = Arc::new(tools);
+            state.catalog_fetched_at = Some(Utc::now());
+            changed
+        };
+        if changed {
+            // Listen streams of this tenant tell their clients to list tools again.
+            self.changes.announce(&self.tenant);
+        }
         Ok(())
     }
 

@@ -13,13 +13,14 @@ pub use mcp::{CallError, ConnectionHealth, McpUpstream};
 /// All upstream connections, by (tenant, connection name).
 pub struct Upstreams {
     http: reqwest::Client,
+    changes: crate::changes::Changes,
     connections: RwLock<HashMap<(String, String), Arc<McpUpstream>>>,
 }
 
 impl Upstreams {
     /// An empty registry; `sync` fills it from a snapshot.
-    pub fn new(http: reqwest::Client) -> Self {
-        Self { http, connections: RwLock::default() }
+    pub fn new(http: reqwest::Client, changes: crate::changes::Changes) -> Self {
+        Self { http, changes, connections: RwLock::default() }
     }
 
     /// Makes the live connections match the snapshot's.
@@ -35,7 +36,7 @@ impl Upstreams {
         for (key, upstream) in wanted {
             if let std::collections::hash_map::Entry::Vacant(slot) = connections.entry(key) {
                 let (tenant, name) = slot.key().clone();
-                slot.insert(McpUpstream::start(tenant, name, upstream, self.http.clone()));
+                slot.insert(McpUpstream::start(tenant, name, upstream, self.http.clone(), self.changes.clone()));
             }
         }
     }

@@ -62,15 +62,17 @@ fn server_info() -> Value {
     json!({ "name": "portcullis", "version": env!("CARGO_PKG_VERSION") })
 }
 
-fn capabilities() -> Value {
-    json!({ "tools": {} })
+/// What this server offers. Tool-list changes reach 2026-07-28 clients on a
+/// `subscriptions/listen` stream; 2025 sessions have no notification stream yet.
+fn capabilities(modern: bool) -> Value {
+    if modern { json!({ "tools": { "listChanged": true } }) } else { json!({ "tools": {} }) }
 }
 
 /// `server/discover` (2026-07-28).
 pub fn discover(ctx: &CallContext<'_>) -> Value {
     let mut result = json!({
         "supportedVersions": protocol::supported_versions(),
-        "capabilities": capabilities(),
+        "capabilities": capabilities(true),
     });
     if let Some(instructions) = &ctx.endpoint.instructions {
         result["instructions"] = json!(instructions);
@@ -82,7 +84,7 @@ pub fn discover(ctx: &CallContext<'_>) -> Value {
 pub fn initialize_result(ctx: &CallContext<'_>, version: &str) -> Value {
     let mut result = json!({
         "protocolVersion": version,
-        "capabilities": capabilities(),
+        "capabilities": capabilities(false),
         "serverInfo": server_info(),
     });
     if let Some(instructions) = &ctx.endpoint.instructions {

@@ -362,6 +362,9 @@ async fn modern(
     }
     event.client_name =
         meta.get(protocol::META_CLIENT_INFO).and_then(|c| c.get("name")).and_then(Value::as_str).map(str::to_string);
+    if method == "subscriptions/listen" {
+        return listen(app, admitted, headers, id, &params, event);
+    }
     let ctx = CallContext::new(app, &admitted.loaded, &admitted.identity, &admitted.endpoint, true);
     let outcome = match method {
         "server/discover" => Ok(methods::discover(&ctx)),
@@ -370,6 +373,86 @@ async fn modern(
         other => Err(RpcError::method_not_found(other, true)),
     };
     respond(&id, outcome, framing, event)
+}
+
+/// `subscriptions/listen` (2026-07-28): an event stream that acknowledges the honoured subset of
+/// the filter, then carries `notifications/tools/list_changed` whenever what this tenant's callers
+/// see may have changed (a new configuration, an upstream's catalog; from any replica), each
+/// tagged with the listen request's id. Resource and prompt notifications are not offered yet.
+fn listen(
+    app: &AppState,
+    admitted: &Admitted,
+    headers: &HeaderMap,
+    id: Value,
+    params: &Value,
+    event: &mut AuditEvent,
+) -> Response {
+    let accepts_stream = headers
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("text/event-stream"));
+    if !accepts_stream {
+        let mut e =
+            RpcError::invalid_request("subscriptions/listen answers with an event stream: accept text/event-stream");
+        e.status = StatusCode::NOT_ACCEPTABLE;
+        return rpc_error_response(&id, e, event);
+    }
+    let requested = params.get("notifications").cloned().unwrap_or(Value::Null);
+    if !requested.is_object() {
+        return rpc_error_response(&id, RpcError::invalid_params("params.notifications must be an object"), event);
+    }
+    let tools = requested.get("toolsListChanged") == Some(&Value::Bool(true));
+    let mut honoured = serde_json::Map::new();
+    if tools {
+        honoured.insert("toolsListChanged".into(), Value::Bool(true));
+    }
+    let meta = json!({ "io.modelcontextprotocol/subscriptionId": id });
+    let frame = |message: Value| Bytes::from(format!("event: message\ndata: {message}\n\n"));
+    let ack = frame(json!({
+        "jsonrpc": "2.0",
+        "method": "notifications/subscriptions/acknowledged",
+        "params": { "notifications": honoured, "_meta": meta },
+    }));
+    let changed = frame(json!({
+        "jsonrpc": "2.0",
+        "method": "notifications/tools/list_changed",
+        "params": { "_meta": meta },
+    }));
+    let receiver = app.changes.subscribe();
+    let tenant = admitted.identity.tenant.clone();
+    let stream = futures::stream::unfold((receiver, Some(ack)), move |(mut receiver, first)| {
+        let (tenant, changed) = (tenant.clone(), changed.clone());
+        async move {
+            if let Some(ack) = first {
+                return Some((Ok::<_, std::io::Error>(ack), (receiver, None)));
+            }
+            loop {
+                tokio::select! {
+                    change = receiver.recv() => match change {
+                        Ok(c) if tools && c.tenant == tenant => return Some((Ok(changed), (receiver, None))),
+                        Ok(_) => continue,
+                        // Missed some: tell the client to list again rather than miss one.
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) if tools => {
+                            return Some((Ok(changed), (receiver, None)));
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                    },
+                    // Keep-alive comments keep proxies from closing an idle stream.
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(15)) => {
+                        return Some((Ok(Bytes::from_static(b": keep-alive\n\n")), (receiver, None)));
+                    }
+                }
+            }
+        }
+    });
+    let mut response = axum::body::Body::from_stream(stream).into_response();
+    let h = response.headers_mut();
+    h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
 }
 
 fn respond(id: &Value, outcome: Result<Value, RpcError>, framing: Framing, event: &mut AuditEvent) -> Response {

@@ -450,3 +450,55 @@ pub fn without_request_details(mut problem: Value, name: &str) -> Value {
     }
     problem
 }
+
+/// An open `subscriptions/listen` stream (2026-07-28) and what it has delivered so far.
+pub struct ListenStream {
+    /// JSON-RPC messages received, in order.
+    pub messages: Arc<Mutex<Vec<Value>>>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl ListenStream {
+    /// Opens a listen stream on `demo/<endpoint>` asking for tool-list changes.
+    pub async fn open(api: &Api, key: &str, endpoint: &str) -> Self {
+        let body = json!({"jsonrpc": "2.0", "id": "listen-1", "method": "subscriptions/listen", "params": {
+            "notifications": {"toolsListChanged": true, "promptsListChanged": true},
+            "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}}});
+        let mut response = reqwest::Client::new()
+            .post(api.mcp_url("demo", endpoint))
+            .header("X-API-Key", key)
+            .header("content-type", "application/json")
+            .header("accept", "text/event-stream")
+            .header("MCP-Protocol-Version", "2026-07-28")
+            .header("Mcp-Method", "subscriptions/listen")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("listen");
+        assert_eq!(response.status(), 200);
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let sink = messages.clone();
+        let task = tokio::spawn(async move {
+            let mut buffer = String::new();
+            while let Ok(Some(chunk)) = response.chunk().await {
+                buffer.push_str(&String::from_utf8_lossy(&chunk));
+                while let Some(end) = buffer.find("\n\n") {
+                    let event: String = buffer.drain(..end + 2).collect();
+                    for line in event.lines() {
+                        if let Some(data) = line.strip_prefix("data: ")
+                            && let Ok(message) = serde_json::from_str::<Value>(data)
+                        {
+                            sink.lock().unwrap().push(message);
+                        }
+                    }
+                }
+            }
+        });
+        Self { messages, _task: task }
+    }
+
+    /// Messages with this method.
+    pub fn count(&self, method: &str) -> usize {
+        self.messages.lock().unwrap().iter().filter(|m| m["method"] == method).count()
+    }
+}

@@ -1,0 +1,101 @@
+//! The change bus: "what a tenant's callers see may have changed" (a new configuration, or an
+//! upstream's tool catalog). Listen streams (`subscriptions/listen`) turn changes into
+//! `notifications/tools/list_changed`. In production the bus spans replicas through Redis
+//! pub/sub, so a change one pod notices reaches clients whose stream another pod holds.
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+/// One change.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    /// The tenant whose callers may see something different.
+    pub tenant: String,
+    /// The pod the change was noticed on.
+    pub origin: String,
+}
+
+/// The bus of this process.
+#[derive(Clone)]
+pub struct Changes {
+    sender: broadcast::Sender<Change>,
+    pod: String,
+}
+
+impl Changes {
+    /// A bus for this pod.
+    pub fn new() -> Self {
+        let pod = uuid::Uuid::new_v4().simple().to_string();
+        Self { sender: broadcast::channel(1024).0, pod }
+    }
+
+    /// Announces a change noticed here.
+    pub fn announce(&self, tenant: &str) {
+        let _ = self.sender.send(Change { tenant: tenant.to_string(), origin: self.pod.clone() });
+    }
+
+    /// Receives every change from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.sender.subscribe()
+    }
+
+    /// Relays changes between this pod and the others through Redis pub/sub on `channel`:
+    /// local ones out, remote ones in. Reconnects by itself.
+    pub async fn relay(self, client: redis::Client, channel: String) {
+        use futures::StreamExt;
+        loop {
+            let mut outgoing = self.subscribe();
+            let publisher = match client.get_multiplexed_async_connection().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(error = %e, "Change relay cannot reach Redis; retrying");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let mut pubsub = match client.get_async_pubsub().await {
+                Ok(p) => p,
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if pubsub.subscribe(&channel).await.is_err() {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
+            let mut incoming = pubsub.on_message();
+            loop {
+                tokio::select! {
+                    local = outgoing.recv() => match local {
+                        Ok(change) if change.origin == self.pod => {
+                            let mut p = publisher.clone();
+                            let text = serde_json::to_string(&change).unwrap_or_default();
+                            let _: Result<i64, _> = redis::cmd("PUBLISH").arg(&channel).arg(text).query_async(&mut p).await;
+                        }
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                    remote = incoming.next() => match remote {
+                        Some(message) => {
+                            let payload: String = message.get_payload().unwrap_or_default();
+                            if let Ok(change) = serde_json::from_str::<Change>(&payload)
+                                && change.origin != self.pod
+                            {
+                                let _ = self.sender.send(change);
+                            }
+                        }
+                        None => break,
+                    },
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Default for Changes {
+    fn default() -> Self {
+        Self::new()
+    }
+}
