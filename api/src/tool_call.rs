@@ -65,9 +65,7 @@ pub async fn call(
     event.connection = Some(tool.connection.clone());
     let timeout = Duration::from_secs(u64::from(persona.limits.tool_timeout_seconds));
     match tool.upstream.call(&tool.upstream_name, arguments, timeout).await {
-        Ok(result) => {
-            let value = serde_json::to_value(&result)
-                .unwrap_or_else(|_| error_result("the upstream result could not be encoded".into()));
+        Ok(value) => {
             let size = value.to_string().len() as u64;
             if size > persona.limits.max_result_bytes {
                 event.status = Status::Error;
@@ -77,7 +75,7 @@ pub async fn call(
                     tool.name, persona.limits.max_result_bytes
                 )));
             }
-            if result.is_error == Some(true) {
+            if value.get("isError") == Some(&Value::Bool(true)) {
                 event.status = Status::Error;
                 event.error_code = Some("tool_error".into());
             }

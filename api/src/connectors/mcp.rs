@@ -9,8 +9,8 @@ use chrono::{DateTime, Utc};
 use portcullis_crds::snapshot::Upstream;
 use rmcp::ClientHandler;
 use rmcp::model::{
-    CallToolRequestParams, CallToolResult, ClientCapabilities, ClientConfig, ClientRequest, Implementation,
-    PingRequest, ProtocolVersion, ServerNotification, SubscriptionFilter, Tool,
+    CallToolRequestParams, ClientCapabilities, ClientConfig, ClientRequest, Implementation, PingRequest,
+    ProtocolVersion, ServerNotification, SubscriptionFilter, Tool,
 };
 use rmcp::service::{
     ClientCacheConfig, ClientInitializeError, ClientLifecycleMode, ClientServiceExt, NotificationContext, RoleClient,
@@ -25,6 +25,8 @@ use std::time::Duration;
 use tokio::sync::{Mutex, Notify};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// The stateless protocol revision, whose tool calls need no session.
+const MODERN_VERSION: &str = "2026-07-28";
 const LIST_TIMEOUT: Duration = Duration::from_secs(15);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 // 2025 sessions can die silently (an upstream restart, an idle timeout); some servers then answer
@@ -94,6 +96,7 @@ pub struct McpUpstream {
     upstream: Upstream,
     http: reqwest::Client,
     changes: crate::changes::Changes,
+    next_id: std::sync::atomic::AtomicU64,
     live: Mutex<Option<Arc<RunningService<RoleClient, Listener>>>>,
     state: RwLock<State>,
     catalog_changed: Arc<Notify>,
@@ -128,6 +131,7 @@ impl McpUpstream {
             upstream,
             http,
             changes,
+            next_id: std::sync::atomic::AtomicU64::new(1),
             live: Mutex::new(None),
             state: RwLock::new(State {
                 health: portcullis_crds::kinds::Health::Unknown,
@@ -397,7 +401,13 @@ impl McpUpstream {
         tool: &str,
         arguments: Option<serde_json::Map<String, serde_json::Value>>,
         timeout: Duration,
-    ) -> Result<CallToolResult, CallError> {
+    ) -> Result<serde_json::Value, CallError> {
+        let modern = self.read_state().protocol_version.as_deref() == Some(MODERN_VERSION);
+        // A 2026-07-28 upstream needs no session: one plain POST, its JSON relayed as is
+        // (no decoding into typed results and re-encoding on the hot path).
+        if modern {
+            return self.call_direct(tool, arguments, timeout).await;
+        }
         let service = self.live().await.map_err(CallError::Unavailable)?;
         let mut params = CallToolRequestParams::new(tool.to_string());
         if let Some(arguments) = arguments {
@@ -408,7 +418,7 @@ impl McpUpstream {
             Err(_) => Err(CallError::Timeout(timeout)),
             Ok(Ok(result)) => {
                 self.mark_healthy();
-                Ok(result)
+                serde_json::to_value(&result).map_err(|e| CallError::Unavailable(format!("unreadable result: {e}")))
             }
             Ok(Err(ServiceError::McpError(error))) => {
                 self.mark_healthy();
@@ -416,12 +426,148 @@ impl McpUpstream {
             }
             Ok(Err(e)) => {
                 let error = root_cause(&e);
-                self.mark_unhealthy(error.clone());
-                self.forget_live().await;
-                self.catalog_changed.notify_one();
+                self.unreachable(error.clone()).await;
                 Err(CallError::Unavailable(error))
             }
         }
+    }
+
+    async fn unreachable(&self, error: String) {
+        self.mark_unhealthy(error);
+        self.forget_live().await;
+        self.catalog_changed.notify_one();
+    }
+
+    /// `tools/call` on a 2026-07-28 upstream as one POST; dropping it (timeout) closes the
+    /// request, which is how that revision cancels.
+    async fn call_direct(
+        &self,
+        tool: &str,
+        arguments: Option<serde_json::Map<String, serde_json::Value>>,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, CallError> {
+        let Upstream::Mcp { url, headers, .. } = &self.upstream;
+        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let body = serde_json::json!({
+            "jsonrpc": "2.0",
+            "id": id,
+            "method": "tools/call",
+            "params": {
+                "name": tool,
+                "arguments": arguments.unwrap_or_default(),
+                "_meta": {
+                    "io.modelcontextprotocol/protocolVersion": MODERN_VERSION,
+                    "io.modelcontextprotocol/clientCapabilities": {},
+                    "io.modelcontextprotocol/clientInfo": {"name": "portcullis", "version": env!("CARGO_PKG_VERSION")},
+                },
+            },
+        });
+        let mut request = self
+            .http
+            .post(url.as_str())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::ACCEPT, "application/json, text/event-stream")
+            .header("MCP-Protocol-Version", MODERN_VERSION)
+            .header("Mcp-Method", "tools/call")
+            .header("Mcp-Name", header_value(tool));
+        for (name, value) in headers {
+            request = request.header(name.as_str(), value.expose());
+        }
+        let exchange = async {
+            let response = request.body(body.to_string()).send().await.map_err(|e| {
+                let mut cause: &(dyn std::error::Error + 'static) = &e;
+                while let Some(source) = cause.source() {
+                    cause = source;
+                }
+                cause.to_string()
+            })?;
+            let status = response.status();
+            let event_stream = response
+                .headers()
+                .get(reqwest::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("text/event-stream"));
+            if !status.is_success() && !event_stream {
+                let text = response.text().await.unwrap_or_default();
+                // A JSON-RPC error with an HTTP error status is still the tool's answer.
+                if let Ok(message) = serde_json::from_str::<serde_json::Value>(&text)
+                    && message.get("error").is_some()
+                {
+                    return Ok(message);
+                }
+                return Err(format!("HTTP status {status}"));
+            }
+            if !event_stream {
+                let bytes = response.bytes().await.map_err(|e| e.to_string())?;
+                return serde_json::from_slice(&bytes).map_err(|e| format!("unreadable answer: {e}"));
+            }
+            read_event_stream(response, id).await
+        };
+        let message = match tokio::time::timeout(timeout, exchange).await {
+            Err(_) => return Err(CallError::Timeout(timeout)),
+            Ok(Err(error)) => {
+                self.unreachable(error.clone()).await;
+                return Err(CallError::Unavailable(error));
+            }
+            Ok(Ok(message)) => message,
+        };
+        self.mark_healthy();
+        if let Some(result) = message.get("result") {
+            return Ok(result.clone());
+        }
+        match message.get("error").cloned().map(serde_json::from_value::<rmcp::ErrorData>) {
+            Some(Ok(error)) => Err(CallError::Rpc(error)),
+            _ => Err(CallError::Unavailable("the upstream answered neither a result nor an error".into())),
+        }
+    }
+}
+
+/// The response to request `id` on an event stream (notifications before it are skipped).
+async fn read_event_stream(mut response: reqwest::Response, id: u64) -> Result<serde_json::Value, String> {
+    let mut buffer: Vec<u8> = Vec::new();
+    loop {
+        let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? else {
+            return Err("the event stream ended without an answer".into());
+        };
+        buffer.extend_from_slice(&chunk);
+        while let Some(end) = find_event_end(&buffer) {
+            let event: Vec<u8> = buffer.drain(..end).collect();
+            let text = String::from_utf8_lossy(&event);
+            let data: String = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:").map(|d| d.strip_prefix(' ').unwrap_or(d)))
+                .collect::<Vec<_>>()
+                .join("\n");
+            if data.is_empty() {
+                continue;
+            }
+            if let Ok(message) = serde_json::from_str::<serde_json::Value>(&data)
+                && message.get("id").and_then(serde_json::Value::as_u64) == Some(id)
+                && (message.get("result").is_some() || message.get("error").is_some())
+            {
+                return Ok(message);
+            }
+        }
+    }
+}
+
+/// Index just past the blank line that ends the first event, if the buffer holds one.
+fn find_event_end(buffer: &[u8]) -> Option<usize> {
+    let lf = buffer.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+    let crlf = buffer.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// A metadata header value: visible ASCII as is, anything else as `=?base64?…?=`.
+fn header_value(text: &str) -> String {
+    use base64::Engine;
+    if text == text.trim() && text.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        text.to_string()
+    } else {
+        format!("=?base64?{}?=", base64::engine::general_purpose::STANDARD.encode(text))
     }
 }
 
