@@ -153,6 +153,8 @@ pub struct AuditLog {
 pub struct AuditUnavailable;
 
 const BATCH: usize = 256;
+/// How long the writer waits for more events before writing a batch.
+const LINGER: Duration = Duration::from_millis(10);
 
 impl AuditLog {
     /// Counts, success rate and latency percentiles over `[from, to)`, overall and per tool.
@@ -328,6 +330,16 @@ async fn write_loop(store: AuditStore, mut rx: mpsc::Receiver<AuditEvent>) {
     loop {
         if rx.recv_many(&mut batch, BATCH).await == 0 {
             return;
+        }
+        // Linger briefly after the first event, so a busy gateway writes few large batches
+        // instead of one statement per handful of events; an idle one waits at most LINGER.
+        let deadline = tokio::time::Instant::now() + LINGER;
+        while batch.len() < BATCH {
+            let room = BATCH - batch.len();
+            match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
         }
         let mut delay = Duration::from_millis(100);
         // A batch stays in memory until written: events wait out a database outage.
