@@ -327,3 +327,50 @@ async fn a_listen_stream_acknowledges_its_filter_and_announces_tool_list_changes
     let (_, discovered) = gateway.mcp_modern(ANALYST_KEY, 2, "server/discover", json!({})).await;
     assert_eq!(discovered["result"]["capabilities"]["tools"]["listChanged"], true, "{discovered}");
 }
+
+#[tokio::test]
+async fn a_2025_session_gets_tool_list_changes_on_its_get_stream() {
+    let upstream = Upstream::start("both").await;
+    let files = quickstart(&upstream.url());
+    let gateway = Gateway::start(&files).await;
+    wait_until(std::time::Duration::from_secs(10), || async { !gateway.tool_names(ANALYST_KEY).await.is_empty() })
+        .await;
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"get-stream","version":"1"}}}"#;
+    let r = gateway.mcp_raw(ANALYST_KEY, &[], init).await;
+    let session = r.headers()["mcp-session-id"].to_str().unwrap().to_string();
+    let get = |session: Option<&str>, key: &str| {
+        let mut request = reqwest::Client::new()
+            .get(gateway.mcp_url("demo", "notes"))
+            .header("X-API-Key", key)
+            .header("accept", "text/event-stream")
+            .header("MCP-Protocol-Version", "2025-11-25");
+        if let Some(s) = session {
+            request = request.header("Mcp-Session-Id", s);
+        }
+        request.send()
+    };
+    assert_eq!(get(None, ANALYST_KEY).await.unwrap().status(), 400, "the stream belongs to a session");
+    assert_eq!(get(Some("no-such-session"), ANALYST_KEY).await.unwrap().status(), 404);
+    assert_eq!(get(Some(&session), ADMIN_KEY).await.unwrap().status(), 404, "another caller's session does not exist");
+    let mut stream = get(Some(&session), ANALYST_KEY).await.unwrap();
+    assert_eq!(stream.status(), 200);
+    assert_eq!(stream.headers()["content-type"], "text/event-stream");
+
+    let edited = files[0].1.replace(r#"deny: ["notes.delete_note"]"#, r#"deny: ["notes.delete_note", "notes.echo"]"#);
+    gateway.write("personas.yaml", &edited);
+    let received = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        let mut text = String::new();
+        while let Ok(Some(chunk)) = stream.chunk().await {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+            if text.contains("notifications/tools/list_changed") {
+                return text;
+            }
+        }
+        text
+    })
+    .await
+    .expect("a notification within 5 s");
+    assert!(received.contains("\"method\":\"notifications/tools/list_changed\""), "{received}");
+    let (_, init_result) = (0, gateway.mcp_raw(ANALYST_KEY, &[], init).await.json::<Value>().await.unwrap());
+    assert_eq!(init_result["result"]["capabilities"]["tools"]["listChanged"], true);
+}

@@ -63,16 +63,16 @@ fn server_info() -> Value {
 }
 
 /// What this server offers. Tool-list changes reach 2026-07-28 clients on a
-/// `subscriptions/listen` stream; 2025 sessions have no notification stream yet.
-fn capabilities(modern: bool) -> Value {
-    if modern { json!({ "tools": { "listChanged": true } }) } else { json!({ "tools": {} }) }
+/// `subscriptions/listen` stream and 2025 sessions on their GET stream.
+fn capabilities() -> Value {
+    json!({ "tools": { "listChanged": true } })
 }
 
 /// `server/discover` (2026-07-28).
 pub fn discover(ctx: &CallContext<'_>) -> Value {
     let mut result = json!({
         "supportedVersions": protocol::supported_versions(),
-        "capabilities": capabilities(true),
+        "capabilities": capabilities(),
     });
     if let Some(instructions) = &ctx.endpoint.instructions {
         result["instructions"] = json!(instructions);
@@ -84,7 +84,7 @@ pub fn discover(ctx: &CallContext<'_>) -> Value {
 pub fn initialize_result(ctx: &CallContext<'_>, version: &str) -> Value {
     let mut result = json!({
         "protocolVersion": version,
-        "capabilities": capabilities(false),
+        "capabilities": capabilities(),
         "serverInfo": server_info(),
     });
     if let Some(instructions) = &ctx.endpoint.instructions {

@@ -419,28 +419,46 @@ fn listen(
         "method": "notifications/tools/list_changed",
         "params": { "_meta": meta },
     }));
+    notification_stream(app, &admitted.identity.tenant, Some(ack), tools.then_some(changed), None)
+}
+
+/// An event stream of change notifications for `tenant`: `first` (an acknowledgement) once,
+/// then `changed` on every change, and keep-alive comments; when `session` is given it is kept
+/// alive (2025 sessions expire after idle time, and an open stream is not idle).
+fn notification_stream(
+    app: &AppState,
+    tenant: &str,
+    first: Option<Bytes>,
+    changed: Option<Bytes>,
+    session: Option<String>,
+) -> Response {
     let receiver = app.changes.subscribe();
-    let tenant = admitted.identity.tenant.clone();
-    let stream = futures::stream::unfold((receiver, Some(ack)), move |(mut receiver, first)| {
-        let (tenant, changed) = (tenant.clone(), changed.clone());
+    let (app, tenant) = (app.clone(), tenant.to_string());
+    let stream = futures::stream::unfold((receiver, first), move |(mut receiver, first)| {
+        let (app, tenant, changed, session) = (app.clone(), tenant.clone(), changed.clone(), session.clone());
         async move {
-            if let Some(ack) = first {
-                return Some((Ok::<_, std::io::Error>(ack), (receiver, None)));
+            if let Some(first) = first {
+                return Some((Ok::<_, std::io::Error>(first), (receiver, None)));
             }
             loop {
                 tokio::select! {
-                    change = receiver.recv() => match change {
-                        Ok(c) if tools && c.tenant == tenant => return Some((Ok(changed), (receiver, None))),
-                        Ok(_) => continue,
+                    change = receiver.recv() => match (change, &changed) {
+                        (Ok(c), Some(changed)) if c.tenant == tenant => return Some((Ok(changed.clone()), (receiver, None))),
                         // Missed some: tell the client to list again rather than miss one.
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) if tools => {
-                            return Some((Ok(changed), (receiver, None)));
+                        (Err(tokio::sync::broadcast::error::RecvError::Lagged(_)), Some(changed)) => {
+                            return Some((Ok(changed.clone()), (receiver, None)));
                         }
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                        (Err(tokio::sync::broadcast::error::RecvError::Closed), _) => return None,
+                        _ => continue,
                     },
                     // Keep-alive comments keep proxies from closing an idle stream.
                     _ = tokio::time::sleep(std::time::Duration::from_secs(15)) => {
+                        if let Some(id) = &session {
+                            // A session that ended (DELETE, expiry) ends its stream.
+                            if !matches!(app.sessions.touch(id).await, Ok(Some(_))) {
+                                return None;
+                            }
+                        }
                         return Some((Ok(Bytes::from_static(b": keep-alive\n\n")), (receiver, None)));
                     }
                 }
@@ -574,6 +592,43 @@ async fn legacy(
     respond(&id, outcome, framing, event)
 }
 
+/// The standalone GET stream of a 2025 session: `notifications/tools/list_changed` whenever what
+/// the tenant's callers see may have changed (from any replica).
+async fn session_stream(
+    app: &AppState,
+    admitted: &Admitted,
+    headers: &HeaderMap,
+    tenant: &str,
+    endpoint: &str,
+    event: &mut AuditEvent,
+) -> Response {
+    let accepts_stream =
+        headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).any(|v| v.contains("text/event-stream"));
+    if !accepts_stream {
+        event.status = Status::Invalid;
+        event.error_code = Some("406".into());
+        return StatusCode::NOT_ACCEPTABLE.into_response();
+    }
+    let Some(id) = headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string) else {
+        event.status = Status::Invalid;
+        event.error_code = Some("400".into());
+        return (StatusCode::BAD_REQUEST, "the GET stream belongs to a session: send Mcp-Session-Id").into_response();
+    };
+    // A session of another caller or endpoint is indistinguishable from an unknown one.
+    let owned = matches!(app.sessions.touch(&id).await, Ok(Some(s))
+        if s.tenant == tenant && s.endpoint == endpoint && s.subject == admitted.identity.subject);
+    if !owned {
+        event.status = Status::Invalid;
+        event.error_code = Some("404".into());
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let changed = Bytes::from(format!(
+        "event: message\ndata: {}\n\n",
+        json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
+    ));
+    notification_stream(app, tenant, None, Some(changed), Some(id))
+}
+
 async fn get_stream(
     State(app): State<AppState>,
     Path((tenant, endpoint)): Path<(String, String)>,
@@ -587,14 +642,7 @@ async fn get_stream(
         Ok(admitted) if let Err(error) = limit(&app, &admitted, false, &mut event).await => {
             respond(&Value::Null, Err(error), Framing::Json, &mut event)
         }
-        Ok(_) => {
-            // No server-initiated stream is offered yet; the 2025 transport allows 405 here.
-            event.status = Status::Invalid;
-            event.error_code = Some("405".into());
-            let mut response = StatusCode::METHOD_NOT_ALLOWED.into_response();
-            response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST, DELETE"));
-            response
-        }
+        Ok(admitted) => session_stream(&app, &admitted, &headers, &tenant, &endpoint, &mut event).await,
     };
     finish(&app, event, started, response).await
 }
