@@ -219,6 +219,7 @@ async fn an_mcp_client_completes_the_flow_and_refresh_tokens_rotate() {
         ("code_challenge_method", "S256"),
         ("state", "xyz"),
         ("resource", resource.as_str()),
+        ("scope", "mcp admin:everything"),
     ];
     let back = authorize(&gateway, &client, &params, true).await;
     let answer = query(&back);
@@ -238,6 +239,7 @@ async fn an_mcp_client_completes_the_flow_and_refresh_tokens_rotate() {
     assert_eq!(status, 200, "{tokens}");
     let access = tokens["access_token"].as_str().unwrap().to_string();
     let refresh = tokens["refresh_token"].as_str().unwrap().to_string();
+    assert_eq!(tokens["scope"], "mcp", "only the scope this server grants, whatever was asked");
 
     // The MCP call sees exactly the persona's tools.
     let (status, listed, _) = mcp_list(&gateway, "people", &access).await;

@@ -180,7 +180,9 @@ pub async fn authorize(State(app): State<AppState>, Query(q): Query<BTreeMap<Str
         state: state.map(str::to_string),
         code_challenge: code_challenge.to_string(),
         resource,
-        scope: param("scope").map(str::to_string),
+        // The one scope this server grants; whatever else was asked is not granted (RFC 6749
+        // §3.3: the token response says what was), so no requested string reaches a token.
+        scope: Some("mcp".to_string()),
         idp_verifier: random_token(),
         nonce: random_token(),
         user: None,
