@@ -63,7 +63,8 @@ struct Loaded {
     dev_keys: Vec<DevKey>,
 }
 
-fn mint_key() -> String {
+/// A new API key: the prefix and 256 bits of base64url randomness.
+pub(crate) fn mint_key() -> String {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     format!("{}{}", portcullis_crds::keys::KEY_PREFIX, base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))

@@ -86,6 +86,18 @@ enum Credential<'a> {
     Bearer(&'a str),
 }
 
+/// How a refused request tried to authenticate, for the audit event.
+pub fn auth_method_of(headers: &HeaderMap) -> &'static str {
+    if headers.contains_key("x-api-key") {
+        return "api_key";
+    }
+    match headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        None => "none",
+        Some(v) if v.split_once(' ').is_some_and(|(_, t)| keys::looks_like_key(t.trim())) => "api_key",
+        Some(_) => "bearer",
+    }
+}
+
 fn presented(headers: &HeaderMap) -> Result<Credential<'_>, AuthError> {
     if let Some(value) = headers.get("x-api-key") {
         return value.to_str().map(|k| Credential::Key(k.trim())).map_err(|_| AuthError::UnknownKey);

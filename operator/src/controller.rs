@@ -261,8 +261,7 @@ fn earliest(a: Option<DateTime<Utc>>, b: Option<DateTime<Utc>>) -> Option<DateTi
 }
 
 fn previous_valid_until(secret: &Secret) -> Option<DateTime<Utc>> {
-    let bytes = secret.data.as_ref()?.get(portcullis_crds::keys::SECRET_PREVIOUS_VALID_UNTIL)?;
-    let text = std::str::from_utf8(&bytes.0).ok()?;
+    let text = keys::value(secret, portcullis_crds::keys::SECRET_PREVIOUS_VALID_UNTIL)?;
     Some(DateTime::parse_from_rfc3339(text.trim()).ok()?.with_timezone(&Utc))
 }
 

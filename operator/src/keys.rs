@@ -124,7 +124,8 @@ pub fn owned_by(secret: &Secret, apikey: &ApiKey) -> bool {
     uid.is_some() && secret.metadata.owner_references.iter().flatten().any(|o| Some(o.uid.as_str()) == uid)
 }
 
-fn value(secret: &Secret, key: &str) -> Option<String> {
+/// A text value of a Secret, from `data` or `stringData`.
+pub fn value(secret: &Secret, key: &str) -> Option<String> {
     if let Some(bytes) = secret.data.as_ref().and_then(|d| d.get(key)) {
         return String::from_utf8(bytes.0.clone()).ok();
     }

@@ -314,11 +314,7 @@ fn current_key(objects: &[Object], namespace: &str, secret: &str) -> Option<Stri
         Object::Secret(s)
             if s.metadata.namespace.as_deref() == Some(namespace) && s.metadata.name.as_deref() == Some(secret) =>
         {
-            let key = match s.data.as_ref().and_then(|d| d.get(keys::SECRET_KEY)) {
-                Some(bytes) => std::str::from_utf8(&bytes.0).ok()?.to_string(),
-                None => s.string_data.as_ref()?.get(keys::SECRET_KEY)?.clone(),
-            };
-            Some(keys::digest(key.trim()))
+            crate::keys::value(s, keys::SECRET_KEY).map(|key| keys::digest(key.trim()))
         }
         _ => None,
     })

@@ -5,6 +5,9 @@
 //! handshake), keeps the tool catalog fresh (on `list_changed` and on a timer), reconnects after
 //! failures with backoff, and reports health.
 
+use crate::mcp::protocol::{
+    META_CLIENT_CAPABILITIES, META_CLIENT_INFO, META_PROTOCOL_VERSION, MODERN_VERSION, encode_header_value,
+};
 use chrono::{DateTime, Utc};
 use portcullis_crds::snapshot::Upstream;
 use rmcp::ClientHandler;
@@ -25,8 +28,6 @@ use std::time::Duration;
 use tokio::sync::{Mutex, Notify};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-/// The stateless protocol revision, whose tool calls need no session.
-const MODERN_VERSION: &str = "2026-07-28";
 const LIST_TIMEOUT: Duration = Duration::from_secs(15);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 // 2025 sessions can die silently (an upstream restart, an idle timeout); some servers then answer
@@ -456,9 +457,9 @@ impl McpUpstream {
                 "name": tool,
                 "arguments": arguments.unwrap_or_default(),
                 "_meta": {
-                    "io.modelcontextprotocol/protocolVersion": MODERN_VERSION,
-                    "io.modelcontextprotocol/clientCapabilities": {},
-                    "io.modelcontextprotocol/clientInfo": {"name": "portcullis", "version": env!("CARGO_PKG_VERSION")},
+                    META_PROTOCOL_VERSION: MODERN_VERSION,
+                    META_CLIENT_CAPABILITIES: {},
+                    META_CLIENT_INFO: {"name": "portcullis", "version": env!("CARGO_PKG_VERSION")},
                 },
             },
         });
@@ -469,7 +470,7 @@ impl McpUpstream {
             .header(reqwest::header::ACCEPT, "application/json, text/event-stream")
             .header("MCP-Protocol-Version", MODERN_VERSION)
             .header("Mcp-Method", "tools/call")
-            .header("Mcp-Name", header_value(tool));
+            .header("Mcp-Name", encode_header_value(tool));
         for (name, value) in headers {
             request = request.header(name.as_str(), value.expose());
         }
@@ -558,16 +559,6 @@ fn find_event_end(buffer: &[u8]) -> Option<usize> {
     match (lf, crlf) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
-    }
-}
-
-/// A metadata header value: visible ASCII as is, anything else as `=?base64?…?=`.
-fn header_value(text: &str) -> String {
-    use base64::Engine;
-    if text == text.trim() && text.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-        text.to_string()
-    } else {
-        format!("=?base64?{}?=", base64::engine::general_purpose::STANDARD.encode(text))
     }
 }
 

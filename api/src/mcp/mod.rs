@@ -85,7 +85,7 @@ async fn admit(
             event.status = Status::Denied;
             event.error_code = Some(error.status().as_u16().to_string());
             event.detail = Some(error.reason().into());
-            event.auth_method = Some(crate::rest::auth_method_of(headers).into());
+            event.auth_method = Some(identity::auth_method_of(headers).into());
             let mut problem = Problem::from_auth(error);
             // MCP clients find the authorization server from the challenge (RFC 9728 §5.1).
             if let Some(server) = app.oauth.as_deref()
@@ -387,12 +387,7 @@ fn listen(
     params: &Value,
     event: &mut AuditEvent,
 ) -> Response {
-    let accepts_stream = headers
-        .get_all(http::header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.contains("text/event-stream"));
-    if !accepts_stream {
+    if !protocol::accepts_event_stream(headers) {
         let mut e =
             RpcError::invalid_request("subscriptions/listen answers with an event stream: accept text/event-stream");
         e.status = StatusCode::NOT_ACCEPTABLE;
@@ -408,13 +403,12 @@ fn listen(
         honoured.insert("toolsListChanged".into(), Value::Bool(true));
     }
     let meta = json!({ "io.modelcontextprotocol/subscriptionId": id });
-    let frame = |message: Value| Bytes::from(format!("event: message\ndata: {message}\n\n"));
-    let ack = frame(json!({
+    let ack = protocol::sse_event(&json!({
         "jsonrpc": "2.0",
         "method": "notifications/subscriptions/acknowledged",
         "params": { "notifications": honoured, "_meta": meta },
     }));
-    let changed = frame(json!({
+    let changed = protocol::sse_event(&json!({
         "jsonrpc": "2.0",
         "method": "notifications/tools/list_changed",
         "params": { "_meta": meta },
@@ -466,10 +460,7 @@ fn notification_stream(
         }
     });
     let mut response = axum::body::Body::from_stream(stream).into_response();
-    let h = response.headers_mut();
-    h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    h.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    protocol::event_stream_headers(&mut response);
     response
 }
 
@@ -602,9 +593,7 @@ async fn session_stream(
     endpoint: &str,
     event: &mut AuditEvent,
 ) -> Response {
-    let accepts_stream =
-        headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).any(|v| v.contains("text/event-stream"));
-    if !accepts_stream {
+    if !protocol::accepts_event_stream(headers) {
         event.status = Status::Invalid;
         event.error_code = Some("406".into());
         return StatusCode::NOT_ACCEPTABLE.into_response();
@@ -622,10 +611,7 @@ async fn session_stream(
         event.error_code = Some("404".into());
         return StatusCode::NOT_FOUND.into_response();
     }
-    let changed = Bytes::from(format!(
-        "event: message\ndata: {}\n\n",
-        json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
-    ));
+    let changed = protocol::sse_event(&json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}));
     notification_stream(app, tenant, None, Some(changed), Some(id))
 }
 

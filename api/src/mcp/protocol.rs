@@ -141,17 +141,42 @@ pub fn response_message(id: &Value, outcome: &Result<Value, RpcError>) -> Value 
     }
 }
 
+/// One JSON-RPC message as a server-sent `message` event.
+pub fn sse_event(message: &Value) -> bytes::Bytes {
+    bytes::Bytes::from(format!("event: message\ndata: {message}\n\n"))
+}
+
+/// Marks `response` as an event stream that proxies must not buffer.
+pub fn event_stream_headers(response: &mut Response) {
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+}
+
+/// Whether the client's `Accept` allows an event stream.
+pub fn accepts_event_stream(headers: &HeaderMap) -> bool {
+    headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).any(|v| v.contains("text/event-stream"))
+}
+
+/// Encodes a metadata header value: visible ASCII as is, anything else as `=?base64?…?=` (the
+/// inverse of `decode_header_value`).
+pub fn encode_header_value(text: &str) -> String {
+    if text == text.trim() && text.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        text.to_string()
+    } else {
+        format!("=?base64?{}?=", base64::engine::general_purpose::STANDARD.encode(text))
+    }
+}
+
 /// Frames one JSON-RPC message. Error statuses always go as JSON.
 pub fn framed(framing: Framing, status: StatusCode, message: &Value) -> Response {
-    let body = message.to_string();
     if framing == Framing::Sse && status == StatusCode::OK {
-        let mut response = format!("event: message\ndata: {body}\n\n").into_response();
-        let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        let mut response = axum::body::Body::from(sse_event(message)).into_response();
+        event_stream_headers(&mut response);
         response
     } else {
+        let body = message.to_string();
         let mut response = (status, body).into_response();
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         response

@@ -167,7 +167,8 @@ pub struct Registration {
     response_types: Option<Vec<String>>,
 }
 
-fn is_loopback_http(uri: &str) -> bool {
+/// Whether `uri` is plain http to a loopback host (a native app's redirect, RFC 8252 §7.3).
+pub fn is_loopback_http(uri: &str) -> bool {
     ["http://127.0.0.1", "http://[::1]", "http://localhost"].iter().any(|p| {
         uri.strip_prefix(p).is_some_and(|rest| rest.is_empty() || rest.starts_with(':') || rest.starts_with('/'))
     })

@@ -6,7 +6,7 @@
 //! `--oauth-client-metadata-allow-private` permits private and loopback hosts (and plain http on
 //! loopback) for internal clients and development. Documents are cached for five minutes.
 
-use super::clients::{Client, redirect_problem};
+use super::clients::{Client, is_loopback_http, redirect_problem};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
@@ -171,15 +171,7 @@ impl MetadataDocuments {
         let application_type =
             document.get("application_type").and_then(|v| v.as_str()).map(str::to_string).unwrap_or_else(|| {
                 // Loopback redirect URIs mean a native app (RFC 8252).
-                if redirect_uris.iter().all(|u| {
-                    u.starts_with("http://127.0.0.1")
-                        || u.starts_with("http://localhost")
-                        || u.starts_with("http://[::1]")
-                }) {
-                    "native".into()
-                } else {
-                    "web".into()
-                }
+                if redirect_uris.iter().all(|u| is_loopback_http(u)) { "native".into() } else { "web".into() }
             });
         for uri in &redirect_uris {
             if let Some(problem) = redirect_problem(uri, &application_type) {

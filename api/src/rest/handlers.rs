@@ -28,6 +28,16 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, Problem> {
     q.map(|Query(q)| q).map_err(|e| Problem::bad_request(format!("invalid query parameters: {}", e.body_text())))
 }
 
+/// Refuses callers whose persona is not an admin persona.
+pub(super) fn require_admin(caller: &Caller) -> Result<(), Problem> {
+    let (_, persona) = scope(caller);
+    if persona.admin {
+        Ok(())
+    } else {
+        Err(Problem::forbidden(format!("persona {:?} is not an admin persona", persona.name)))
+    }
+}
+
 fn scope(caller: &Caller) -> (&Tenant, &CompiledPersona) {
     let tenant = &caller.loaded.snapshot.tenants[&caller.identity.tenant];
     (tenant, &tenant.personas[&caller.identity.persona])
@@ -489,10 +499,7 @@ pub async fn audit_events(
     Extension(caller): Extension<Caller>,
     q: Result<Query<AuditQuery>, QueryRejection>,
 ) -> ApiResult<AuditPage> {
-    let (_, persona) = scope(&caller);
-    if !persona.admin {
-        return Err(Problem::forbidden(format!("persona {:?} is not an admin persona", persona.name)));
-    }
+    require_admin(&caller)?;
     let q = query(q)?;
     if let Some(status) = &q.status
         && !["ok", "error", "denied", "throttled", "invalid"].contains(&status.as_str())
@@ -553,10 +560,7 @@ pub async fn audit_overview(
     Extension(caller): Extension<Caller>,
     q: Result<Query<Window>, QueryRejection>,
 ) -> ApiResult<Overview> {
-    let (_, persona) = scope(&caller);
-    if !persona.admin {
-        return Err(Problem::forbidden(format!("persona {:?} is not an admin persona", persona.name)));
-    }
+    require_admin(&caller)?;
     let q = query(q)?;
     let to = q.to.unwrap_or_else(Utc::now);
     let from = q.from.unwrap_or(to - chrono::Duration::hours(1));
@@ -580,10 +584,7 @@ pub async fn config_changelog(
     paging: Result<Query<Paging>, QueryRejection>,
 ) -> ApiResult<Page<ChangelogEntry>> {
     let paging = query(paging)?;
-    let (_, persona) = scope(&caller);
-    if !persona.admin {
-        return Err(Problem::forbidden(format!("persona {:?} is not an admin persona", persona.name)));
-    }
+    require_admin(&caller)?;
     let tenant = &caller.identity.tenant;
     let Some(backends) = &app.backends else {
         let history = app.history.lock().unwrap_or_else(|e| e.into_inner()).clone();

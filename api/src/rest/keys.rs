@@ -2,7 +2,7 @@
 //! is in the creation (and rotation) response only; stores hold its digest. Keys minted here and
 //! keys of ApiKey resources authenticate identically.
 
-use super::handlers::{Page, Paging, idempotent};
+use super::handlers::{Page, Paging, idempotent, require_admin as admin};
 use super::problem::Problem;
 use super::{AuditNote, Caller};
 use crate::rest_keys::StoredKey;
@@ -12,11 +12,9 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Extension, Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
 use chrono::{DateTime, Utc};
 use http::StatusCode;
 use portcullis_crds::keys;
-use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -90,16 +88,6 @@ pub struct RotateKey {
     pub grace_seconds: u32,
 }
 
-fn admin(caller: &Caller) -> Result<(), Problem> {
-    let tenant = &caller.loaded.snapshot.tenants[&caller.identity.tenant];
-    let persona = &tenant.personas[&caller.identity.persona];
-    if persona.admin {
-        Ok(())
-    } else {
-        Err(Problem::forbidden(format!("persona {:?} is not an admin persona", persona.name)))
-    }
-}
-
 fn body_of(app: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, Problem> {
     match body {
         Ok(body) => Ok(body),
@@ -108,12 +96,6 @@ fn body_of(app: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes,
         }
         Err(rejection) => Err(Problem::bad_request(format!("cannot read the request body: {rejection}"))),
     }
-}
-
-fn mint() -> String {
-    let mut bytes = [0u8; 32];
-    rand::rng().fill_bytes(&mut bytes);
-    format!("{}{}", keys::KEY_PREFIX, base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
 }
 
 fn database_error(error: sqlx::Error) -> Problem {
@@ -135,7 +117,7 @@ async fn mint_record(
     let Some(keys_store) = &app.rest_keys else {
         return Err(Problem::unavailable("key management is not available"));
     };
-    let key = mint();
+    let key = crate::dev::mint_key();
     let digest = keys::digest(&key);
     let now = Utc::now();
     let record = StoredKey {

@@ -23,18 +23,6 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-/// How a refused request tried to authenticate, for the audit event.
-pub(crate) fn auth_method_of(headers: &http::HeaderMap) -> &'static str {
-    if headers.contains_key("x-api-key") {
-        return "api_key";
-    }
-    match headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
-        None => "none",
-        Some(v) if v.split_once(' ').is_some_and(|(_, t)| portcullis_crds::keys::looks_like_key(t.trim())) => "api_key",
-        Some(_) => "bearer",
-    }
-}
-
 /// The route whose tool-call limit the guard decides.
 const TOOL_CALL_ROUTE: &str = "/api/v1/admin/tools/call";
 
@@ -202,7 +190,7 @@ async fn admit(
                 event.status = Status::Denied;
                 event.error_code = Some(error.status().as_u16().to_string());
                 event.detail = Some(error.reason().into());
-                event.auth_method = Some(auth_method_of(headers).into());
+                event.auth_method = Some(identity::auth_method_of(headers).into());
                 // Like MCP's URL, the tenant a request names gets its refusals in its audit log.
                 if let Some(named) = headers.get(identity::TENANT_HEADER).and_then(|v| v.to_str().ok())
                     && loaded.snapshot.tenant(named).is_some()
