@@ -37,6 +37,15 @@ spec: {connections: [notes], personas: [people-*]}
     files
 }
 
+/// An IdP, the notes upstream and a gateway serving them, with the upstream's tools loaded.
+async fn serving() -> (Idp, Upstream, Gateway) {
+    let idp = Idp::start().await;
+    let upstream = Upstream::start("both").await;
+    let gateway = start(&idp, &upstream).await;
+    wait_until(Duration::from_secs(10), || async { !gateway.tool_names(ANALYST_KEY).await.is_empty() }).await;
+    (idp, upstream, gateway)
+}
+
 async fn start(idp: &Idp, upstream: &Upstream) -> Gateway {
     let issuer = idp.issuer();
     Gateway::start_with(
@@ -178,10 +187,7 @@ async fn sign_in(gateway: &Gateway, client: &Registered, resource: &str, consent
 
 #[tokio::test]
 async fn an_mcp_client_completes_the_flow_and_refresh_tokens_rotate() {
-    let idp = Idp::start().await;
-    let upstream = Upstream::start("both").await;
-    let gateway = start(&idp, &upstream).await;
-    wait_until(Duration::from_secs(10), || async { !gateway.tool_names(ANALYST_KEY).await.is_empty() }).await;
+    let (_idp, _upstream, gateway) = serving().await;
     let resource = gateway.mcp_url("demo", "people");
 
     // Discovery from the 401.
@@ -454,10 +460,7 @@ async fn the_rust_sdk_completes_the_oauth_flow_and_calls_tools_as_the_users_pers
     use rmcp::transport::auth::{AuthClient, AuthorizationRequest, OAuthState};
     use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 
-    let idp = Idp::start().await;
-    let upstream = Upstream::start("both").await;
-    let gateway = start(&idp, &upstream).await;
-    wait_until(Duration::from_secs(10), || async { !gateway.tool_names(ANALYST_KEY).await.is_empty() }).await;
+    let (_idp, _upstream, gateway) = serving().await;
     let url = gateway.mcp_url("demo", "people");
 
     // The SDK discovers, registers (dynamic registration) and builds the authorization URL.
@@ -624,10 +627,7 @@ async fn every_step_of_the_flow_can_land_on_another_replica() {
 
 #[tokio::test]
 async fn service_clients_use_client_credentials_as_their_persona_on_their_tenants_endpoints() {
-    let idp = Idp::start().await;
-    let upstream = Upstream::start("both").await;
-    let gateway = start(&idp, &upstream).await;
-    wait_until(Duration::from_secs(10), || async { !gateway.tool_names(ANALYST_KEY).await.is_empty() }).await;
+    let (_idp, _upstream, gateway) = serving().await;
     let resource = gateway.mcp_url("demo", "people");
 
     // An administrator mints a client bound to the people-analyst persona; the secret is shown once.
@@ -792,10 +792,7 @@ async fn a_client_identified_by_its_metadata_document_needs_no_registration() {
 
 #[tokio::test]
 async fn revoking_a_refresh_token_ends_the_session() {
-    let idp = Idp::start().await;
-    let upstream = Upstream::start("both").await;
-    let gateway = start(&idp, &upstream).await;
-    wait_until(Duration::from_secs(10), || async { !gateway.tool_names(ANALYST_KEY).await.is_empty() }).await;
+    let (_idp, _upstream, gateway) = serving().await;
     let resource = gateway.mcp_url("demo", "people");
     let (_, reg) = register(
         &gateway,

@@ -158,10 +158,7 @@ pub async fn create_key(
     headers: http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    if let Err(p) = admin(&caller) {
-        return p.into_response();
-    }
-    let body = match body_of(&app, body) {
+    let body = match admin(&caller).and_then(|()| body_of(&app, body)) {
         Ok(b) => b,
         Err(p) => return p.into_response(),
     };
@@ -253,10 +250,7 @@ pub async fn rotate_key(
     headers: http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    if let Err(p) = admin(&caller) {
-        return p.into_response();
-    }
-    let body = match body_of(&app, body) {
+    let body = match admin(&caller).and_then(|()| body_of(&app, body)) {
         Ok(b) => b,
         Err(p) => return p.into_response(),
     };
