@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod audit;
+mod catalog_calls;
 mod changes;
 mod connectors;
 mod db;

@@ -277,7 +277,7 @@ async fn report_connections(state: AppState, pool: PgPool, every: Duration) {
                 tenant,
                 connection,
                 health: upstream.health().health,
-                tools: upstream.catalog().iter().map(|t| t.name.to_string()).collect(),
+                tools: upstream.catalog().tools.iter().map(|t| t.name.to_string()).collect(),
                 config_version: version,
                 reported_at: now,
             })

@@ -3,7 +3,7 @@
 
 use crate::glob::{GlobList, Policy};
 use crate::keys;
-use crate::kinds::{AllowDeny, ConnectionType, IncludeExclude, Limits};
+use crate::kinds::{AllowDeny, ConnectionType, IncludeExclude, Limits, PrefixMode};
 use crate::manifests::Object;
 use crate::problem::{ObjectRef, Problem, Severity};
 use crate::snapshot::{
@@ -382,7 +382,23 @@ fn compile_endpoint(
     }
     // With separator `_`, prefixes `a` and `a_b` can both produce `a_b_x`: refuse such pairs.
     let separator = spec.tool_naming.separator;
-    for (a_name, a) in &prefixes {
+    let prefix_mode = spec.tool_naming.prefix;
+    let prefixed = match prefix_mode {
+        PrefixMode::Always => true,
+        PrefixMode::Never => false,
+        PrefixMode::WhenMultiple => spec.connections.len() > 1,
+    };
+    if !prefixed && prefixes.len() > 1 {
+        let names: Vec<&str> = prefixes.iter().map(|(name, _)| *name).collect();
+        problems.push(Problem::warning(
+            r,
+            "spec.toolNaming.prefix",
+            format!(
+                "without prefixes, connections {names:?} may expose the same tool, prompt or resource name; where they do, the connection listed first serves it"
+            ),
+        ));
+    }
+    for (a_name, a) in prefixes.iter().filter(|_| prefixed) {
         for (b_name, b) in &prefixes {
             if a_name != b_name && b.starts_with(&format!("{a}{}", separator.as_str())) {
                 problems.push(Problem::error(
@@ -418,6 +434,7 @@ fn compile_endpoint(
         connections: spec.connections.clone(),
         personas,
         separator,
+        prefix: prefix_mode,
         instructions: spec.instructions.clone(),
         allowed_origins: spec.allowed_origins.clone(),
     })

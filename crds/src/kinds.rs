@@ -350,12 +350,30 @@ impl Separator {
     }
 }
 
+/// When exposed names carry their connection's prefix.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum PrefixMode {
+    /// Always: `warehouse.query`, resource URIs `warehouse+file:///x` (the default).
+    #[default]
+    Always,
+    /// Never: the upstreams' own names and URIs; with several connections, a name two of
+    /// them expose is served by the one listed first.
+    Never,
+    /// Only when the endpoint has more than one connection.
+    WhenMultiple,
+}
+
 /// How exposed names are formed on an endpoint.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, JsonSchema, PartialEq)]
 pub struct ToolNaming {
     /// Separator between a connection's prefix and the upstream name: `.`, `_`, `__` or `-`.
     #[serde(default)]
     pub separator: Separator,
+    /// When names carry the connection prefix: `always` (default), `never` or `whenMultiple`.
+    /// Applies to tools and prompts (`<prefix><separator><name>`) and resource URIs (`<prefix>+<uri>`).
+    #[serde(default)]
+    pub prefix: PrefixMode,
 }
 
 fn all_personas() -> Vec<String> {

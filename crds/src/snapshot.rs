@@ -2,7 +2,7 @@
 //! with precompiled matchers and lookup maps, identified by a digest of its content.
 
 use crate::glob::{GlobList, Policy};
-use crate::kinds::{Limits, Separator, Subjects};
+use crate::kinds::{Limits, PrefixMode, Separator, Subjects};
 use crate::problem::Problem;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -145,10 +145,24 @@ pub struct CompiledEndpoint {
     pub personas: GlobList,
     /// Between prefix and upstream name.
     pub separator: Separator,
+    /// When names carry the connection prefix.
+    #[serde(default)]
+    pub prefix: PrefixMode,
     /// Returned to clients at initialize and discover.
     pub instructions: Option<String>,
     /// Browser origins allowed besides localhost.
     pub allowed_origins: Vec<String>,
+}
+
+impl CompiledEndpoint {
+    /// Whether exposed names carry their connection's prefix.
+    pub fn prefixed(&self) -> bool {
+        match self.prefix {
+            PrefixMode::Always => true,
+            PrefixMode::Never => false,
+            PrefixMode::WhenMultiple => self.connections.len() > 1,
+        }
+    }
 }
 
 /// An API key as the snapshot knows it: never the key itself.

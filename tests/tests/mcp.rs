@@ -146,7 +146,7 @@ async fn legacy_session_lifecycle() {
     let wrong = vec![("Mcp-Session-Id", session.clone()), ("MCP-Protocol-Version", "2025-03-26".to_string())];
     assert_eq!(send(wrong, ANALYST_KEY, list).await.status(), 400);
     // Unknown methods inside a session are 200 with -32601, never 404.
-    let r = send(with(&session), ANALYST_KEY, r#"{"jsonrpc":"2.0","id":3,"method":"prompts/list"}"#).await;
+    let r = send(with(&session), ANALYST_KEY, r#"{"jsonrpc":"2.0","id":3,"method":"no/such_method"}"#).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], -32601);
     // DELETE ends it.
@@ -220,7 +220,7 @@ async fn malformed_and_mismatched_requests_get_the_spec_errors() {
     let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}"#;
     check(400, -32602, raw(&MODERN_HEADERS, body.into()).await);
     // Unknown method: 404 on the stateless generation.
-    let r = gateway.mcp_modern(ANALYST_KEY, 9, "prompts/list", json!({})).await;
+    let r = gateway.mcp_modern(ANALYST_KEY, 9, "no/such_method", json!({})).await;
     check(404, -32601, r);
     // A bad cursor.
     let r = gateway.mcp_modern(ANALYST_KEY, 10, "tools/list", json!({"cursor": "%%%"})).await;
@@ -304,7 +304,11 @@ async fn a_listen_stream_acknowledges_its_filter_and_announces_tool_list_changes
     .await;
     let ack = stream.messages.lock().unwrap()[0].clone();
     assert_eq!(ack["method"], "notifications/subscriptions/acknowledged", "the acknowledgement comes first");
-    assert_eq!(ack["params"]["notifications"], json!({"toolsListChanged": true}), "only what is honoured");
+    assert_eq!(
+        ack["params"]["notifications"],
+        json!({"toolsListChanged": true, "promptsListChanged": true, "resourcesListChanged": true}),
+        "only what is honoured: resource subscriptions are not offered"
+    );
     assert_eq!(ack["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"], "listen-1");
     assert_eq!(stream.count("notifications/tools/list_changed"), 0);
 

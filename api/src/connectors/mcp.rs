@@ -12,8 +12,8 @@ use chrono::{DateTime, Utc};
 use portcullis_crds::snapshot::Upstream;
 use rmcp::ClientHandler;
 use rmcp::model::{
-    CallToolRequestParams, ClientCapabilities, ClientConfig, ClientRequest, Implementation, PingRequest,
-    ProtocolVersion, ServerNotification, SubscriptionFilter, Tool,
+    ClientCapabilities, ClientConfig, ClientRequest, Implementation, PingRequest, Prompt, ProtocolVersion, Resource,
+    ResourceTemplate, ServerCapabilities, ServerNotification, SubscriptionFilter, Tool,
 };
 use rmcp::service::{
     ClientCacheConfig, ClientInitializeError, ClientLifecycleMode, ClientServiceExt, NotificationContext, RoleClient,
@@ -75,16 +75,39 @@ impl ClientHandler for Listener {
         self.catalog_changed.notify_one();
     }
 
+    async fn on_resource_list_changed(&self, _context: NotificationContext<RoleClient>) {
+        self.catalog_changed.notify_one();
+    }
+
+    async fn on_prompt_list_changed(&self, _context: NotificationContext<RoleClient>) {
+        self.catalog_changed.notify_one();
+    }
+
     fn get_info(&self) -> ClientConfig {
         ClientConfig::new(ClientCapabilities::default(), Implementation::new("portcullis", env!("CARGO_PKG_VERSION")))
     }
+}
+
+/// Everything an upstream offers, as last fetched (the upstream's own names and URIs).
+#[derive(Debug, Default, PartialEq)]
+pub struct Catalog {
+    /// Tools.
+    pub tools: Vec<Tool>,
+    /// Concrete resources.
+    pub resources: Vec<Resource>,
+    /// Resource templates (RFC 6570 URI templates).
+    pub templates: Vec<ResourceTemplate>,
+    /// Prompts.
+    pub prompts: Vec<Prompt>,
+    /// Whether the upstream answers `completion/complete`.
+    pub completions: bool,
 }
 
 struct State {
     health: portcullis_crds::kinds::Health,
     protocol_version: Option<String>,
     last_error: Option<String>,
-    catalog: Arc<Vec<Tool>>,
+    catalog: Arc<Catalog>,
     catalog_fetched_at: Option<DateTime<Utc>>,
 }
 
@@ -165,8 +188,8 @@ impl McpUpstream {
         &self.upstream
     }
 
-    /// The last tool catalog fetched (the upstream's own names).
-    pub fn catalog(&self) -> Arc<Vec<Tool>> {
+    /// The last catalog fetched (the upstream's own names and URIs).
+    pub fn catalog(&self) -> Arc<Catalog> {
         self.read_state().catalog.clone()
     }
 
@@ -176,7 +199,7 @@ impl McpUpstream {
         ConnectionHealth {
             health: format!("{:?}", s.health).to_lowercase(),
             protocol_version: s.protocol_version.clone(),
-            tool_count: s.catalog.len(),
+            tool_count: s.catalog.tools.len(),
             last_error: s.last_error.clone(),
             catalog_fetched_at: s.catalog_fetched_at,
         }
@@ -306,8 +329,11 @@ impl McpUpstream {
     /// upstreams use the session's GET stream, which rmcp keeps and hands to `Listener`).
     fn listen_for_changes(&self, service: &RunningService<RoleClient, Listener>) {
         let Some(info) = service.peer().peer_info() else { return };
-        let announces = info.capabilities.tools.as_ref().and_then(|t| t.list_changed) == Some(true);
-        if info.protocol_version.has_initialize() || !announces {
+        let capabilities = &info.capabilities;
+        let tools = capabilities.tools.as_ref().and_then(|t| t.list_changed) == Some(true);
+        let resources = capabilities.resources.as_ref().and_then(|r| r.list_changed) == Some(true);
+        let prompts = capabilities.prompts.as_ref().and_then(|p| p.list_changed) == Some(true);
+        if info.protocol_version.has_initialize() || !(tools || prompts || resources) {
             return;
         }
         let peer = service.peer().clone();
@@ -315,11 +341,25 @@ impl McpUpstream {
         let task = tokio::spawn(async move {
             let mut backoff = Duration::from_secs(1);
             while !peer.is_transport_closed() {
-                let filter = SubscriptionFilter::builder().tools_list_changed().build();
-                if let Ok(mut subscription) = peer.listen(filter).await {
+                let mut filter = SubscriptionFilter::builder();
+                if tools {
+                    filter = filter.tools_list_changed();
+                }
+                if resources {
+                    filter = filter.resources_list_changed();
+                }
+                if prompts {
+                    filter = filter.prompts_list_changed();
+                }
+                if let Ok(mut subscription) = peer.listen(filter.build()).await {
                     backoff = Duration::from_secs(1);
                     while let Ok(Some(notification)) = subscription.next().await {
-                        if matches!(notification, ServerNotification::ToolListChangedNotification(_)) {
+                        if matches!(
+                            notification,
+                            ServerNotification::ToolListChangedNotification(_)
+                                | ServerNotification::ResourceListChangedNotification(_)
+                                | ServerNotification::PromptListChangedNotification(_)
+                        ) {
                             changed.notify_one();
                         }
                     }
@@ -362,20 +402,22 @@ impl McpUpstream {
         self.catalog_changed.notify_one();
     }
 
-    /// Fetches the whole tool catalog, following pagination.
+    /// Fetches the whole catalog (tools, and resources, templates and prompts when the upstream
+    /// offers them), following pagination. One failed list fails the whole refresh: a partial
+    /// catalog would make things vanish from lists.
     pub async fn refresh(&self) -> Result<(), String> {
         let service = self.live().await?;
-        let result = tokio::time::timeout(LIST_TIMEOUT, service.peer().list_all_tools()).await;
-        let tools = match result {
-            Ok(Ok(tools)) => tools,
-            Ok(Err(e)) => {
-                let error = format!("tools/list failed: {}", root_cause(&e));
+        let capabilities = service.peer().peer_info().map(|info| info.capabilities.clone()).unwrap_or_default();
+        let result = tokio::time::timeout(LIST_TIMEOUT, fetch_catalog(service.peer(), &capabilities)).await;
+        let catalog = match result {
+            Ok(Ok(catalog)) => catalog,
+            Ok(Err(error)) => {
                 self.mark_unhealthy(error.clone());
                 self.forget_live().await;
                 return Err(error);
             }
             Err(_) => {
-                let error = format!("tools/list did not answer within {LIST_TIMEOUT:?}");
+                let error = format!("listing the catalog did not finish within {LIST_TIMEOUT:?}");
                 self.mark_unhealthy(error.clone());
                 self.forget_live().await;
                 return Err(error);
@@ -384,13 +426,13 @@ impl McpUpstream {
         self.mark_healthy();
         let changed = {
             let mut state = self.write_state();
-            let changed = state.catalog_fetched_at.is_some() && *state.catalog != tools;
-            state.catalog = Arc::new(tools);
+            let changed = state.catalog_fetched_at.is_some() && *state.catalog != catalog;
+            state.catalog = Arc::new(catalog);
             state.catalog_fetched_at = Some(Utc::now());
             changed
         };
         if changed {
-            // Listen streams of this tenant tell their clients to list tools again.
+            // Listen streams of this tenant tell their clients to list again.
             self.changes.announce(&self.tenant);
         }
         Ok(())
@@ -403,19 +445,34 @@ impl McpUpstream {
         arguments: Option<serde_json::Map<String, serde_json::Value>>,
         timeout: Duration,
     ) -> Result<serde_json::Value, CallError> {
+        let mut params = serde_json::Map::new();
+        params.insert("name".into(), tool.into());
+        params.insert("arguments".into(), serde_json::Value::Object(arguments.unwrap_or_default()));
+        self.request("tools/call", params, timeout).await
+    }
+
+    /// Sends one request (`tools/call`, `resources/read`, `prompts/get`, `completion/complete`…)
+    /// with `params` in the upstream's own names, cancelling it after `timeout`; the upstream's
+    /// result comes back as JSON.
+    pub async fn request(
+        &self,
+        method: &str,
+        params: serde_json::Map<String, serde_json::Value>,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, CallError> {
         let modern = self.read_state().protocol_version.as_deref() == Some(MODERN_VERSION);
         // A 2026-07-28 upstream needs no session: one plain POST, its JSON relayed as is
         // (no decoding into typed results and re-encoding on the hot path).
         if modern {
-            return self.call_direct(tool, arguments, timeout).await;
+            return self.request_direct(method, params, timeout).await;
         }
         let service = self.live().await.map_err(CallError::Unavailable)?;
-        let mut params = CallToolRequestParams::new(tool.to_string());
-        if let Some(arguments) = arguments {
-            params = params.with_arguments(arguments);
-        }
-        // Dropping the call future on timeout makes rmcp send a cancellation upstream.
-        match tokio::time::timeout(timeout, service.peer().call_tool(params)).await {
+        let request: ClientRequest = serde_json::from_value(serde_json::json!({ "method": method, "params": params }))
+            .map_err(|e| {
+                CallError::Rpc(rmcp::ErrorData::invalid_params(format!("invalid {method} parameters: {e}"), None))
+            })?;
+        // Dropping the request future on timeout makes rmcp send a cancellation upstream.
+        match tokio::time::timeout(timeout, service.peer().send_request(request)).await {
             Err(_) => Err(CallError::Timeout(timeout)),
             Ok(Ok(result)) => {
                 self.mark_healthy();
@@ -439,38 +496,41 @@ impl McpUpstream {
         self.catalog_changed.notify_one();
     }
 
-    /// `tools/call` on a 2026-07-28 upstream as one POST; dropping it (timeout) closes the
+    /// One request to a 2026-07-28 upstream as one POST; dropping it (timeout) closes the
     /// request, which is how that revision cancels.
-    async fn call_direct(
+    async fn request_direct(
         &self,
-        tool: &str,
-        arguments: Option<serde_json::Map<String, serde_json::Value>>,
+        method: &str,
+        mut params: serde_json::Map<String, serde_json::Value>,
         timeout: Duration,
     ) -> Result<serde_json::Value, CallError> {
         let Upstream::Mcp { url, headers, .. } = &self.upstream;
         let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let body = serde_json::json!({
-            "jsonrpc": "2.0",
-            "id": id,
-            "method": "tools/call",
-            "params": {
-                "name": tool,
-                "arguments": arguments.unwrap_or_default(),
-                "_meta": {
-                    META_PROTOCOL_VERSION: MODERN_VERSION,
-                    META_CLIENT_CAPABILITIES: {},
-                    META_CLIENT_INFO: {"name": "portcullis", "version": env!("CARGO_PKG_VERSION")},
-                },
-            },
-        });
+        let name = match method {
+            "tools/call" | "prompts/get" => params.get("name").and_then(serde_json::Value::as_str),
+            "resources/read" => params.get("uri").and_then(serde_json::Value::as_str),
+            _ => None,
+        }
+        .map(encode_header_value);
+        params.insert(
+            "_meta".into(),
+            serde_json::json!({
+                META_PROTOCOL_VERSION: MODERN_VERSION,
+                META_CLIENT_CAPABILITIES: {},
+                META_CLIENT_INFO: {"name": "portcullis", "version": env!("CARGO_PKG_VERSION")},
+            }),
+        );
+        let body = serde_json::json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params });
         let mut request = self
             .http
             .post(url.as_str())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header(reqwest::header::ACCEPT, "application/json, text/event-stream")
             .header("MCP-Protocol-Version", MODERN_VERSION)
-            .header("Mcp-Method", "tools/call")
-            .header("Mcp-Name", encode_header_value(tool));
+            .header("Mcp-Method", method);
+        if let Some(name) = name {
+            request = request.header("Mcp-Name", name);
+        }
         for (name, value) in headers {
             request = request.header(name.as_str(), value.expose());
         }
@@ -521,6 +581,32 @@ impl McpUpstream {
             _ => Err(CallError::Unavailable("the upstream answered neither a result nor an error".into())),
         }
     }
+}
+
+async fn fetch_catalog(
+    peer: &rmcp::service::Peer<RoleClient>,
+    capabilities: &ServerCapabilities,
+) -> Result<Catalog, String> {
+    let mut catalog = Catalog { completions: capabilities.completions.is_some(), ..Catalog::default() };
+    match peer.list_all_tools().await {
+        Ok(tools) => catalog.tools = tools,
+        // A server that does not advertise tools may well not answer tools/list.
+        Err(_) if capabilities.tools.is_none() => {}
+        Err(e) => return Err(format!("tools/list failed: {}", root_cause(&e))),
+    }
+    if capabilities.resources.is_some() {
+        catalog.resources =
+            peer.list_all_resources().await.map_err(|e| format!("resources/list failed: {}", root_cause(&e)))?;
+        catalog.templates = peer
+            .list_all_resource_templates()
+            .await
+            .map_err(|e| format!("resources/templates/list failed: {}", root_cause(&e)))?;
+    }
+    if capabilities.prompts.is_some() {
+        catalog.prompts =
+            peer.list_all_prompts().await.map_err(|e| format!("prompts/list failed: {}", root_cause(&e)))?;
+    }
+    Ok(catalog)
 }
 
 /// The response to request `id` on an event stream (notifications before it are skipped).

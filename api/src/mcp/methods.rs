@@ -1,9 +1,12 @@
-//! MCP methods served by Portcullis itself: discovery, initialize, tools/list and tools/call.
+//! MCP methods served by Portcullis itself: discovery, initialize, and the tools, resources,
+//! prompts and completion methods aggregated over an endpoint's connections.
 
 use super::protocol::{self, RpcError};
 use crate::audit::AuditEvent;
+use crate::catalog_calls::{self, Failure, NotFound};
+use crate::connectors::CallError;
 use crate::identity::Identity;
-use crate::policy::{self, ExposedTool};
+use crate::policy::{ExposedTool, Scope};
 use crate::state::{AppState, Loaded};
 use crate::tool_call;
 use base64::Engine;
@@ -37,22 +40,39 @@ impl<'a> CallContext<'a> {
         }
     }
 
-    async fn tools(&self) -> Vec<ExposedTool> {
-        policy::endpoint_tools(&self.identity.tenant, self.tenant, self.endpoint, self.persona, &self.app.upstreams)
-            .await
+    /// Whether the caller speaks 2026-07-28.
+    pub fn modern(&self) -> bool {
+        self.modern
     }
 
-    /// Adds what 2026-07-28 results carry.
+    fn scope(&self) -> Scope<'a> {
+        Scope::endpoint(&self.identity.tenant, self.tenant, self.endpoint, self.persona)
+    }
+
+    async fn tools(&self) -> Vec<ExposedTool> {
+        self.scope().tools(&self.app.upstreams).await
+    }
+
+    /// Adds what 2026-07-28 results carry (and strips it for 2025 clients: an upstream of the
+    /// other generation may have put it there).
     fn complete(&self, mut result: Value, cacheable: bool) -> Value {
+        if !result.is_object() {
+            result = json!({});
+        }
         if self.modern {
             result["resultType"] = json!("complete");
             if cacheable {
                 result["ttlMs"] = json!(LIST_TTL_MS);
                 result["cacheScope"] = json!("private");
+            } else if let Some(object) = result.as_object_mut() {
+                object.remove("ttlMs");
+                object.remove("cacheScope");
             }
             result["_meta"][protocol::META_SERVER_INFO] = server_info();
         } else if let Some(object) = result.as_object_mut() {
             object.remove("resultType");
+            object.remove("ttlMs");
+            object.remove("cacheScope");
         }
         result
     }
@@ -62,10 +82,15 @@ fn server_info() -> Value {
     json!({ "name": "portcullis", "version": env!("CARGO_PKG_VERSION") })
 }
 
-/// What this server offers. Tool-list changes reach 2026-07-28 clients on a
-/// `subscriptions/listen` stream and 2025 sessions on their GET stream.
+/// What this server offers. List changes reach 2026-07-28 clients on a `subscriptions/listen`
+/// stream and 2025 sessions on their GET stream.
 fn capabilities() -> Value {
-    json!({ "tools": { "listChanged": true } })
+    json!({
+        "tools": { "listChanged": true },
+        "resources": { "listChanged": true },
+        "prompts": { "listChanged": true },
+        "completions": {},
+    })
 }
 
 /// `server/discover` (2026-07-28).
@@ -102,34 +127,136 @@ fn decode_cursor(cursor: &str) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
-/// `tools/list`: the persona's tools of this endpoint, sorted, paged by an opaque cursor
-/// (the last name of the previous page, so pages stay stable while the catalog changes).
-pub async fn tools_list(ctx: &CallContext<'_>, params: &Value) -> Result<Value, RpcError> {
+/// One page of a sorted list, paged by an opaque cursor: the last key of the previous page,
+/// so pages stay stable while the catalog changes.
+fn page(ctx: &CallContext<'_>, params: &Value, field: &str, items: Vec<(String, Value)>) -> Result<Value, RpcError> {
     let after = match params.get("cursor") {
         None | Some(Value::Null) => None,
         Some(Value::String(c)) if c.is_empty() => None,
         Some(Value::String(c)) => Some(decode_cursor(c).ok_or_else(|| RpcError::invalid_params("Invalid cursor"))?),
         Some(_) => return Err(RpcError::invalid_params("Invalid cursor")),
     };
-    let tools = ctx.tools().await;
     let page_size = ctx.app.settings.page_size.max(1);
-    let mut remaining = tools.iter().filter(|t| after.as_deref().is_none_or(|a| t.name.as_str() > a)).peekable();
+    let mut remaining =
+        items.into_iter().filter(|(key, _)| after.as_deref().is_none_or(|a| key.as_str() > a)).peekable();
     let mut page = Vec::new();
     let mut last = None;
     while page.len() < page_size {
-        let Some(tool) = remaining.next() else { break };
-        let mut definition = serde_json::to_value(&tool.definition).unwrap_or_else(|_| json!({}));
-        definition["name"] = json!(tool.name);
-        page.push(definition);
-        last = Some(tool.name.clone());
+        let Some((key, item)) = remaining.next() else { break };
+        page.push(item);
+        last = Some(key);
     }
-    let mut result = json!({ "tools": page });
+    let mut result = json!({ field: page });
     if remaining.peek().is_some()
         && let Some(last) = last
     {
         result["nextCursor"] = json!(encode_cursor(&last));
     }
     Ok(ctx.complete(result, true))
+}
+
+/// An upstream definition with its name (or URI) field replaced by the exposed one.
+fn renamed(definition: &impl serde::Serialize, field: &str, name: &str) -> Value {
+    let mut value = serde_json::to_value(definition).unwrap_or_else(|_| json!({}));
+    value[field] = json!(name);
+    value
+}
+
+/// `tools/list`: the persona's tools of this endpoint, sorted.
+pub async fn tools_list(ctx: &CallContext<'_>, params: &Value) -> Result<Value, RpcError> {
+    let items = ctx.tools().await.into_iter().map(|t| (t.name.clone(), renamed(&t.definition, "name", &t.name)));
+    page(ctx, params, "tools", items.collect())
+}
+
+/// `prompts/list`: the persona's prompts of this endpoint, sorted.
+pub async fn prompts_list(ctx: &CallContext<'_>, params: &Value) -> Result<Value, RpcError> {
+    let prompts = ctx.scope().prompts(&ctx.app.upstreams).await;
+    let items = prompts.into_iter().map(|p| (p.name.clone(), renamed(&p.definition, "name", &p.name)));
+    page(ctx, params, "prompts", items.collect())
+}
+
+/// `resources/list`: the persona's concrete resources of this endpoint, sorted by URI.
+pub async fn resources_list(ctx: &CallContext<'_>, params: &Value) -> Result<Value, RpcError> {
+    let resources = ctx.scope().resources(&ctx.app.upstreams).await;
+    let items = resources.into_iter().map(|r| (r.name.clone(), renamed(&r.definition, "uri", &r.name)));
+    page(ctx, params, "resources", items.collect())
+}
+
+/// `resources/templates/list`: the persona's resource templates of this endpoint, sorted.
+pub async fn resource_templates_list(ctx: &CallContext<'_>, params: &Value) -> Result<Value, RpcError> {
+    let templates = ctx.scope().templates(&ctx.app.upstreams).await;
+    let items = templates.into_iter().map(|t| (t.name.clone(), renamed(&t.definition, "uriTemplate", &t.name)));
+    page(ctx, params, "resourceTemplates", items.collect())
+}
+
+fn required_str<'p>(params: &'p Value, field: &str) -> Result<&'p str, RpcError> {
+    params
+        .get(field)
+        .and_then(Value::as_str)
+        .ok_or_else(|| RpcError::invalid_params(format!("params.{field} is required")))
+}
+
+impl CallContext<'_> {
+    fn catalog_caller(&self) -> catalog_calls::Caller<'_> {
+        catalog_calls::Caller { app: self.app, scope: self.scope(), persona: self.persona }
+    }
+
+    /// The MCP error of a failed resource, prompt or completion request.
+    fn failure(&self, failure: Failure, what: &str) -> RpcError {
+        match failure {
+            Failure::NotFound(NotFound::Resource(uri)) => RpcError::resource_not_found(&uri, self.modern),
+            Failure::NotFound(NotFound::Prompt(name)) => RpcError::unknown_prompt(&name),
+            Failure::Invalid(detail) => RpcError::invalid_params(detail),
+            Failure::TooLarge { size, limit } => RpcError::internal(format!(
+                "The result of {what} is {size} bytes, over this persona's limit of {limit} bytes (maxResultBytes)"
+            )),
+            Failure::Upstream(CallError::Timeout(after)) => {
+                RpcError::internal(format!("{what} did not answer within {} s and was cancelled", after.as_secs()))
+            }
+            Failure::Upstream(CallError::Unavailable(detail)) => {
+                tracing::warn!(%detail, "{what}: upstream unavailable");
+                RpcError::internal(format!("The server behind {what} is unavailable right now; try again later"))
+            }
+            Failure::Upstream(CallError::Rpc(error)) => {
+                let mut e = RpcError::internal(error.message.to_string());
+                e.code = i64::from(error.code.0);
+                e.data = error.data;
+                e
+            }
+        }
+    }
+}
+
+/// `resources/read`, routed by URI to the connection that serves it. A URI the persona may not
+/// read answers exactly like one that does not exist.
+pub async fn resources_read(ctx: &CallContext<'_>, params: &Value, event: &mut AuditEvent) -> Result<Value, RpcError> {
+    let uri = required_str(params, "uri")?;
+    match catalog_calls::read_resource(&ctx.catalog_caller(), uri, params, event).await {
+        Ok(result) => Ok(ctx.complete(result, true)),
+        Err(failure) => Err(ctx.failure(failure, uri)),
+    }
+}
+
+/// `prompts/get`, routed by name; hidden prompts are unknown prompts.
+pub async fn prompts_get(ctx: &CallContext<'_>, params: &Value, event: &mut AuditEvent) -> Result<Value, RpcError> {
+    let name = required_str(params, "name")?;
+    match catalog_calls::get_prompt(&ctx.catalog_caller(), name, params, event).await {
+        Ok(result) => Ok(ctx.complete(result, false)),
+        Err(failure) => Err(ctx.failure(failure, name)),
+    }
+}
+
+/// `completion/complete`, routed by its reference (a prompt, or a resource template or URI) to
+/// the connection behind it; a reference the persona cannot see is refused like a missing one.
+pub async fn completion_complete(
+    ctx: &CallContext<'_>,
+    params: &Value,
+    event: &mut AuditEvent,
+) -> Result<Value, RpcError> {
+    match catalog_calls::complete(&ctx.catalog_caller(), params, event).await {
+        Ok(result) => Ok(ctx.complete(result, false)),
+        Err(failure) => Err(ctx.failure(failure, "completion/complete")),
+    }
 }
 
 /// `tools/call`, routed to the connection that serves the tool.

@@ -306,6 +306,26 @@ async fn handle_message(
     legacy(app, &admitted, headers, framing, id, &method_name, params, event).await
 }
 
+/// The methods both generations share.
+async fn dispatch(
+    ctx: &CallContext<'_>,
+    method: &str,
+    params: &Value,
+    event: &mut AuditEvent,
+) -> Result<Value, RpcError> {
+    match method {
+        "tools/list" => methods::tools_list(ctx, params).await,
+        "tools/call" => methods::tools_call(ctx, params, event).await,
+        "resources/list" => methods::resources_list(ctx, params).await,
+        "resources/templates/list" => methods::resource_templates_list(ctx, params).await,
+        "resources/read" => methods::resources_read(ctx, params, event).await,
+        "prompts/list" => methods::prompts_list(ctx, params).await,
+        "prompts/get" => methods::prompts_get(ctx, params, event).await,
+        "completion/complete" => methods::completion_complete(ctx, params, event).await,
+        other => Err(RpcError::method_not_found(other, ctx.modern())),
+    }
+}
+
 fn is_response(message: &Value) -> bool {
     message.get("result").is_some() || message.get("error").is_some()
 }
@@ -368,17 +388,16 @@ async fn modern(
     let ctx = CallContext::new(app, &admitted.loaded, &admitted.identity, &admitted.endpoint, true);
     let outcome = match method {
         "server/discover" => Ok(methods::discover(&ctx)),
-        "tools/list" => methods::tools_list(&ctx, &params).await,
-        "tools/call" => methods::tools_call(&ctx, &params, event).await,
-        other => Err(RpcError::method_not_found(other, true)),
+        other => dispatch(&ctx, other, &params, event).await,
     };
     respond(&id, outcome, framing, event)
 }
 
 /// `subscriptions/listen` (2026-07-28): an event stream that acknowledges the honoured subset of
-/// the filter, then carries `notifications/tools/list_changed` whenever what this tenant's callers
-/// see may have changed (a new configuration, an upstream's catalog; from any replica), each
-/// tagged with the listen request's id. Resource and prompt notifications are not offered yet.
+/// the filter, then carries the requested `notifications/{tools,resources,prompts}/list_changed`
+/// whenever what this tenant's callers see may have changed (a new configuration, an upstream's
+/// catalog; from any replica), each tagged with the listen request's id. Resource update
+/// subscriptions are not offered yet.
 fn listen(
     app: &AppState,
     admitted: &Admitted,
@@ -397,23 +416,31 @@ fn listen(
     if !requested.is_object() {
         return rpc_error_response(&id, RpcError::invalid_params("params.notifications must be an object"), event);
     }
-    let tools = requested.get("toolsListChanged") == Some(&Value::Bool(true));
-    let mut honoured = serde_json::Map::new();
-    if tools {
-        honoured.insert("toolsListChanged".into(), Value::Bool(true));
-    }
+    // Each list Portcullis serves can change (configuration, upstream catalogs); resource
+    // update subscriptions are not offered, so they are left out of the honoured subset.
+    let kinds = [
+        ("toolsListChanged", "notifications/tools/list_changed"),
+        ("resourcesListChanged", "notifications/resources/list_changed"),
+        ("promptsListChanged", "notifications/prompts/list_changed"),
+    ];
     let meta = json!({ "io.modelcontextprotocol/subscriptionId": id });
+    let mut honoured = serde_json::Map::new();
+    let mut changed = Vec::new();
+    for (flag, method) in kinds {
+        if requested.get(flag) == Some(&Value::Bool(true)) {
+            honoured.insert(flag.into(), Value::Bool(true));
+            changed.extend_from_slice(&protocol::sse_event(
+                &json!({ "jsonrpc": "2.0", "method": method, "params": { "_meta": meta } }),
+            ));
+        }
+    }
     let ack = protocol::sse_event(&json!({
         "jsonrpc": "2.0",
         "method": "notifications/subscriptions/acknowledged",
         "params": { "notifications": honoured, "_meta": meta },
     }));
-    let changed = protocol::sse_event(&json!({
-        "jsonrpc": "2.0",
-        "method": "notifications/tools/list_changed",
-        "params": { "_meta": meta },
-    }));
-    notification_stream(app, &admitted.identity.tenant, Some(ack), tools.then_some(changed), None)
+    let changed = (!changed.is_empty()).then(|| Bytes::from(changed));
+    notification_stream(app, &admitted.identity.tenant, Some(ack), changed, None)
 }
 
 /// An event stream of change notifications for `tenant`: `first` (an acknowledgement) once,
@@ -576,15 +603,13 @@ async fn legacy(
     let ctx = CallContext::new(app, &admitted.loaded, &admitted.identity, &admitted.endpoint, false);
     let outcome = match method {
         "ping" => Ok(json!({})),
-        "tools/list" => methods::tools_list(&ctx, &params).await,
-        "tools/call" => methods::tools_call(&ctx, &params, event).await,
-        other => Err(RpcError::method_not_found(other, false)),
+        other => dispatch(&ctx, other, &params, event).await,
     };
     respond(&id, outcome, framing, event)
 }
 
-/// The standalone GET stream of a 2025 session: `notifications/tools/list_changed` whenever what
-/// the tenant's callers see may have changed (from any replica).
+/// The standalone GET stream of a 2025 session: `notifications/{tools,resources,prompts}/list_changed`
+/// whenever what the tenant's callers see may have changed (from any replica).
 async fn session_stream(
     app: &AppState,
     admitted: &Admitted,
@@ -611,8 +636,15 @@ async fn session_stream(
         event.error_code = Some("404".into());
         return StatusCode::NOT_FOUND.into_response();
     }
-    let changed = protocol::sse_event(&json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}));
-    notification_stream(app, tenant, None, Some(changed), Some(id))
+    let mut changed = Vec::new();
+    for method in [
+        "notifications/tools/list_changed",
+        "notifications/resources/list_changed",
+        "notifications/prompts/list_changed",
+    ] {
+        changed.extend_from_slice(&protocol::sse_event(&json!({"jsonrpc": "2.0", "method": method})));
+    }
+    notification_stream(app, tenant, None, Some(Bytes::from(changed)), Some(id))
 }
 
 async fn get_stream(

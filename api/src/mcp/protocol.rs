@@ -80,6 +80,18 @@ impl RpcError {
         Self::invalid_params(format!("Unknown tool: {name}"))
     }
 
+    /// A resource that does not exist, or that the caller may not see: -32602 in 2026-07-28,
+    /// which retired 2025's -32002.
+    pub fn resource_not_found(uri: &str, modern: bool) -> Self {
+        let code = if modern { -32602 } else { -32002 };
+        Self::new(code, format!("Resource not found: {uri}"), StatusCode::OK).with_data(json!({ "uri": uri }))
+    }
+
+    /// -32602 for a prompt that does not exist, or that the caller may not see.
+    pub fn unknown_prompt(name: &str) -> Self {
+        Self::invalid_params(format!("Unknown prompt: {name}"))
+    }
+
     /// -32603.
     pub fn internal(detail: impl Into<String>) -> Self {
         Self::new(-32603, detail, StatusCode::OK)

@@ -24,7 +24,7 @@ use utoipa::{IntoParams, ToSchema};
 
 type ApiResult<T> = Result<Json<T>, Problem>;
 
-fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, Problem> {
+pub(super) fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, Problem> {
     q.map(|Query(q)| q).map_err(|e| Problem::bad_request(format!("invalid query parameters: {}", e.body_text())))
 }
 
@@ -38,14 +38,14 @@ pub(super) fn require_admin(caller: &Caller) -> Result<(), Problem> {
     }
 }
 
-fn scope(caller: &Caller) -> (&Tenant, &CompiledPersona) {
+pub(super) fn scope(caller: &Caller) -> (&Tenant, &CompiledPersona) {
     let tenant = &caller.loaded.snapshot.tenants[&caller.identity.tenant];
     (tenant, &tenant.personas[&caller.identity.persona])
 }
 
 async fn visible_tools(app: &AppState, caller: &Caller) -> Vec<ExposedTool> {
     let (tenant, persona) = scope(caller);
-    policy::tenant_tools(&caller.identity.tenant, tenant, persona, &app.upstreams).await
+    policy::Scope::tenant(&caller.identity.tenant, tenant, persona).tools(&app.upstreams).await
 }
 
 /// An MCP endpoint the caller may use.
@@ -126,7 +126,7 @@ impl Paging {
         Ok((page, per_page))
     }
 
-    fn slice<T>(&self, items: Vec<T>) -> Result<Page<T>, Problem> {
+    pub(super) fn slice<T>(&self, items: Vec<T>) -> Result<Page<T>, Problem> {
         let (page, per_page) = self.bounds()?;
         let total = items.len();
         let start = ((page - 1) as usize).saturating_mul(per_page as usize);
@@ -233,7 +233,7 @@ pub(super) fn with_note(mut response: Response, note: AuditNote) -> Response {
     response
 }
 
-fn note_of(event: &AuditEvent) -> AuditNote {
+pub(super) fn note_of(event: &AuditEvent) -> AuditNote {
     AuditNote {
         tool: event.tool.clone(),
         connection: event.connection.clone(),

@@ -2,6 +2,7 @@
 //! rate-limited and audited by one guard; errors are RFC 7807 problem documents; the OpenAPI
 //! document is generated from the handlers.
 
+pub mod catalog;
 pub mod handlers;
 pub mod keys;
 pub mod problem;
@@ -25,6 +26,9 @@ use utoipa_axum::routes;
 
 /// The route whose tool-call limit the guard decides.
 const TOOL_CALL_ROUTE: &str = "/api/v1/admin/tools/call";
+
+/// POST routes that only read (they take a body), so they do not spend the write budget.
+const READ_ONLY_POSTS: [&str; 2] = ["/api/v1/prompts/{name}/render", "/api/v1/completions"];
 
 /// The authenticated caller, for handlers.
 #[derive(Clone)]
@@ -61,7 +65,9 @@ pub struct AuditNote {
     security(("api_key" = []), ("bearer" = [])),
     tags(
         (name = "portal", description = "The caller's own view"),
-        (name = "admin", description = "Tool catalog and execution, connections, audit")
+        (name = "admin", description = "Tool catalog and execution, connections, audit"),
+        (name = "resources", description = "MCP resources of the connections this persona reaches"),
+        (name = "prompts", description = "MCP prompts and argument completion")
     )
 )]
 struct ApiDoc;
@@ -92,6 +98,14 @@ pub fn router(state: AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(handlers::audit_events))
         .routes(routes!(handlers::audit_overview))
         .routes(routes!(handlers::config_changelog))
+        .routes(routes!(catalog::list_resources))
+        .routes(routes!(catalog::list_templates))
+        .routes(routes!(catalog::get_resource))
+        .routes(routes!(catalog::resource_content))
+        .routes(routes!(catalog::list_prompts))
+        .routes(routes!(catalog::get_prompt))
+        .routes(routes!(catalog::render_prompt))
+        .routes(routes!(catalog::complete))
         .routes(routes!(keys::create_key, keys::list_keys))
         .routes(routes!(keys::revoke_key))
         .routes(routes!(keys::rotate_key))
@@ -209,7 +223,8 @@ async fn admit(
     }
     let limits = &loaded.snapshot.tenants[&identity.tenant].personas[&identity.persona].limits;
     let mut classes = vec![(Class::Requests, limits.requests_per_minute)];
-    if matches!(*method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE) {
+    let read_only = route.is_some_and(|r| READ_ONLY_POSTS.contains(&r));
+    if matches!(*method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE) && !read_only {
         classes.push((Class::Writes, limits.writes_per_minute));
     }
     // Decided here with the others, in the same round trip, rather than in the handler.

@@ -3,6 +3,10 @@
 //! It exists so the Portcullis quickstart and end-to-end tests have a real upstream that runs
 //! offline. `--protocol legacy` makes it a 2025-11-25-only server (no `server/discover`), to
 //! exercise Portcullis's fallback to the `initialize` handshake.
+//!
+//! Besides tools it offers each note as a resource (`note://<id>`, also as the template
+//! `note://{id}`), a static index (`notes://index`) and a small PNG (`notes://logo.png`, a blob),
+//! the prompt `summarize_note`, and completion of note ids for both.
 
 use axum::serve::ListenerExt;
 use clap::{Parser, ValueEnum};
@@ -10,8 +14,10 @@ use rmcp::{
     RoleServer, ServerHandler,
     handler::server::{router::tool::ToolRouter, wrapper::Parameters},
     model::{
-        CallToolResult, ContentBlock as Content, Implementation, ProtocolVersion, ServerCapabilities, ServerConfig,
-        SubscriptionFilter,
+        CallToolResult, CompleteRequestParams, CompleteResult, ContentBlock as Content, GetPromptRequestParams,
+        GetPromptResponse, GetPromptResult, Implementation, ListPromptsResult, ListResourceTemplatesResult,
+        ListResourcesResult, PaginatedRequestParams, ProtocolVersion, ReadResourceRequestParams, ReadResourceResponse,
+        ReadResourceResult, ServerCapabilities, ServerConfig, SubscriptionFilter,
     },
     schemars,
     service::{RequestContext, SubscriptionContext},
@@ -54,12 +60,19 @@ struct Note {
     body: String,
 }
 
+/// Which list changed, for `listen` streams.
+#[derive(Clone, Copy, Debug)]
+enum Changed {
+    Tools,
+    Resources,
+}
+
 struct Store {
     next_id: u64,
     notes: Vec<Note>,
     dynamic_tools: bool,
     archive_enabled: bool,
-    tools_changed: tokio::sync::broadcast::Sender<()>,
+    changed: tokio::sync::broadcast::Sender<Changed>,
 }
 
 #[derive(Clone)]
@@ -132,7 +145,7 @@ impl Notes {
         let enabled = {
             let mut store = lock(&self.store);
             store.archive_enabled = !store.archive_enabled;
-            let _ = store.tools_changed.send(());
+            let _ = store.changed.send(Changed::Tools);
             store.archive_enabled
         };
         // 2025 sessions hear it on their GET stream; 2026-07-28 listeners through `listen`.
@@ -145,12 +158,26 @@ impl Notes {
         format!("archived note {id}")
     }
 
+    /// Each note is a resource: adding or deleting one changes the resource list.
+    async fn resources_changed(&self, context: &RequestContext<RoleServer>) {
+        let _ = lock(&self.store).changed.send(Changed::Resources);
+        let _ = context.peer.notify_resource_list_changed().await;
+    }
+
     #[tool(description = "Add a note; returns its id")]
-    fn add_note(&self, Parameters(AddNote { title, body }): Parameters<AddNote>) -> String {
-        let mut store = lock(&self.store);
-        store.next_id += 1;
-        let id = store.next_id;
-        store.notes.push(Note { id, title, body });
+    async fn add_note(
+        &self,
+        Parameters(AddNote { title, body }): Parameters<AddNote>,
+        context: RequestContext<RoleServer>,
+    ) -> String {
+        let id = {
+            let mut store = lock(&self.store);
+            store.next_id += 1;
+            let id = store.next_id;
+            store.notes.push(Note { id, title, body });
+            id
+        };
+        self.resources_changed(&context).await;
         format!("added note {id}")
     }
 
@@ -186,11 +213,19 @@ impl Notes {
     }
 
     #[tool(description = "Delete a note by id")]
-    fn delete_note(&self, Parameters(NoteId { id }): Parameters<NoteId>) -> CallToolResult {
-        let mut store = lock(&self.store);
-        let before = store.notes.len();
-        store.notes.retain(|n| n.id != id);
-        if store.notes.len() < before {
+    async fn delete_note(
+        &self,
+        Parameters(NoteId { id }): Parameters<NoteId>,
+        context: RequestContext<RoleServer>,
+    ) -> CallToolResult {
+        let deleted = {
+            let mut store = lock(&self.store);
+            let before = store.notes.len();
+            store.notes.retain(|n| n.id != id);
+            store.notes.len() < before
+        };
+        if deleted {
+            self.resources_changed(&context).await;
             CallToolResult::success(vec![Content::text(format!("deleted note {id}"))])
         } else {
             CallToolResult::error(vec![Content::text(format!("no note with id {id}"))])
@@ -209,25 +244,174 @@ impl Notes {
     }
 }
 
+/// A 1×1 transparent PNG.
+const LOGO_PNG_BASE64: &str =
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==";
+
+fn decode<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, rmcp::ErrorData> {
+    serde_json::from_value(value).map_err(|e| rmcp::ErrorData::internal_error(e.to_string(), None))
+}
+
+impl Notes {
+    fn note(&self, uri: &str) -> Option<Note> {
+        let id: u64 = uri.strip_prefix("note://")?.parse().ok()?;
+        lock(&self.store).notes.iter().find(|n| n.id == id).cloned()
+    }
+
+    fn ids_starting_with(&self, prefix: &str) -> Vec<String> {
+        let store = lock(&self.store);
+        store.notes.iter().map(|n| n.id.to_string()).filter(|id| id.starts_with(prefix)).collect()
+    }
+}
+
 #[tool_handler(router = self.router())]
 impl ServerHandler for Notes {
+    async fn list_resources(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListResourcesResult, rmcp::ErrorData> {
+        let mut resources = vec![
+            serde_json::json!({"uri": "notes://index", "name": "index", "title": "All notes", "mimeType": "text/plain"}),
+            serde_json::json!({"uri": "notes://logo.png", "name": "logo", "mimeType": "image/png"}),
+        ];
+        for note in &lock(&self.store).notes {
+            resources.push(serde_json::json!({
+                "uri": format!("note://{}", note.id), "name": format!("note-{}", note.id),
+                "title": note.title, "mimeType": "text/markdown",
+            }));
+        }
+        decode(serde_json::json!({ "resources": resources }))
+    }
+
+    async fn list_resource_templates(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListResourceTemplatesResult, rmcp::ErrorData> {
+        decode(serde_json::json!({ "resourceTemplates": [
+            {"uriTemplate": "note://{id}", "name": "note", "description": "A note by id", "mimeType": "text/markdown"},
+        ]}))
+    }
+
+    async fn read_resource(
+        &self,
+        request: ReadResourceRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ReadResourceResponse, rmcp::ErrorData> {
+        let uri = request.uri.as_str();
+        let contents = match uri {
+            "notes://index" => {
+                let store = lock(&self.store);
+                let text: Vec<String> = store.notes.iter().map(|n| format!("{}: {}", n.id, n.title)).collect();
+                serde_json::json!([{ "uri": uri, "mimeType": "text/plain", "text": text.join("\n") }])
+            }
+            "notes://logo.png" => serde_json::json!([{ "uri": uri, "mimeType": "image/png", "blob": LOGO_PNG_BASE64 }]),
+            _ => match self.note(uri) {
+                Some(note) => serde_json::json!([{
+                    "uri": uri, "mimeType": "text/markdown", "text": format!("# {}\n\n{}", note.title, note.body),
+                }]),
+                None => {
+                    return Err(rmcp::ErrorData::resource_not_found(
+                        format!("no resource {uri}"),
+                        Some(serde_json::json!({ "uri": uri })),
+                    ));
+                }
+            },
+        };
+        Ok(decode::<ReadResourceResult>(serde_json::json!({ "contents": contents }))?.into())
+    }
+
+    async fn list_prompts(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListPromptsResult, rmcp::ErrorData> {
+        decode(serde_json::json!({ "prompts": [{
+            "name": "summarize_note",
+            "description": "Ask for a summary of one note",
+            "arguments": [
+                {"name": "id", "description": "Id of the note", "required": true},
+                {"name": "style", "description": "brief or detailed", "required": false},
+            ],
+        }]}))
+    }
+
+    async fn get_prompt(
+        &self,
+        request: GetPromptRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<GetPromptResponse, rmcp::ErrorData> {
+        if request.name != "summarize_note" {
+            return Err(rmcp::ErrorData::invalid_params(format!("unknown prompt {}", request.name), None));
+        }
+        let arguments = request.arguments.unwrap_or_default();
+        let Some(id) = arguments.get("id").and_then(|v| v.as_str()) else {
+            return Err(rmcp::ErrorData::invalid_params("argument id is required", None));
+        };
+        let Some(note) = self.note(&format!("note://{id}")) else {
+            return Err(rmcp::ErrorData::invalid_params(format!("no note {id}"), None));
+        };
+        let style = arguments.get("style").and_then(|v| v.as_str()).unwrap_or("brief");
+        let result: GetPromptResult = decode(serde_json::json!({
+            "description": format!("Summary of note {id}"),
+            "messages": [{"role": "user", "content": {"type": "text",
+                "text": format!("Write a {style} summary of this note.\n\n# {}\n\n{}", note.title, note.body)}}],
+        }))?;
+        Ok(result.into())
+    }
+
+    async fn complete(
+        &self,
+        request: CompleteRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<CompleteResult, rmcp::ErrorData> {
+        let value = serde_json::to_value(&request).unwrap_or_default();
+        let reference = value.get("ref").cloned().unwrap_or_default();
+        let known = reference.get("name").and_then(|v| v.as_str()) == Some("summarize_note")
+            || reference.get("uri").and_then(|v| v.as_str()) == Some("note://{id}");
+        let values = if known && request.argument.name == "id" {
+            self.ids_starting_with(&request.argument.value)
+        } else {
+            Vec::new()
+        };
+        let total = values.len();
+        decode(serde_json::json!({ "completion": { "values": values, "total": total, "hasMore": false } }))
+    }
+
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().enable_tool_list_changed().build())
-            .with_server_info(Implementation::new("notes-mcp-server", env!("CARGO_PKG_VERSION")))
-            .with_instructions("Keeps short notes in memory. Use add_note, list_notes, search_notes, get_note.")
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_tool_list_changed()
+                .enable_resources()
+                .enable_resources_list_changed()
+                .enable_prompts()
+                .enable_completions()
+                .build(),
+        )
+        .with_server_info(Implementation::new("notes-mcp-server", env!("CARGO_PKG_VERSION")))
+        .with_instructions("Keeps short notes in memory. Use add_note, list_notes, search_notes, get_note.")
     }
 
     fn accepted_subscription_filter(&self, requested: &SubscriptionFilter) -> Option<SubscriptionFilter> {
-        Some(requested.intersection(&SubscriptionFilter::builder().tools_list_changed().build()))
+        let offered = SubscriptionFilter::builder().tools_list_changed().resources_list_changed().build();
+        Some(requested.intersection(&offered))
     }
 
     async fn listen(&self, context: SubscriptionContext) -> Result<(), rmcp::ErrorData> {
-        let mut changes = lock(&self.store).tools_changed.subscribe();
+        let mut changes = lock(&self.store).changed.subscribe();
         loop {
             tokio::select! {
                 _ = context.cancelled() => return Ok(()),
                 change = changes.recv() => {
-                    if change.is_err() || context.sink().notify_tool_list_changed().await.is_err() {
+                    let sent = match change {
+                        Ok(Changed::Tools) => context.sink().notify_tool_list_changed().await,
+                        Ok(Changed::Resources) => context.sink().notify_resource_list_changed().await,
+                        Err(_) => return Ok(()),
+                    };
+                    // A kind this listener did not ask for is skipped; a closed stream ends it.
+                    if matches!(sent, Err(rmcp::service::SubscriptionSendError::SubscriptionClosed | rmcp::service::SubscriptionSendError::Service(_))) {
                         return Ok(());
                     }
                 }
@@ -254,7 +438,7 @@ async fn main() -> anyhow::Result<()> {
         notes: Vec::new(),
         dynamic_tools: args.dynamic_tools,
         archive_enabled: false,
-        tools_changed: tokio::sync::broadcast::channel(16).0,
+        changed: tokio::sync::broadcast::channel(16).0,
     }));
     let protocol = args.protocol;
     let service: StreamableHttpService<Notes, LocalSessionManager> = StreamableHttpService::new(

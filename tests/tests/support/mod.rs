@@ -138,12 +138,13 @@ kind: Persona
 metadata: {name: analyst, namespace: demo}
 spec:
   tools: {allow: ["notes.*"], deny: ["notes.delete_note"]}
+  resources: {allow: ["notes+note://*", "notes+notes://index"]}
   limits: {maxResultBytes: 4096, toolTimeoutSeconds: 2}
 ---
 apiVersion: portcullis.dev/v1alpha1
 kind: Persona
 metadata: {name: admin, namespace: demo}
-spec: {admin: true, tools: {allow: ["*"]}}
+spec: {admin: true, tools: {allow: ["*"]}, resources: {allow: ["*"]}, prompts: {allow: ["*"]}}
 ---
 apiVersion: portcullis.dev/v1alpha1
 kind: Persona
@@ -427,7 +428,7 @@ impl Api {
             "io.modelcontextprotocol/clientCapabilities": {},
             "io.modelcontextprotocol/clientInfo": {"name": "e2e", "version": "1"}
         });
-        let name = params.get("name").and_then(Value::as_str).map(str::to_string);
+        let name = params.get("name").or_else(|| params.get("uri")).and_then(Value::as_str).map(str::to_string);
         let mut headers = vec![("MCP-Protocol-Version", "2026-07-28"), ("Mcp-Method", method)];
         if let Some(name) = name.as_deref() {
             headers.push(("Mcp-Name", name));
@@ -459,10 +460,12 @@ pub struct ListenStream {
 }
 
 impl ListenStream {
-    /// Opens a listen stream on `demo/<endpoint>` asking for tool-list changes.
+    /// Opens a listen stream on `demo/<endpoint>` asking for list changes of every kind and
+    /// updates of one resource.
     pub async fn open(api: &Api, key: &str, endpoint: &str) -> Self {
         let body = json!({"jsonrpc": "2.0", "id": "listen-1", "method": "subscriptions/listen", "params": {
-            "notifications": {"toolsListChanged": true, "promptsListChanged": true},
+            "notifications": {"toolsListChanged": true, "promptsListChanged": true, "resourcesListChanged": true,
+                "resourceSubscriptions": ["notes+note://1"]},
             "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}}});
         let mut response = reqwest::Client::new()
             .post(api.mcp_url("demo", endpoint))
