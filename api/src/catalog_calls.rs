@@ -4,8 +4,7 @@
 //! the audit fields. The caller's protocol turns a `Failure` into its own error.
 
 use crate::audit::{AuditEvent, Status};
-use crate::connectors::CallError;
-use crate::connectors::McpUpstream;
+use crate::connectors::{CallError, CallerMeta, McpUpstream};
 use crate::policy::Scope;
 use crate::state::AppState;
 use portcullis_crds::snapshot::CompiledPersona;
@@ -48,6 +47,8 @@ pub struct Caller<'a> {
     pub scope: Scope<'a>,
     /// Limits.
     pub persona: &'a CompiledPersona,
+    /// What the caller's request metadata passes on upstream.
+    pub meta: CallerMeta,
 }
 
 impl Caller<'_> {
@@ -105,7 +106,8 @@ pub async fn read_resource(
     event.connection = Some(resource.connection.clone());
     let mut forwarded = upstream_params(params);
     forwarded.insert("uri".into(), json!(resource.upstream_uri));
-    let mut result = match resource.upstream.request("resources/read", forwarded, caller.timeout()).await {
+    let mut result = match resource.upstream.request("resources/read", forwarded, &caller.meta, caller.timeout()).await
+    {
         Ok(result) => result,
         // Not found upstream (2025's -32002 or 2026-07-28's -32602) is not found here.
         Err(CallError::Rpc(e)) if e.code.0 == -32002 || e.code.0 == -32602 => {
@@ -144,7 +146,7 @@ pub async fn get_prompt(
     forwarded.insert("name".into(), json!(prompt.upstream_name));
     let result = prompt
         .upstream
-        .request("prompts/get", forwarded, caller.timeout())
+        .request("prompts/get", forwarded, &caller.meta, caller.timeout())
         .await
         .map_err(|e| upstream_failed(e, event))?;
     caller.check_size(&result, event)?;
@@ -196,5 +198,8 @@ pub async fn complete(caller: &Caller<'_>, params: &Value, event: &mut AuditEven
     }
     let mut forwarded = upstream_params(params);
     forwarded.insert("ref".into(), upstream_ref);
-    upstream.request("completion/complete", forwarded, caller.timeout()).await.map_err(|e| upstream_failed(e, event))
+    upstream
+        .request("completion/complete", forwarded, &caller.meta, caller.timeout())
+        .await
+        .map_err(|e| upstream_failed(e, event))
 }

@@ -248,6 +248,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         oidc: oidc.clone(),
         oauth,
         rest_keys: Some(rest_keys),
+        // One process: a key of its own, good until it stops.
+        request_state_key: portcullis_store::secret_box::SecretKey::from_text(
+            &uuid::Uuid::new_v4().simple().to_string().repeat(2),
+        )
+        .expect("64 random hex characters make a key"),
     });
 
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -16,6 +16,7 @@ mod mcp;
 mod oauth;
 mod oidc;
 mod policy;
+mod request_state;
 mod rest;
 mod rest_keys;
 mod serve;

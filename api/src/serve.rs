@@ -184,6 +184,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         oidc: oidc.clone(),
         oauth,
         rest_keys: Some(rest_keys.clone()),
+        // Derived from the shared secret key, so every replica opens what any replica sealed.
+        request_state_key: SecretKey::from_text(&format!("request state\n{}", args.data.secret_key))?,
     });
 
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -56,6 +56,8 @@ pub struct Inner {
     pub oidc: Option<Arc<crate::oidc::OidcVerifier>>,
     /// Keys minted over REST.
     pub rest_keys: Option<Arc<crate::rest_keys::RestKeys>>,
+    /// Seals the `requestState` of `input_required` results (shared by replicas).
+    pub request_state_key: portcullis_store::secret_box::SecretKey,
     /// Changes that listen streams turn into list_changed notifications.
     pub changes: crate::changes::Changes,
     /// Portcullis's OAuth authorization server, when configured.

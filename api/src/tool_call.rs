@@ -2,7 +2,7 @@
 //! persona's timeout and result-size cap, and the audit fields it fills in.
 
 use crate::audit::{AuditEvent, Status};
-use crate::connectors::CallError;
+use crate::connectors::{CallError, CallerMeta};
 use crate::identity::Identity;
 use crate::limits::{Class, Decision, RateLimiter, first_refusal};
 use crate::policy::ExposedTool;
@@ -55,16 +55,20 @@ fn error_result(text: String) -> Value {
 /// same Redis round trip as the request limit). Failures the model should read (timeout, an
 /// upstream that is down, a result over the size cap) come back as tool results with
 /// `isError: true`.
+/// `extra` holds the caller's other params for the upstream (a retry's `inputResponses`, the
+/// upstream's `requestState`).
 pub async fn call(
     persona: &CompiledPersona,
     tool: &ExposedTool,
     arguments: Option<Map<String, Value>>,
+    extra: Map<String, Value>,
+    caller: &CallerMeta,
     event: &mut AuditEvent,
 ) -> Result<Value, rmcp::ErrorData> {
     event.tool = Some(tool.canonical.clone());
     event.connection = Some(tool.connection.clone());
     let timeout = Duration::from_secs(u64::from(persona.limits.tool_timeout_seconds));
-    match tool.upstream.call(&tool.upstream_name, arguments, timeout).await {
+    match tool.upstream.call(&tool.upstream_name, arguments, extra, caller, timeout).await {
         Ok(value) => {
             let size = value.to_string().len() as u64;
             if size > persona.limits.max_result_bytes {

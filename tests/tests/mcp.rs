@@ -142,9 +142,11 @@ async fn legacy_session_lifecycle() {
     assert_eq!(send(vec![], ANALYST_KEY, list).await.status(), 400);
     assert_eq!(send(with("nope"), ANALYST_KEY, list).await.status(), 404);
     assert_eq!(send(with(&session), ADMIN_KEY, list).await.status(), 404);
-    // A protocol version other than the negotiated one: 400.
-    let wrong = vec![("Mcp-Session-Id", session.clone()), ("MCP-Protocol-Version", "2025-03-26".to_string())];
+    // An unsupported protocol version: 400; another supported 2025 one is accepted.
+    let wrong = vec![("Mcp-Session-Id", session.clone()), ("MCP-Protocol-Version", "2024-01-01".to_string())];
     assert_eq!(send(wrong, ANALYST_KEY, list).await.status(), 400);
+    let older = vec![("Mcp-Session-Id", session.clone()), ("MCP-Protocol-Version", "2025-03-26".to_string())];
+    assert_eq!(send(older, ANALYST_KEY, list).await.status(), 200);
     // Unknown methods inside a session are 200 with -32601, never 404.
     let r = send(with(&session), ANALYST_KEY, r#"{"jsonrpc":"2.0","id":3,"method":"no/such_method"}"#).await;
     assert_eq!(r.status(), 200);

@@ -6,7 +6,8 @@
 //! failures with backoff, and reports health.
 
 use crate::mcp::protocol::{
-    META_CLIENT_CAPABILITIES, META_CLIENT_INFO, META_PROTOCOL_VERSION, MODERN_VERSION, encode_header_value,
+    META_CLIENT_CAPABILITIES, META_CLIENT_INFO, META_LOG_LEVEL, META_PROTOCOL_VERSION, MODERN_VERSION,
+    encode_header_value,
 };
 use chrono::{DateTime, Utc};
 use portcullis_crds::snapshot::Upstream;
@@ -48,6 +49,15 @@ pub struct ConnectionHealth {
     pub last_error: Option<String>,
     /// When the catalog was last fetched.
     pub catalog_fetched_at: Option<DateTime<Utc>>,
+}
+
+/// What an upstream request carries of the caller's own request metadata (2026-07-28 `_meta`).
+#[derive(Clone, Debug, Default)]
+pub struct CallerMeta {
+    /// The caller's declared client capabilities (what an `input_required` may ask for).
+    pub client_capabilities: Option<serde_json::Value>,
+    /// The caller's requested log level.
+    pub log_level: Option<String>,
 }
 
 /// Why a tool call did not produce an upstream result.
@@ -439,16 +449,20 @@ impl McpUpstream {
     }
 
     /// Calls an upstream tool (by the upstream's own name), cancelling it after `timeout`.
+    /// `extra` carries the other params of the caller's request (a retry's `inputResponses`
+    /// and the upstream's `requestState`).
     pub async fn call(
         &self,
         tool: &str,
         arguments: Option<serde_json::Map<String, serde_json::Value>>,
+        extra: serde_json::Map<String, serde_json::Value>,
+        caller: &CallerMeta,
         timeout: Duration,
     ) -> Result<serde_json::Value, CallError> {
-        let mut params = serde_json::Map::new();
+        let mut params = extra;
         params.insert("name".into(), tool.into());
         params.insert("arguments".into(), serde_json::Value::Object(arguments.unwrap_or_default()));
-        self.request("tools/call", params, timeout).await
+        self.request("tools/call", params, caller, timeout).await
     }
 
     /// Sends one request (`tools/call`, `resources/read`, `prompts/get`, `completion/complete`…)
@@ -457,15 +471,19 @@ impl McpUpstream {
     pub async fn request(
         &self,
         method: &str,
-        params: serde_json::Map<String, serde_json::Value>,
+        mut params: serde_json::Map<String, serde_json::Value>,
+        caller: &CallerMeta,
         timeout: Duration,
     ) -> Result<serde_json::Value, CallError> {
         let modern = self.read_state().protocol_version.as_deref() == Some(MODERN_VERSION);
         // A 2026-07-28 upstream needs no session: one plain POST, its JSON relayed as is
         // (no decoding into typed results and re-encoding on the hot path).
         if modern {
-            return self.request_direct(method, params, timeout).await;
+            return self.request_direct(method, params, caller, timeout).await;
         }
+        // A 2025 session has neither request state nor input responses.
+        params.remove("inputResponses");
+        params.remove("requestState");
         let service = self.live().await.map_err(CallError::Unavailable)?;
         let request: ClientRequest = serde_json::from_value(serde_json::json!({ "method": method, "params": params }))
             .map_err(|e| {
@@ -502,6 +520,7 @@ impl McpUpstream {
         &self,
         method: &str,
         mut params: serde_json::Map<String, serde_json::Value>,
+        caller: &CallerMeta,
         timeout: Duration,
     ) -> Result<serde_json::Value, CallError> {
         let Upstream::Mcp { url, headers, .. } = &self.upstream;
@@ -512,14 +531,16 @@ impl McpUpstream {
             _ => None,
         }
         .map(encode_header_value);
-        params.insert(
-            "_meta".into(),
-            serde_json::json!({
-                META_PROTOCOL_VERSION: MODERN_VERSION,
-                META_CLIENT_CAPABILITIES: {},
-                META_CLIENT_INFO: {"name": "portcullis", "version": env!("CARGO_PKG_VERSION")},
-            }),
-        );
+        let mut meta = serde_json::json!({
+            META_PROTOCOL_VERSION: MODERN_VERSION,
+            // The upstream may ask (input_required) only for what the caller can give.
+            META_CLIENT_CAPABILITIES: caller.client_capabilities.clone().unwrap_or_else(|| serde_json::json!({})),
+            META_CLIENT_INFO: {"name": "portcullis", "version": env!("CARGO_PKG_VERSION")},
+        });
+        if let Some(level) = &caller.log_level {
+            meta[META_LOG_LEVEL] = serde_json::json!(level);
+        }
+        params.insert("_meta".into(), meta);
         let body = serde_json::json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params });
         let mut request = self
             .http
@@ -530,6 +551,17 @@ impl McpUpstream {
             .header("Mcp-Method", method);
         if let Some(name) = name {
             request = request.header("Mcp-Name", name);
+        }
+        // Arguments the upstream's schema marks with x-mcp-header are mirrored into headers.
+        if method == "tools/call"
+            && let Some(tool_name) = params.get("name").and_then(serde_json::Value::as_str)
+            && let Some(tool) = self.catalog().tools.iter().find(|t| t.name == tool_name)
+        {
+            let schema = serde_json::to_value(&tool.input_schema).unwrap_or_default();
+            let arguments = params.get("arguments").cloned().unwrap_or_default();
+            for (header, value) in crate::mcp::protocol::param_headers(&schema, &arguments) {
+                request = request.header(header, value);
+            }
         }
         for (name, value) in headers {
             request = request.header(name.as_str(), value.expose());

@@ -8,7 +8,7 @@ use portcullis_crds::snapshot::Upstream;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-pub use mcp::{CallError, ConnectionHealth, McpUpstream};
+pub use mcp::{CallError, CallerMeta, ConnectionHealth, McpUpstream};
 
 /// All upstream connections, by (tenant, connection name).
 pub struct Upstreams {

@@ -5,6 +5,7 @@ use super::protocol::{self, RpcError};
 use crate::audit::AuditEvent;
 use crate::catalog_calls::{self, Failure, NotFound};
 use crate::connectors::CallError;
+use crate::connectors::CallerMeta;
 use crate::identity::Identity;
 use crate::policy::{ExposedTool, Scope};
 use crate::state::{AppState, Loaded};
@@ -24,6 +25,8 @@ pub struct CallContext<'a> {
     endpoint: &'a CompiledEndpoint,
     persona: &'a CompiledPersona,
     modern: bool,
+    caller_meta: CallerMeta,
+    headers: Option<&'a http::HeaderMap>,
 }
 
 impl<'a> CallContext<'a> {
@@ -37,7 +40,40 @@ impl<'a> CallContext<'a> {
             endpoint: &tenant.endpoints[endpoint],
             persona: &tenant.personas[&identity.persona],
             modern,
+            caller_meta: CallerMeta::default(),
+            headers: None,
         }
+    }
+
+    /// The request's headers, for checks of mirrored tool arguments (2026-07-28).
+    pub fn with_headers(mut self, headers: &'a http::HeaderMap) -> Self {
+        self.headers = Some(headers);
+        self
+    }
+
+    /// Passes what the request's `_meta` says about the client on to upstreams.
+    pub fn with_request_meta(mut self, meta: &Value) -> Self {
+        self.caller_meta = CallerMeta {
+            client_capabilities: meta.get(protocol::META_CLIENT_CAPABILITIES).cloned(),
+            log_level: meta.get(protocol::META_LOG_LEVEL).and_then(Value::as_str).map(str::to_string),
+        };
+        self
+    }
+
+    /// What a request state issued to this caller for `method` on `name` is bound to.
+    pub fn binding(&self, method: &str, name: &str) -> crate::request_state::Binding {
+        crate::request_state::Binding {
+            tenant: self.identity.tenant.clone(),
+            subject: self.identity.subject.clone(),
+            endpoint: self.endpoint.name.clone(),
+            method: method.to_string(),
+            name: name.to_string(),
+        }
+    }
+
+    /// The key request states are sealed with.
+    pub fn request_state_key(&self) -> &portcullis_store::secret_box::SecretKey {
+        &self.app.request_state_key
     }
 
     /// Whether the caller speaks 2026-07-28.
@@ -58,6 +94,14 @@ impl<'a> CallContext<'a> {
     fn complete(&self, mut result: Value, cacheable: bool) -> Value {
         if !result.is_object() {
             result = json!({});
+        }
+        if result.get("resultType").and_then(Value::as_str) == Some("input_required") {
+            // Not final, never cacheable; `mrtr` decides what the caller gets.
+            if let Some(object) = result.as_object_mut() {
+                object.remove("ttlMs");
+                object.remove("cacheScope");
+            }
+            return result;
         }
         if self.modern {
             result["resultType"] = json!("complete");
@@ -198,7 +242,12 @@ fn required_str<'p>(params: &'p Value, field: &str) -> Result<&'p str, RpcError>
 
 impl CallContext<'_> {
     fn catalog_caller(&self) -> catalog_calls::Caller<'_> {
-        catalog_calls::Caller { app: self.app, scope: self.scope(), persona: self.persona }
+        catalog_calls::Caller {
+            app: self.app,
+            scope: self.scope(),
+            persona: self.persona,
+            meta: self.caller_meta.clone(),
+        }
     }
 
     /// The MCP error of a failed resource, prompt or completion request.
@@ -218,10 +267,7 @@ impl CallContext<'_> {
                 RpcError::internal(format!("The server behind {what} is unavailable right now; try again later"))
             }
             Failure::Upstream(CallError::Rpc(error)) => {
-                let mut e = RpcError::internal(error.message.to_string());
-                e.code = i64::from(error.code.0);
-                e.data = error.data;
-                e
+                RpcError::from_upstream(i64::from(error.code.0), error.message.to_string(), error.data)
             }
         }
     }
@@ -274,6 +320,10 @@ pub async fn tools_call(ctx: &CallContext<'_>, params: &Value, event: &mut Audit
     let Some(tool) = ctx.tools().await.into_iter().find(|t| t.name == name) else {
         return Err(RpcError::unknown_tool(name));
     };
+    if let Some(headers) = ctx.headers {
+        let schema = serde_json::to_value(&tool.definition.input_schema).unwrap_or_default();
+        protocol::check_param_headers(headers, &schema, params.get("arguments").unwrap_or(&Value::Null))?;
+    }
     match tool_call::check_tool_rate(ctx.app.limits.as_ref(), ctx.identity, ctx.persona, &tool, event).await {
         Ok(()) => {}
         Err(tool_call::ToolRateRefusal::Unavailable) => return Err(super::limiter_unavailable()),
@@ -281,13 +331,12 @@ pub async fn tools_call(ctx: &CallContext<'_>, params: &Value, event: &mut Audit
             return Err(super::throttled(&decision, &format!("tool-calls of {}", tool.name)));
         }
     }
-    match tool_call::call(ctx.persona, &tool, arguments, event).await {
+    let mut extra = params.as_object().cloned().unwrap_or_default();
+    for own in ["name", "arguments", "_meta"] {
+        extra.remove(own);
+    }
+    match tool_call::call(ctx.persona, &tool, arguments, extra, &ctx.caller_meta, event).await {
         Ok(result) => Ok(ctx.complete(result, false)),
-        Err(error) => {
-            let mut e = RpcError::internal(error.message.to_string());
-            e.code = i64::from(error.code.0);
-            e.data = error.data;
-            Err(e)
-        }
+        Err(error) => Err(RpcError::from_upstream(i64::from(error.code.0), error.message.to_string(), error.data)),
     }
 }

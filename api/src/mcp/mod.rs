@@ -3,6 +3,7 @@
 //! / 2025-03-26 (initialize, `Mcp-Session-Id`, DELETE). See `README.md` beside this file.
 
 pub mod methods;
+pub mod mrtr;
 pub mod protocol;
 
 use crate::audit::{AuditEvent, Status};
@@ -314,13 +315,11 @@ async fn dispatch(
     event: &mut AuditEvent,
 ) -> Result<Value, RpcError> {
     match method {
+        "tools/call" | "prompts/get" | "resources/read" => mrtr::round(ctx, method, params, event).await,
         "tools/list" => methods::tools_list(ctx, params).await,
-        "tools/call" => methods::tools_call(ctx, params, event).await,
         "resources/list" => methods::resources_list(ctx, params).await,
         "resources/templates/list" => methods::resource_templates_list(ctx, params).await,
-        "resources/read" => methods::resources_read(ctx, params, event).await,
         "prompts/list" => methods::prompts_list(ctx, params).await,
-        "prompts/get" => methods::prompts_get(ctx, params, event).await,
         "completion/complete" => methods::completion_complete(ctx, params, event).await,
         other => Err(RpcError::method_not_found(other, ctx.modern())),
     }
@@ -343,6 +342,20 @@ async fn modern(
     event: &mut AuditEvent,
 ) -> Response {
     let reply_id = id.clone().unwrap_or(Value::Null);
+    // A header that disagrees with the body is a mismatch, whatever the versions are.
+    if let Some(header) = headers.get(VERSION_HEADER)
+        && let Some(body) = version.as_str()
+        && protocol::decode_header_value(header).as_deref() != Some(body)
+    {
+        return rpc_error_response(
+            &reply_id,
+            RpcError::header_mismatch(format!(
+                "{VERSION_HEADER} does not match _meta {}",
+                protocol::META_PROTOCOL_VERSION
+            )),
+            event,
+        );
+    }
     if version.as_str() != Some(protocol::MODERN_VERSION) {
         return rpc_error_response(&reply_id, RpcError::unsupported_version(&version), event);
     }
@@ -385,7 +398,9 @@ async fn modern(
     if method == "subscriptions/listen" {
         return listen(app, admitted, headers, id, &params, event);
     }
-    let ctx = CallContext::new(app, &admitted.loaded, &admitted.identity, &admitted.endpoint, true);
+    let ctx = CallContext::new(app, &admitted.loaded, &admitted.identity, &admitted.endpoint, true)
+        .with_request_meta(&meta)
+        .with_headers(headers);
     let outcome = match method {
         "server/discover" => Ok(methods::discover(&ctx)),
         other => dispatch(&ctx, other, &params, event).await,
@@ -581,20 +596,20 @@ async fn legacy(
         return protocol::framed(Framing::Json, StatusCode::NOT_FOUND, &body);
     };
     event.client_name = session.client_name.clone();
+    // 2025 servers must refuse an invalid or unsupported MCP-Protocol-Version; a supported one
+    // other than the negotiated version is accepted (clients have been seen sending it).
     if let Some(header_version) = headers.get(VERSION_HEADER)
-        && header_version.to_str().ok() != Some(session.protocol_version.as_str())
+        && !protocol::LEGACY_VERSIONS.iter().any(|v| header_version.to_str().ok() == Some(*v))
     {
-        {
-            return rpc_error_response(
-                &reply_id,
-                RpcError::invalid_request(format!(
-                    "Bad Request: unsupported MCP-Protocol-Version {:?}; this session negotiated {}",
-                    header_version.to_str().unwrap_or("?"),
-                    session.protocol_version
-                )),
-                event,
-            );
-        }
+        return rpc_error_response(
+            &reply_id,
+            RpcError::invalid_request(format!(
+                "Bad Request: unsupported MCP-Protocol-Version {:?}; this session negotiated {}",
+                header_version.to_str().unwrap_or("?"),
+                session.protocol_version
+            )),
+            event,
+        );
     }
     let Some(id) = id else {
         // Notifications (initialized, cancelled…) and responses are accepted.

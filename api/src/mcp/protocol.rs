@@ -16,7 +16,9 @@ pub const META_PROTOCOL_VERSION: &str = "io.modelcontextprotocol/protocolVersion
 pub const META_CLIENT_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
 /// `_meta` key of the client info.
 pub const META_CLIENT_INFO: &str = "io.modelcontextprotocol/clientInfo";
-/// `_meta` key of the server info in results.
+/// `_meta` key of the log level a 2026-07-28 request asks for.
+pub const META_LOG_LEVEL: &str = "io.modelcontextprotocol/logLevel";
+/// `_meta` key of the server's identity on results.
 pub const META_SERVER_INFO: &str = "io.modelcontextprotocol/serverInfo";
 
 /// Every version served, newest first.
@@ -90,6 +92,13 @@ impl RpcError {
     /// -32602 for a prompt that does not exist, or that the caller may not see.
     pub fn unknown_prompt(name: &str) -> Self {
         Self::invalid_params(format!("Unknown prompt: {name}"))
+    }
+
+    /// An upstream's error relayed as is; the codes 2026-07-28 answers with HTTP 400 (header
+    /// mismatch, missing client capability, unsupported version) keep that status.
+    pub fn from_upstream(code: i64, message: impl Into<String>, data: Option<Value>) -> Self {
+        let status = if matches!(code, -32022..=-32020) { StatusCode::BAD_REQUEST } else { StatusCode::OK };
+        Self { code, message: message.into(), data, status }
     }
 
     /// -32603.
@@ -197,15 +206,73 @@ pub fn framed(framing: Framing, status: StatusCode, message: &Value) -> Response
 
 /// Decodes a metadata header value: plain visible ASCII, or `=?base64?…?=` for anything else.
 pub fn decode_header_value(raw: &HeaderValue) -> Option<String> {
-    let text = std::str::from_utf8(raw.as_bytes()).ok()?;
+    // Optional whitespace around a field value is not part of it (RFC 9110 §5.5).
+    let text = std::str::from_utf8(raw.as_bytes()).ok()?.trim_matches([' ', '\t']);
     if let Some(encoded) = text.strip_prefix("=?base64?").and_then(|t| t.strip_suffix("?=")) {
         let bytes = base64::engine::general_purpose::STANDARD.decode(encoded).ok()?;
         return String::from_utf8(bytes).ok();
     }
-    if text != text.trim() || !text.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+    if !text.bytes().all(|b| (0x20..0x7f).contains(&b)) {
         return None;
     }
     Some(text.to_string())
+}
+
+/// Checks the `Mcp-Param-{Name}` headers of a `tools/call` against the arguments whose schema
+/// properties carry `x-mcp-header: "{Name}"` (2026-07-28): a value in the body needs its
+/// header with the same value (integers compared as numbers); a header needs its value.
+pub fn check_param_headers(headers: &HeaderMap, input_schema: &Value, arguments: &Value) -> Result<(), RpcError> {
+    let Some(properties) = input_schema.get("properties").and_then(Value::as_object) else { return Ok(()) };
+    for (property, schema) in properties {
+        let Some(name) = schema.get("x-mcp-header").and_then(Value::as_str) else { continue };
+        let header_name = format!("Mcp-Param-{name}");
+        let header = headers.get(header_name.as_str());
+        match (arguments.get(property).filter(|v| !v.is_null()), header) {
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(RpcError::header_mismatch(format!("required header {header_name} is missing")));
+            }
+            (None, Some(_)) => {
+                return Err(RpcError::header_mismatch(format!("{header_name} is set but argument {property} is not")));
+            }
+            (Some(value), Some(raw)) => {
+                let Some(text) = decode_header_value(raw) else {
+                    return Err(RpcError::header_mismatch(format!("{header_name} header value is not valid")));
+                };
+                let matches = match value {
+                    Value::String(s) => *s == text,
+                    Value::Bool(b) => text == b.to_string(),
+                    Value::Number(n) => text.parse::<f64>().ok().zip(n.as_f64()).is_some_and(|(a, b)| a == b),
+                    _ => false,
+                };
+                if !matches {
+                    return Err(RpcError::header_mismatch(format!(
+                        "{header_name} does not match the value of argument {property}"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The `Mcp-Param-{Name}` headers a `tools/call` with `arguments` carries for a tool whose
+/// schema is `input_schema`.
+pub fn param_headers(input_schema: &Value, arguments: &Value) -> Vec<(String, String)> {
+    let Some(properties) = input_schema.get("properties").and_then(Value::as_object) else { return Vec::new() };
+    properties
+        .iter()
+        .filter_map(|(property, schema)| {
+            let name = schema.get("x-mcp-header").and_then(Value::as_str)?;
+            let value = match arguments.get(property)? {
+                Value::String(s) => encode_header_value(s),
+                Value::Bool(b) => b.to_string(),
+                Value::Number(n) => n.to_string(),
+                _ => return None,
+            };
+            Some((format!("Mcp-Param-{name}"), value))
+        })
+        .collect()
 }
 
 /// Checks that a header mirrors a body value (2026-07-28 request metadata).
@@ -234,7 +301,7 @@ mod tests {
         // "héllo" in base64
         assert_eq!(decode_header_value(&HeaderValue::from_static("=?base64?aMOpbGxv?=")).as_deref(), Some("héllo"));
         assert_eq!(decode_header_value(&HeaderValue::from_static("=?base64?!!?=")), None);
-        assert_eq!(decode_header_value(&HeaderValue::from_static(" padded")), None);
+        assert_eq!(decode_header_value(&HeaderValue::from_static(" padded\t")).as_deref(), Some("padded"));
     }
 
     #[test]

@@ -41,7 +41,7 @@ fn tenant_scope(caller: &Caller) -> Scope<'_> {
 }
 
 fn catalog_caller<'a>(app: &'a AppState, caller: &'a Caller) -> catalog_calls::Caller<'a> {
-    catalog_calls::Caller { app, scope: tenant_scope(caller), persona: scope(caller).1 }
+    catalog_calls::Caller { app, scope: tenant_scope(caller), persona: scope(caller).1, meta: Default::default() }
 }
 
 fn text(definition: &Value, field: &str) -> Option<String> {

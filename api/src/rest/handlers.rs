@@ -392,7 +392,8 @@ async fn execute_call(app: &AppState, caller: &Caller, body: &[u8]) -> Response 
             return with_note(problem.into_response(), note_of(&event));
         }
     }
-    let outcome = tool_call::call(persona, &tool, request.arguments, &mut event).await;
+    let caller_meta = crate::connectors::CallerMeta::default();
+    let outcome = tool_call::call(persona, &tool, request.arguments, Map::new(), &caller_meta, &mut event).await;
     let response = match outcome {
         Ok(mut result) => {
             // `resultType` belongs to the MCP 2026-07-28 wire format, not to REST.

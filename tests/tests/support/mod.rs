@@ -70,9 +70,10 @@ impl Drop for Killed {
     }
 }
 
-/// The notes MCP server.
+/// The notes MCP server (or another upstream binary taking `--listen` and `--protocol`).
 pub struct Upstream {
     child: Option<Killed>,
+    binary: &'static str,
     /// Port it listens on (kept across restarts).
     pub port: u16,
     protocol: String,
@@ -87,9 +88,15 @@ impl Upstream {
 
     /// Starts one with extra command-line flags.
     pub async fn start_with(protocol: &str, extra: &[&str]) -> Self {
+        Self::start_binary("notes-mcp-server", protocol, extra).await
+    }
+
+    /// Starts `binary` (an MCP server built from this workspace) speaking `protocol`.
+    pub async fn start_binary(binary: &'static str, protocol: &str, extra: &[&str]) -> Self {
         init();
         let mut upstream = Upstream {
             child: None,
+            binary,
             port: free_port(),
             protocol: protocol.to_string(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
@@ -111,14 +118,14 @@ impl Upstream {
     /// (Re)starts it on the same port, with empty notes.
     pub async fn restart(&mut self) {
         self.child = None;
-        let child = Command::new(bin("notes-mcp-server"))
+        let child = Command::new(bin(self.binary))
             .args(["--listen", &format!("127.0.0.1:{}", self.port), "--protocol", &self.protocol])
             .args(&self.extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("start notes-mcp-server");
+            .unwrap_or_else(|e| panic!("start {}: {e}", self.binary));
         self.child = Some(Killed(child));
         wait_until(Duration::from_secs(10), || async {
             tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok()

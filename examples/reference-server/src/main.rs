@@ -1,0 +1,747 @@
+//! mcp-reference-server: the upstream Portcullis runs the official MCP conformance suite
+//! (`@modelcontextprotocol/conformance`) against, directly and through the gateway.
+//!
+//! It implements the suite's server fixtures (the `test_*` tools, `test://` resources and
+//! templates, `test_*` prompts, completion, logging, subscriptions) for both protocol
+//! generations on one URL. Requests that need the client (sampling, elicitation, roots) are
+//! server-initiated requests on the request's own stream for 2025 sessions, and
+//! `input_required` results (multi round-trip requests) for 2026-07-28 callers.
+//! `--protocol legacy` or `--protocol modern` restricts it to one generation, to test bridging.
+
+// Logging, sampling and roots are deprecated in 2026-07-28 yet still part of the suite.
+#![allow(deprecated)]
+
+use axum::serve::ListenerExt;
+use clap::{Parser, ValueEnum};
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CompleteRequestParams, CompleteResult, GetPromptRequestParams,
+    GetPromptResponse, Implementation, ListPromptsResult, ListResourceTemplatesResult, ListResourcesResult,
+    ListToolsResult, PaginatedRequestParams, ProtocolVersion, ReadResourceRequestParams, ReadResourceResponse,
+    ServerCapabilities, ServerConfig, ServerRequest, SetLevelRequestParams, SubscribeRequestParams, SubscriptionFilter,
+    UnsubscribeRequestParams,
+};
+use rmcp::service::{RequestContext, SubscriptionContext};
+use rmcp::transport::streamable_http_server::{
+    StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
+};
+use rmcp::{ErrorData, RoleServer, ServerHandler};
+use serde_json::{Value, json};
+use std::borrow::Cow;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
+enum Protocol {
+    /// 2026-07-28 (stateless) and every 2025 version.
+    Both,
+    /// Only 2025-11-25 and older.
+    Legacy,
+    /// Only 2026-07-28.
+    Modern,
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "The MCP conformance suite's reference server (Streamable HTTP at /mcp)")]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8790")]
+    listen: String,
+    /// Which protocol generations to speak.
+    #[arg(long, value_enum, default_value_t = Protocol::Both)]
+    protocol: Protocol,
+}
+
+const PNG: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg==";
+const WAV: &str = "UklGRiYAAABXQVZFZm10IBAAAAABAAEAQB8AAAB9AAACABAAZGF0YQIAAAA=";
+
+/// What changes at run time and is announced on listen streams and sessions.
+#[derive(Clone, Copy, Debug)]
+enum Changed {
+    Tools,
+    Prompts,
+}
+
+#[derive(Clone)]
+struct Reference {
+    protocol: Protocol,
+    changes: tokio::sync::broadcast::Sender<Changed>,
+    // The triggers really change the lists: they toggle one extra tool and one extra prompt.
+    extra_tool: Arc<std::sync::atomic::AtomicBool>,
+    extra_prompt: Arc<std::sync::atomic::AtomicBool>,
+    // Keys the request-state checksums of this process.
+    state_key: std::collections::hash_map::RandomState,
+}
+
+fn decode<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ErrorData> {
+    serde_json::from_value(value).map_err(|e| ErrorData::internal_error(e.to_string(), None))
+}
+
+/// A complete result: `resultType` is set here (rmcp strips it again for 2025 peers).
+fn result<T: serde::de::DeserializeOwned>(mut value: Value) -> Result<T, ErrorData> {
+    value["resultType"] = json!("complete");
+    decode(value)
+}
+
+fn text(t: impl Into<String>) -> Value {
+    json!({ "type": "text", "text": t.into() })
+}
+
+fn complete(content: Vec<Value>) -> Result<CallToolResponse, ErrorData> {
+    Ok(CallToolResponse::Complete(result(json!({ "content": content }))?))
+}
+
+fn object_schema(properties: Value, required: &[&str]) -> Value {
+    json!({ "type": "object", "properties": properties, "required": required })
+}
+
+/// A schema that uses `$defs`, `$ref`, `$anchor`, composition and conditionals.
+fn json_schema_2020_12() -> Value {
+    json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "type": "object",
+        "$defs": {"address": {"$anchor": "addressDef", "type": "object",
+            "properties": {"street": {"type": "string"}, "city": {"type": "string"}}}},
+        "properties": {
+            "name": {"type": "string"}, "address": {"$ref": "#/$defs/address"},
+            "contactMethod": {"type": "string", "enum": ["phone", "email"]},
+            "phone": {"type": "string"}, "email": {"type": "string"},
+        },
+        "allOf": [{"anyOf": [{"required": ["phone"]}, {"required": ["email"]}]}],
+        "if": {"properties": {"contactMethod": {"const": "phone"}}, "required": ["contactMethod"]},
+        "then": {"required": ["phone"]},
+        "else": {"required": ["email"]},
+        "additionalProperties": false,
+    })
+}
+
+fn tools(modern: bool) -> Vec<Value> {
+    let none = object_schema(json!({}), &[]);
+    let mut tools = vec![
+        ("test_simple_text", "Returns a simple text", none.clone()),
+        ("test_image_content", "Returns an image", none.clone()),
+        ("test_audio_content", "Returns audio", none.clone()),
+        ("test_embedded_resource", "Returns an embedded resource", none.clone()),
+        ("test_multiple_content_types", "Returns text, an image and a resource", none.clone()),
+        ("test_tool_with_logging", "Sends three log messages while it runs", none.clone()),
+        ("test_error_handling", "Always fails (isError)", none.clone()),
+        ("test_tool_with_progress", "Reports progress three times", none.clone()),
+        (
+            "test_sampling",
+            "Asks the client's model to answer a prompt",
+            object_schema(json!({"prompt": {"type": "string"}}), &["prompt"]),
+        ),
+        (
+            "test_elicitation",
+            "Asks the user for information",
+            object_schema(json!({"message": {"type": "string"}}), &["message"]),
+        ),
+        ("test_elicitation_sep1034_defaults", "Elicits a form whose fields have defaults", none.clone()),
+        ("test_elicitation_sep1330_enums", "Elicits a form with every kind of enum", none.clone()),
+        ("test_trigger_tool_change", "Announces that the tool list changed", none.clone()),
+        ("test_trigger_prompt_change", "Announces that the prompt list changed", none.clone()),
+    ];
+    tools.push((
+        "json_schema_2020_12_tool",
+        "Takes arguments described with JSON Schema 2020-12 keywords",
+        json_schema_2020_12(),
+    ));
+    tools.push((
+        "test_header_param",
+        "Takes a region that clients mirror into the Mcp-Param-Region header",
+        json!({"type": "object", "properties": {
+            "region": {"type": "string", "x-mcp-header": "Region"},
+            "priority": {"type": "integer", "x-mcp-header": "Priority"},
+        }, "required": ["region"]}),
+    ));
+    if modern {
+        tools.extend([
+            ("test_missing_capability", "Needs the sampling capability", none.clone()),
+            ("test_input_required_result_elicitation", "Asks for the user's name first", none.clone()),
+            ("test_input_required_result_sampling", "Asks the client's model first", none.clone()),
+            ("test_input_required_result_list_roots", "Asks for the client's roots first", none.clone()),
+            ("test_input_required_result_request_state", "Hands out request state", none.clone()),
+            ("test_input_required_result_multiple_inputs", "Asks for three inputs at once", none.clone()),
+            ("test_input_required_result_multi_round", "Needs two rounds of input", none.clone()),
+            ("test_input_required_result_tampered_state", "Refuses tampered request state", none.clone()),
+            ("test_input_required_result_capabilities", "Asks only for what the client can do", none.clone()),
+            ("test_streaming_elicitation", "Asks for input without server requests", none.clone()),
+            ("test_logging_tool", "Logs only when the request asks for a level", none.clone()),
+        ]);
+    }
+    tools
+        .into_iter()
+        .map(|(name, description, schema)| json!({"name": name, "description": description, "inputSchema": schema}))
+        .collect()
+}
+
+impl Reference {
+    fn modern(context: &RequestContext<RoleServer>) -> bool {
+        context.meta.protocol_version().is_some_and(|v| !v.has_initialize())
+    }
+
+    fn seal(&self, state: &Value) -> String {
+        let text = state.to_string();
+        let mut hasher = self.state_key.build_hasher();
+        hasher.write(text.as_bytes());
+        format!("{:016x}.{text}", hasher.finish())
+    }
+
+    fn open(&self, sealed: &str) -> Option<Value> {
+        let (checksum, text) = sealed.split_once('.')?;
+        let mut hasher = self.state_key.build_hasher();
+        hasher.write(text.as_bytes());
+        (format!("{:016x}", hasher.finish()) == checksum).then(|| serde_json::from_str(text).ok()).flatten()
+    }
+
+    /// A server-initiated request on a 2025 session (sent on the request's own stream).
+    async fn ask(&self, context: &RequestContext<RoleServer>, method: &str, params: Value) -> Result<Value, ErrorData> {
+        let request: ServerRequest = decode(json!({ "method": method, "params": params }))?;
+        let answer = context
+            .peer
+            .send_request(request)
+            .await
+            .map_err(|e| ErrorData::internal_error(format!("the client did not answer {method}: {e}"), None))?;
+        serde_json::to_value(answer).map_err(|e| ErrorData::internal_error(e.to_string(), None))
+    }
+
+    /// Modern callers get `input_required` with `requests` unless the retry carries answers
+    /// for all of them; legacy callers are asked directly. Returns the answers by key.
+    async fn inputs(
+        &self,
+        context: &RequestContext<RoleServer>,
+        params: &Value,
+        requests: Value,
+    ) -> Result<Result<Value, CallToolResponse>, ErrorData> {
+        if Self::modern(context) {
+            let responses = params.get("inputResponses").cloned().unwrap_or(Value::Null);
+            let keys: Vec<&String> = requests.as_object().map(|o| o.keys().collect()).unwrap_or_default();
+            if responses.is_object() && keys.iter().all(|k| responses.get(k.as_str()).is_some()) {
+                return Ok(Ok(responses));
+            }
+            return Ok(Err(CallToolResponse::InputRequired(decode(json!({
+                "resultType": "input_required", "inputRequests": requests,
+            }))?)));
+        }
+        let mut answers = serde_json::Map::new();
+        for (key, request) in requests.as_object().cloned().unwrap_or_default() {
+            let answer = self.ask(context, request["method"].as_str().unwrap_or(""), request["params"].clone()).await?;
+            answers.insert(key, answer);
+        }
+        Ok(Ok(Value::Object(answers)))
+    }
+
+    async fn log(&self, context: &RequestContext<RoleServer>, message: &str) {
+        let params = json!({ "level": "info", "logger": "reference", "data": message });
+        if let Ok(params) = decode(params) {
+            let _ = context.peer.notify_logging_message(params).await;
+        }
+    }
+
+    async fn call(
+        &self,
+        name: &str,
+        params: &Value,
+        context: &RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let arguments = params.get("arguments").cloned().unwrap_or(json!({}));
+        match name {
+            "test_simple_text" => complete(vec![text("This is a simple text response for testing.")]),
+            "json_schema_2020_12_tool" | "test_extra_tool" => complete(vec![text("ok")]),
+            "test_header_param" => complete(vec![text(format!("region {}", arguments["region"]))]),
+            "test_image_content" => complete(vec![json!({"type": "image", "data": PNG, "mimeType": "image/png"})]),
+            "test_audio_content" => complete(vec![json!({"type": "audio", "data": WAV, "mimeType": "audio/wav"})]),
+            "test_embedded_resource" => complete(vec![json!({"type": "resource", "resource": {
+                "uri": "test://embedded-resource", "mimeType": "text/plain", "text": "This is an embedded resource content."}})]),
+            "test_multiple_content_types" => complete(vec![
+                text("Multiple content types test:"),
+                json!({"type": "image", "data": PNG, "mimeType": "image/png"}),
+                json!({"type": "resource", "resource": {"uri": "test://mixed-content-resource",
+                    "mimeType": "application/json", "text": "{\"test\":\"data\",\"value\":123}"}}),
+            ]),
+            "test_error_handling" => Ok(CallToolResponse::Complete(result(json!({
+                "content": [text("This tool intentionally returns an error for testing")], "isError": true,
+            }))?)),
+            "test_tool_with_logging" | "test_logging_tool" => {
+                // 2026-07-28 callers get log messages only when they ask for a level.
+                let wanted = !Self::modern(context) || context.meta.log_level().is_some();
+                for message in ["Tool execution started", "Tool processing data", "Tool execution completed"] {
+                    if wanted {
+                        self.log(context, message).await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                complete(vec![text("Tool with logging executed successfully")])
+            }
+            "test_tool_with_progress" => {
+                let token = context.meta.get_progress_token();
+                for progress in [0, 50, 100] {
+                    if let Some(token) = &token
+                        && let Ok(params) = decode(json!({"progressToken": token, "progress": progress, "total": 100}))
+                    {
+                        let _ = context.peer.notify_progress(params).await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let token = token.map(|t| serde_json::to_value(t).unwrap_or_default()).unwrap_or(Value::Null);
+                complete(vec![text(token.as_str().map(str::to_string).unwrap_or_else(|| token.to_string()))])
+            }
+            "test_sampling" | "test_input_required_result_sampling" => {
+                let prompt = arguments.get("prompt").and_then(Value::as_str).unwrap_or("Say hello").to_string();
+                let request = json!({"sampling": {"method": "sampling/createMessage", "params": {
+                    "messages": [{"role": "user", "content": {"type": "text", "text": prompt}}], "maxTokens": 100}}});
+                match self.inputs(context, params, request).await? {
+                    Err(input_required) => Ok(input_required),
+                    Ok(answers) => {
+                        let reply = &answers["sampling"]["content"]["text"];
+                        complete(vec![text(format!("LLM response: {}", reply.as_str().unwrap_or("")))])
+                    }
+                }
+            }
+            "test_elicitation"
+            | "test_elicitation_sep1034_defaults"
+            | "test_elicitation_sep1330_enums"
+            | "test_input_required_result_elicitation"
+            | "test_streaming_elicitation" => {
+                let message = arguments.get("message").and_then(Value::as_str).unwrap_or("Please provide your name");
+                let schema = match name {
+                    "test_elicitation_sep1034_defaults" => json!({"type": "object", "properties": {
+                        "name": {"type": "string", "default": "John Doe"},
+                        "age": {"type": "integer", "default": 30},
+                        "score": {"type": "number", "default": 95.5},
+                        "status": {"type": "string", "enum": ["active", "inactive", "pending"], "default": "active"},
+                        "verified": {"type": "boolean", "default": true}}}),
+                    "test_elicitation_sep1330_enums" => json!({"type": "object", "properties": {
+                        "untitledSingle": {"type": "string", "enum": ["option1", "option2", "option3"]},
+                        "titledSingle": {"type": "string", "oneOf": [
+                            {"const": "value1", "title": "First Option"}, {"const": "value2", "title": "Second Option"},
+                            {"const": "value3", "title": "Third Option"}]},
+                        "legacyEnum": {"type": "string", "enum": ["opt1", "opt2", "opt3"],
+                            "enumNames": ["Option One", "Option Two", "Option Three"]},
+                        "untitledMulti": {"type": "array", "minItems": 1, "maxItems": 3,
+                            "items": {"type": "string", "enum": ["option1", "option2", "option3"]}},
+                        "titledMulti": {"type": "array", "minItems": 1, "maxItems": 3, "items": {"anyOf": [
+                            {"const": "value1", "title": "First Choice"}, {"const": "value2", "title": "Second Choice"},
+                            {"const": "value3", "title": "Third Choice"}]}}}}),
+                    "test_elicitation" => json!({"type": "object", "properties": {
+                        "username": {"type": "string"}, "email": {"type": "string"}}}),
+                    _ => json!({"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}),
+                };
+                let key = if name.starts_with("test_input_required") || name == "test_streaming_elicitation" {
+                    "user_name"
+                } else {
+                    "elicitation"
+                };
+                let request = json!({ key: {"method": "elicitation/create", "params": {
+                    "mode": "form", "message": message, "requestedSchema": schema}}});
+                match self.inputs(context, params, request).await? {
+                    Err(input_required) => Ok(input_required),
+                    Ok(answers) => {
+                        let answer = &answers[key];
+                        if key == "user_name" {
+                            // The name must be a string; anything else is asked again.
+                            let Some(user) = answer["content"]["name"].as_str() else {
+                                return Ok(CallToolResponse::InputRequired(decode(json!({
+                                    "resultType": "input_required",
+                                    "inputRequests": { key: {"method": "elicitation/create", "params": {
+                                        "mode": "form", "message": message, "requestedSchema": schema}}},
+                                }))?));
+                            };
+                            return complete(vec![text(format!("Hello, {user}!"))]);
+                        }
+                        complete(vec![text(format!(
+                            "User response: action={}, content={}",
+                            answer["action"].as_str().unwrap_or("?"),
+                            answer["content"]
+                        ))])
+                    }
+                }
+            }
+            "test_input_required_result_list_roots" => {
+                let request = json!({"roots": {"method": "roots/list", "params": {}}});
+                match self.inputs(context, params, request).await? {
+                    Err(input_required) => Ok(input_required),
+                    Ok(answers) => complete(vec![text(format!("Roots: {}", answers["roots"]["roots"]))]),
+                }
+            }
+            "test_input_required_result_multiple_inputs" => {
+                let request = json!({
+                    "user_name": {"method": "elicitation/create", "params": {"mode": "form", "message": "Your name?",
+                        "requestedSchema": {"type": "object", "properties": {"name": {"type": "string"}}}}},
+                    "sampling": {"method": "sampling/createMessage", "params": {
+                        "messages": [{"role": "user", "content": {"type": "text", "text": "Say hello"}}], "maxTokens": 50}},
+                    "roots": {"method": "roots/list", "params": {}},
+                });
+                self.stateful_rounds(name, params, request, 1).await
+            }
+            "test_input_required_result_request_state"
+            | "test_input_required_result_tampered_state"
+            | "test_input_required_result_multi_round" => {
+                let request = json!({"user_name": {"method": "elicitation/create", "params": {"mode": "form",
+                    "message": "Your name?", "requestedSchema": {"type": "object", "properties": {"name": {"type": "string"}}}}}});
+                let rounds = if name.ends_with("multi_round") { 2 } else { 1 };
+                self.stateful_rounds(name, params, request, rounds).await
+            }
+            "test_input_required_result_capabilities" => {
+                // Ask only for what this request's client declared.
+                let capabilities = context.meta.client_capabilities().unwrap_or_default();
+                let capabilities = serde_json::to_value(capabilities).unwrap_or_default();
+                let mut request = serde_json::Map::new();
+                if capabilities.get("elicitation").is_some() {
+                    request.insert("user_name".into(), json!({"method": "elicitation/create", "params": {"mode": "form",
+                        "message": "Your name?", "requestedSchema": {"type": "object", "properties": {"name": {"type": "string"}}}}}));
+                }
+                if capabilities.get("sampling").is_some() {
+                    request.insert("sampling".into(), json!({"method": "sampling/createMessage", "params": {
+                        "messages": [{"role": "user", "content": {"type": "text", "text": "Say hello"}}], "maxTokens": 50}}));
+                }
+                match self.inputs(context, params, Value::Object(request)).await? {
+                    Err(input_required) => Ok(input_required),
+                    Ok(_) => complete(vec![text("Used only the declared capabilities")]),
+                }
+            }
+            "test_missing_capability" => {
+                let capabilities = context.meta.client_capabilities().unwrap_or_default();
+                if capabilities.sampling.is_none() {
+                    return Err(ErrorData::new(
+                        rmcp::model::ErrorCode(-32021),
+                        "This tool needs the sampling capability",
+                        Some(json!({"requiredCapabilities": {"sampling": {}}})),
+                    ));
+                }
+                complete(vec![text("The client can sample")])
+            }
+            "test_trigger_tool_change" | "test_trigger_prompt_change" => {
+                let change = if name == "test_trigger_tool_change" { Changed::Tools } else { Changed::Prompts };
+                let flag = match change {
+                    Changed::Tools => &self.extra_tool,
+                    Changed::Prompts => &self.extra_prompt,
+                };
+                flag.fetch_xor(true, std::sync::atomic::Ordering::SeqCst);
+                let _ = self.changes.send(change);
+                let _ = match change {
+                    Changed::Tools => context.peer.notify_tool_list_changed().await,
+                    Changed::Prompts => context.peer.notify_prompt_list_changed().await,
+                };
+                complete(vec![text("announced")])
+            }
+            other => Err(ErrorData::invalid_params(format!("Unknown tool: {other}"), None)),
+        }
+    }
+
+    /// Input over `rounds` rounds, carried in sealed request state: a tampered state is refused.
+    async fn stateful_rounds(
+        &self,
+        name: &str,
+        params: &Value,
+        request: Value,
+        rounds: u64,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let round = match params.get("requestState").and_then(Value::as_str) {
+            None => 0,
+            Some(sealed) => match self.open(sealed) {
+                Some(state) if state["tool"] == name => state["round"].as_u64().unwrap_or(0),
+                _ => return Err(ErrorData::invalid_params("requestState is invalid or was tampered with", None)),
+            },
+        };
+        let answered = params
+            .get("inputResponses")
+            .and_then(Value::as_object)
+            .is_some_and(|responses| request.as_object().is_some_and(|r| r.keys().all(|k| responses.contains_key(k))));
+        let round = if answered && params.get("requestState").is_some() { round + 1 } else { round };
+        if round >= rounds {
+            return complete(vec![text(format!("Completed after {rounds} round(s) of input"))]);
+        }
+        let state = self.seal(&json!({ "tool": name, "round": round }));
+        Ok(CallToolResponse::InputRequired(decode(json!({
+            "resultType": "input_required", "inputRequests": request, "requestState": state,
+        }))?))
+    }
+}
+
+fn prompts() -> Value {
+    json!([
+        {"name": "test_simple_prompt", "description": "A prompt without arguments"},
+        {"name": "test_prompt_with_arguments", "description": "A prompt with two required arguments",
+            "arguments": [{"name": "arg1", "description": "First", "required": true},
+                          {"name": "arg2", "description": "Second", "required": true}]},
+        {"name": "test_prompt_with_embedded_resource", "description": "A prompt that embeds a resource",
+            "arguments": [{"name": "resourceUri", "description": "URI to embed", "required": true}]},
+        {"name": "test_prompt_with_image", "description": "A prompt with an image"},
+    ])
+}
+
+/// 2026-07-28 callers also get a prompt that needs client input first.
+fn prompts_for(modern: bool) -> Value {
+    let mut all = prompts();
+    if modern && let Some(list) = all.as_array_mut() {
+        list.push(
+            json!({"name": "test_input_required_result_prompt", "description": "Needs the client's input first"}),
+        );
+    }
+    all
+}
+
+impl ServerHandler for Reference {
+    /// rmcp checks `Mcp-Param-*` headers against the tool this returns.
+    fn get_tool(&self, name: &str) -> Option<rmcp::model::Tool> {
+        tools(true).into_iter().find(|t| t["name"] == name).and_then(|t| serde_json::from_value(t).ok())
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, ErrorData> {
+        let mut listed = tools(Self::modern(&context));
+        if self.extra_tool.load(std::sync::atomic::Ordering::SeqCst) {
+            listed.push(json!({"name": "test_extra_tool", "description": "Present after test_trigger_tool_change",
+                "inputSchema": {"type": "object"}}));
+        }
+        result(json!({ "tools": listed }))
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let params = serde_json::to_value(&request).unwrap_or_default();
+        let name = request.name.to_string();
+        self.call(&name, &params, &context).await
+    }
+
+    async fn list_resources(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListResourcesResult, ErrorData> {
+        result(json!({ "resources": [
+            {"uri": "test://static-text", "name": "static-text", "description": "Static text", "mimeType": "text/plain"},
+            {"uri": "test://static-binary", "name": "static-binary", "description": "A PNG", "mimeType": "image/png"},
+            {"uri": "test://watched-resource", "name": "watched-resource", "description": "Subscribable", "mimeType": "text/plain"},
+        ]}))
+    }
+
+    async fn list_resource_templates(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListResourceTemplatesResult, ErrorData> {
+        result(json!({ "resourceTemplates": [{"uriTemplate": "test://template/{id}/data", "name": "template",
+            "description": "Data by id", "mimeType": "application/json"}]}))
+    }
+
+    async fn read_resource(
+        &self,
+        request: ReadResourceRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ReadResourceResponse, ErrorData> {
+        let uri = request.uri.as_str();
+        let content = match uri {
+            "test://static-text" => {
+                json!({"uri": uri, "mimeType": "text/plain", "text": "This is the content of the static text resource."})
+            }
+            "test://static-binary" => json!({"uri": uri, "mimeType": "image/png", "blob": PNG}),
+            "test://watched-resource" => json!({"uri": uri, "mimeType": "text/plain", "text": "Watched content."}),
+            _ => match uri.strip_prefix("test://template/").and_then(|rest| rest.strip_suffix("/data")) {
+                Some(id) if !id.is_empty() && !id.contains('/') => json!({"uri": uri, "mimeType": "application/json",
+                    "text": json!({"id": id, "templateTest": true, "data": format!("Data for ID: {id}")}).to_string()}),
+                _ => {
+                    return Err(ErrorData::resource_not_found(
+                        format!("Resource not found: {uri}"),
+                        Some(json!({"uri": uri})),
+                    ));
+                }
+            },
+        };
+        let read: rmcp::model::ReadResourceResult = result(json!({ "contents": [content] }))?;
+        Ok(read.into())
+    }
+
+    async fn subscribe(
+        &self,
+        _request: SubscribeRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        Ok(())
+    }
+
+    async fn unsubscribe(
+        &self,
+        _request: UnsubscribeRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        Ok(())
+    }
+
+    async fn set_level(
+        &self,
+        _request: SetLevelRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        Ok(())
+    }
+
+    async fn list_prompts(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ListPromptsResult, ErrorData> {
+        let mut listed = prompts_for(Self::modern(&context));
+        if self.extra_prompt.load(std::sync::atomic::Ordering::SeqCst)
+            && let Some(list) = listed.as_array_mut()
+        {
+            list.push(json!({"name": "test_extra_prompt", "description": "Present after test_trigger_prompt_change"}));
+        }
+        result(json!({ "prompts": listed }))
+    }
+
+    async fn get_prompt(
+        &self,
+        request: GetPromptRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<GetPromptResponse, ErrorData> {
+        if request.name == "test_input_required_result_prompt" && Self::modern(&context) {
+            let params = serde_json::to_value(&request).unwrap_or_default();
+            let ask = json!({"context": {"method": "elicitation/create", "params": {"mode": "form",
+                "message": "What context should the prompt use?",
+                "requestedSchema": {"type": "object", "properties": {"context": {"type": "string"}}}}}});
+            return match self.inputs(&context, &params, ask).await? {
+                Err(CallToolResponse::InputRequired(input)) => Ok(GetPromptResponse::InputRequired(input)),
+                Err(_) => Err(ErrorData::internal_error("unexpected response", None)),
+                Ok(answers) => {
+                    let given = answers["context"]["content"]["context"].as_str().unwrap_or("none").to_string();
+                    let prompt: rmcp::model::GetPromptResult = result(json!({"messages": [
+                        {"role": "user", "content": text(format!("Use this context: {given}"))}]}))?;
+                    Ok(prompt.into())
+                }
+            };
+        }
+        let arguments = request.arguments.unwrap_or_default();
+        let argument = |name: &str| -> Result<String, ErrorData> {
+            arguments
+                .get(name)
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .ok_or_else(|| ErrorData::invalid_params(format!("Missing required argument: {name}"), None))
+        };
+        let messages = match request.name.as_str() {
+            "test_simple_prompt" => json!([{"role": "user", "content": text("This is a simple prompt for testing.")}]),
+            "test_prompt_with_arguments" => {
+                let (a, b) = (argument("arg1")?, argument("arg2")?);
+                json!([{"role": "user", "content": text(format!("Prompt with arguments: arg1='{a}', arg2='{b}'"))}])
+            }
+            "test_prompt_with_embedded_resource" => {
+                let uri = argument("resourceUri")?;
+                json!([
+                    {"role": "user", "content": {"type": "resource", "resource": {"uri": uri, "mimeType": "text/plain",
+                        "text": "Embedded resource content for testing."}}},
+                    {"role": "user", "content": text("Please process the embedded resource above.")},
+                ])
+            }
+            "test_prompt_with_image" => json!([
+                {"role": "user", "content": {"type": "image", "data": PNG, "mimeType": "image/png"}},
+                {"role": "user", "content": text("Please analyze the image above.")},
+            ]),
+            other => return Err(ErrorData::invalid_params(format!("Unknown prompt: {other}"), None)),
+        };
+        let prompt: rmcp::model::GetPromptResult = result(json!({ "messages": messages }))?;
+        Ok(prompt.into())
+    }
+
+    async fn complete(
+        &self,
+        request: CompleteRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<CompleteResult, ErrorData> {
+        let value = request.argument.value.clone();
+        let candidates = ["test", "testing", "tested", "other"];
+        let values: Vec<&str> = candidates.iter().copied().filter(|c| c.starts_with(value.as_str())).collect();
+        result(json!({ "completion": { "values": values, "total": values.len(), "hasMore": false } }))
+    }
+
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_tool_list_changed()
+                .enable_resources()
+                .enable_resources_subscribe()
+                .enable_resources_list_changed()
+                .enable_prompts()
+                .enable_prompts_list_changed()
+                .enable_logging()
+                .enable_completions()
+                .build(),
+        )
+        .with_server_info(Implementation::new("mcp-reference-server", env!("CARGO_PKG_VERSION")))
+    }
+
+    fn accepted_subscription_filter(&self, requested: &SubscriptionFilter) -> Option<SubscriptionFilter> {
+        let offered = SubscriptionFilter::builder().tools_list_changed().prompts_list_changed().build();
+        Some(requested.intersection(&offered))
+    }
+
+    async fn listen(&self, context: SubscriptionContext) -> Result<(), ErrorData> {
+        let mut changes = self.changes.subscribe();
+        loop {
+            tokio::select! {
+                _ = context.cancelled() => return Ok(()),
+                change = changes.recv() => {
+                    let sent = match change {
+                        Ok(Changed::Tools) => context.sink().notify_tool_list_changed().await,
+                        Ok(Changed::Prompts) => context.sink().notify_prompt_list_changed().await,
+                        Err(_) => return Ok(()),
+                    };
+                    if matches!(sent, Err(rmcp::service::SubscriptionSendError::SubscriptionClosed)) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    fn supported_protocol_versions(&self) -> Cow<'static, [ProtocolVersion]> {
+        match self.protocol {
+            Protocol::Both => Cow::Borrowed(ProtocolVersion::KNOWN_VERSIONS),
+            Protocol::Legacy => Cow::Borrowed(ProtocolVersion::known_up_to(&ProtocolVersion::V_2025_11_25)),
+            Protocol::Modern => Cow::Owned(vec![ProtocolVersion::V_2026_07_28]),
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .init();
+    let args = Args::parse();
+    let reference = Reference {
+        protocol: args.protocol,
+        changes: tokio::sync::broadcast::channel(16).0,
+        extra_tool: Arc::default(),
+        extra_prompt: Arc::default(),
+        state_key: std::collections::hash_map::RandomState::new(),
+    };
+    let service: StreamableHttpService<Reference, LocalSessionManager> = StreamableHttpService::new(
+        move || Ok(reference.clone()),
+        Arc::default(),
+        StreamableHttpServerConfig::default(),
+    );
+    let router = axum::Router::new().nest_service("/mcp", service);
+    let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+    let addr = listener.local_addr()?;
+    println!("mcp-reference-server listening on http://{addr}/mcp ({:?})", args.protocol);
+    axum::serve(
+        listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        }),
+        router,
+    )
+    .with_graceful_shutdown(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await?;
+    Ok(())
+}
