@@ -25,6 +25,13 @@ pub struct Session {
     pub client_name: Option<String>,
     /// When it was created.
     pub created_at: DateTime<Utc>,
+    /// The client's capabilities from `initialize`: which requests (sampling, elicitation,
+    /// roots) may be sent to it.
+    #[serde(default)]
+    pub client_capabilities: Option<serde_json::Value>,
+    /// The level set with `logging/setLevel`; log notifications below it are not relayed.
+    #[serde(default)]
+    pub log_level: Option<String>,
 }
 
 /// Storage of sessions, shared by every replica in production.
@@ -33,6 +40,9 @@ pub trait SessionStore: Send + Sync {
     fn create(&self, session: Session) -> BoxFuture<'_, anyhow::Result<()>>;
     /// Loads a live session and extends its idle deadline.
     fn touch<'a>(&'a self, id: &'a str) -> BoxFuture<'a, anyhow::Result<Option<Session>>>;
+    /// Saves a changed session, only if it still exists (a session deleted meanwhile stays
+    /// deleted); true if it was saved.
+    fn save(&self, session: Session) -> BoxFuture<'_, anyhow::Result<bool>>;
     /// Ends a session; true if it existed.
     fn delete<'a>(&'a self, id: &'a str) -> BoxFuture<'a, anyhow::Result<bool>>;
 }
@@ -74,6 +84,19 @@ impl SessionStore for MemorySessions {
             None => None,
         };
         Box::pin(async move { Ok(found) })
+    }
+
+    fn save(&self, session: Session) -> BoxFuture<'_, anyhow::Result<bool>> {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let saved = match sessions.get_mut(&session.id) {
+            Some((stored, seen)) => {
+                *stored = session;
+                *seen = std::time::Instant::now();
+                true
+            }
+            None => false,
+        };
+        Box::pin(async move { Ok(saved) })
     }
 
     fn delete<'a>(&'a self, id: &'a str) -> BoxFuture<'a, anyhow::Result<bool>> {
@@ -130,6 +153,17 @@ impl SessionStore for RedisSessions {
         })
     }
 
+    fn save(&self, session: Session) -> BoxFuture<'_, anyhow::Result<bool>> {
+        Box::pin(async move {
+            let mut connection = self.connection.clone();
+            let body = serde_json::to_string(&session)?;
+            let mut command = redis::cmd("SET");
+            command.arg(self.key(&session.id)).arg(body).arg("EX").arg(self.idle.as_secs().max(1)).arg("XX");
+            let reply: Option<String> = bounded(command.query_async(&mut connection)).await?;
+            Ok(reply.is_some())
+        })
+    }
+
     fn delete<'a>(&'a self, id: &'a str) -> BoxFuture<'a, anyhow::Result<bool>> {
         Box::pin(async move {
             let mut connection = self.connection.clone();
@@ -152,6 +186,8 @@ mod tests {
             protocol_version: "2025-11-25".into(),
             client_name: None,
             created_at: Utc::now(),
+            client_capabilities: None,
+            log_level: None,
         }
     }
 
@@ -160,7 +196,14 @@ mod tests {
         let store = MemorySessions::new(Duration::from_millis(50));
         store.create(session("a")).await.unwrap();
         assert!(store.touch("a").await.unwrap().is_some());
+        let mut changed = session("a");
+        changed.log_level = Some("debug".into());
+        assert!(store.save(changed).await.unwrap());
+        assert_eq!(store.touch("a").await.unwrap().unwrap().log_level.as_deref(), Some("debug"));
         assert!(store.delete("a").await.unwrap());
+        assert!(store.touch("a").await.unwrap().is_none());
+        // A session deleted meanwhile is not brought back by a save.
+        assert!(!store.save(session("a")).await.unwrap());
         assert!(store.touch("a").await.unwrap().is_none());
         store.create(session("b")).await.unwrap();
         tokio::time::sleep(Duration::from_millis(80)).await;

@@ -58,6 +58,8 @@ pub struct Inner {
     pub rest_keys: Option<Arc<crate::rest_keys::RestKeys>>,
     /// Seals the `requestState` of `input_required` results (shared by replicas).
     pub request_state_key: portcullis_store::secret_box::SecretKey,
+    /// Requests sent to 2025 clients on a request's stream, waiting for the client's answer.
+    pub client_replies: crate::mcp::relay::PendingReplies,
     /// Changes that listen streams turn into list_changed notifications.
     pub changes: crate::changes::Changes,
     /// Portcullis's OAuth authorization server, when configured.

@@ -31,25 +31,13 @@ const UPSTREAM_BASELINE: [(&str, &str); 9] = [
 ];
 
 /// 2025 scenarios that pass against the upstream but not yet through the gateway.
-const GATEWAY_GAPS_2025: [(&str, &str); 6] = [
-    ("logging-set-level", "logging/setLevel is not served yet"),
-    ("tools-call-with-logging", "notifications/message from upstreams are not relayed yet"),
-    ("tools-call-with-progress", "notifications/progress from upstreams are not relayed yet"),
-    ("tools-call-sampling", "server-initiated requests are not bridged yet"),
-    ("tools-call-elicitation", "server-initiated requests are not bridged yet"),
+const GATEWAY_GAPS_2025: [(&str, &str); 2] = [
     ("resources-subscribe", "resources/subscribe is not served yet"),
-];
-
-/// Further 2025 gaps (listed apart to keep each reason short).
-const GATEWAY_GAPS_2025_MORE: [(&str, &str); 3] = [
     ("resources-unsubscribe", "resources/unsubscribe is not served yet"),
-    ("elicitation-sep1034-defaults", "server-initiated requests are not bridged yet"),
-    ("elicitation-sep1330-enums", "server-initiated requests are not bridged yet"),
 ];
 
 /// 2026-07-28 scenarios that pass against the upstream but not yet through the gateway.
-const GATEWAY_GAPS_2026: [(&str, &str); 1] =
-    [("tools-call-with-progress", "notifications/progress from upstreams are not relayed yet")];
+const GATEWAY_GAPS_2026: [(&str, &str); 0] = [];
 
 fn env_path(name: &str) -> PathBuf {
     PathBuf::from(std::env::var(name).unwrap_or_else(|_| {
@@ -178,7 +166,6 @@ async fn the_2025_conformance_suite_passes_through_the_gateway_as_it_does_agains
     let gateway = Gateway::start(&manifests(&upstream.url())).await;
     let direct = run_suite(&package, &upstream.url(), &[]);
     let through = run_suite(&package, &gateway.mcp_url("conformance", "everything"), &[]);
-    let gaps: Vec<(&str, &str)> = GATEWAY_GAPS_2025.iter().chain(GATEWAY_GAPS_2025_MORE.iter()).copied().collect();
     eprintln!(
         "2025 suite: upstream passes {}/{}, gateway passes {}/{}",
         direct.len() - failing(&direct).len(),
@@ -186,7 +173,7 @@ async fn the_2025_conformance_suite_passes_through_the_gateway_as_it_does_agains
         through.len() - failing(&through).len(),
         through.len()
     );
-    compare(&direct, &through, &gaps);
+    compare(&direct, &through, &GATEWAY_GAPS_2025);
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@
 //! handshake), keeps the tool catalog fresh (on `list_changed` and on a timer), reconnects after
 //! failures with backoff, and reports health.
 
+use super::notifications::NotificationSink;
 use crate::mcp::protocol::{
     META_CLIENT_CAPABILITIES, META_CLIENT_INFO, META_LOG_LEVEL, META_PROTOCOL_VERSION, MODERN_VERSION,
     encode_header_value,
@@ -13,8 +14,9 @@ use chrono::{DateTime, Utc};
 use portcullis_crds::snapshot::Upstream;
 use rmcp::ClientHandler;
 use rmcp::model::{
-    ClientCapabilities, ClientConfig, ClientRequest, Implementation, PingRequest, Prompt, ProtocolVersion, Resource,
-    ResourceTemplate, ServerCapabilities, ServerNotification, SubscriptionFilter, Tool,
+    ClientCapabilities, ClientConfig, ClientRequest, Implementation, NumberOrString, PingRequest,
+    ProgressNotificationParam, Prompt, ProtocolVersion, Resource, ResourceTemplate, ServerCapabilities,
+    ServerNotification, SubscriptionFilter, Tool,
 };
 use rmcp::service::{
     ClientCacheConfig, ClientInitializeError, ClientLifecycleMode, ClientServiceExt, NotificationContext, RoleClient,
@@ -58,6 +60,9 @@ pub struct CallerMeta {
     pub client_capabilities: Option<serde_json::Value>,
     /// The caller's requested log level.
     pub log_level: Option<String>,
+    /// Where notifications about the request (progress, log messages) go, when the caller has
+    /// a stream to receive them.
+    pub notifications: Option<NotificationSink>,
 }
 
 /// Why a tool call did not produce an upstream result.
@@ -74,13 +79,40 @@ pub enum CallError {
     Rpc(rmcp::ErrorData),
 }
 
+/// Progress tokens of requests in flight on a 2025 session, each with its caller's sink.
+type ProgressRoutes = Arc<std::sync::Mutex<HashMap<String, NotificationSink>>>;
+
 /// Receives the upstream's notifications.
 #[derive(Clone)]
 struct Listener {
     catalog_changed: Arc<Notify>,
+    progress: ProgressRoutes,
+}
+
+/// Removes a progress route when its request ends, however it ends.
+struct ProgressRoute<'a> {
+    routes: &'a ProgressRoutes,
+    token: String,
+}
+
+impl Drop for ProgressRoute<'_> {
+    fn drop(&mut self) {
+        self.routes.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.token);
+    }
 }
 
 impl ClientHandler for Listener {
+    async fn on_progress(&self, params: ProgressNotificationParam, _context: NotificationContext<RoleClient>) {
+        let token = match &params.progress_token.0 {
+            NumberOrString::String(s) => s.to_string(),
+            NumberOrString::Number(n) => n.to_string(),
+        };
+        let sink = self.progress.lock().unwrap_or_else(|e| e.into_inner()).get(&token).cloned();
+        if let Some(sink) = sink {
+            sink.forward(serde_json::json!({ "jsonrpc": "2.0", "method": "notifications/progress", "params": params }));
+        }
+    }
+
     async fn on_tool_list_changed(&self, _context: NotificationContext<RoleClient>) {
         self.catalog_changed.notify_one();
     }
@@ -134,6 +166,7 @@ pub struct McpUpstream {
     live: Mutex<Option<Arc<RunningService<RoleClient, Listener>>>>,
     state: RwLock<State>,
     catalog_changed: Arc<Notify>,
+    progress_routes: ProgressRoutes,
     tasks: RwLock<Vec<tokio::task::AbortHandle>>,
     // The `subscriptions/listen` stream of a 2026-07-28 upstream, while connected.
     change_listener: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
@@ -175,6 +208,7 @@ impl McpUpstream {
                 catalog_fetched_at: None,
             }),
             catalog_changed: Arc::new(Notify::new()),
+            progress_routes: ProgressRoutes::default(),
             tasks: RwLock::new(Vec::new()),
             change_listener: std::sync::Mutex::new(None),
             first_attempt: tokio::sync::watch::channel(false).0,
@@ -257,7 +291,8 @@ impl McpUpstream {
         &self,
         lifecycle: ClientLifecycleMode,
     ) -> Result<RunningService<RoleClient, Listener>, ClientInitializeError> {
-        let listener = Listener { catalog_changed: self.catalog_changed.clone() };
+        let listener =
+            Listener { catalog_changed: self.catalog_changed.clone(), progress: self.progress_routes.clone() };
         let transport = self.transport().map_err(ClientInitializeError::ConnectionClosed)?;
         match tokio::time::timeout(CONNECT_TIMEOUT, listener.serve_with_lifecycle(transport, lifecycle)).await {
             Ok(result) => result,
@@ -485,6 +520,18 @@ impl McpUpstream {
         params.remove("inputResponses");
         params.remove("requestState");
         let service = self.live().await.map_err(CallError::Unavailable)?;
+        // Progress comes back through `Listener` under a token unique on this session. Log
+        // messages of a 2025 session are session-wide, so they cannot be told apart per caller
+        // and are not relayed.
+        let _route = match &caller.notifications {
+            Some(sink) if sink.wants_progress() => {
+                let token = format!("pc{}", self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+                params.insert("_meta".into(), serde_json::json!({ "progressToken": token }));
+                self.progress_routes.lock().unwrap_or_else(|e| e.into_inner()).insert(token.clone(), sink.clone());
+                Some(ProgressRoute { routes: &self.progress_routes, token })
+            }
+            _ => None,
+        };
         let request: ClientRequest = serde_json::from_value(serde_json::json!({ "method": method, "params": params }))
             .map_err(|e| {
                 CallError::Rpc(rmcp::ErrorData::invalid_params(format!("invalid {method} parameters: {e}"), None))
@@ -540,6 +587,10 @@ impl McpUpstream {
         if let Some(level) = &caller.log_level {
             meta[META_LOG_LEVEL] = serde_json::json!(level);
         }
+        // The upstream reports progress under Portcullis's token, unique per upstream request.
+        if caller.notifications.as_ref().is_some_and(NotificationSink::wants_progress) {
+            meta["progressToken"] = serde_json::json!(format!("pc{id}"));
+        }
         params.insert("_meta".into(), meta);
         let body = serde_json::json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params });
         let mut request = self
@@ -594,7 +645,7 @@ impl McpUpstream {
                 let bytes = response.bytes().await.map_err(|e| e.to_string())?;
                 return serde_json::from_slice(&bytes).map_err(|e| format!("unreadable answer: {e}"));
             }
-            read_event_stream(response, id).await
+            read_event_stream(response, id, caller.notifications.as_ref()).await
         };
         let message = match tokio::time::timeout(timeout, exchange).await {
             Err(_) => return Err(CallError::Timeout(timeout)),
@@ -641,8 +692,12 @@ async fn fetch_catalog(
     Ok(catalog)
 }
 
-/// The response to request `id` on an event stream (notifications before it are skipped).
-async fn read_event_stream(mut response: reqwest::Response, id: u64) -> Result<serde_json::Value, String> {
+/// The response to request `id` on an event stream; the notifications before it go to `sink`.
+async fn read_event_stream(
+    mut response: reqwest::Response,
+    id: u64,
+    sink: Option<&NotificationSink>,
+) -> Result<serde_json::Value, String> {
     let mut buffer: Vec<u8> = Vec::new();
     loop {
         let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? else {
@@ -660,11 +715,16 @@ async fn read_event_stream(mut response: reqwest::Response, id: u64) -> Result<s
             if data.is_empty() {
                 continue;
             }
-            if let Ok(message) = serde_json::from_str::<serde_json::Value>(&data)
-                && message.get("id").and_then(serde_json::Value::as_u64) == Some(id)
+            let Ok(message) = serde_json::from_str::<serde_json::Value>(&data) else { continue };
+            if message.get("id").and_then(serde_json::Value::as_u64) == Some(id)
                 && (message.get("result").is_some() || message.get("error").is_some())
             {
                 return Ok(message);
+            }
+            if let Some(sink) = sink
+                && message.get("id").is_none()
+            {
+                sink.forward(message);
             }
         }
     }

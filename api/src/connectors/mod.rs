@@ -2,6 +2,7 @@
 //! with the snapshot (added, replaced when their settings change, dropped when removed).
 
 pub mod mcp;
+pub mod notifications;
 
 use portcullis_crds::Snapshot;
 use portcullis_crds::snapshot::Upstream;
@@ -9,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 pub use mcp::{CallError, CallerMeta, ConnectionHealth, McpUpstream};
+pub use notifications::NotificationSink;
 
 /// All upstream connections, by (tenant, connection name).
 pub struct Upstreams {

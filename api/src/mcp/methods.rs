@@ -27,6 +27,8 @@ pub struct CallContext<'a> {
     modern: bool,
     caller_meta: CallerMeta,
     headers: Option<&'a http::HeaderMap>,
+    relay: Option<super::relay::Relay>,
+    session: Option<crate::sessions::Session>,
 }
 
 impl<'a> CallContext<'a> {
@@ -42,7 +44,46 @@ impl<'a> CallContext<'a> {
             modern,
             caller_meta: CallerMeta::default(),
             headers: None,
+            relay: None,
+            session: None,
         }
+    }
+
+    /// The caller's 2025 session: its log level applies to this request.
+    pub fn with_session(mut self, session: crate::sessions::Session) -> Self {
+        self.caller_meta.log_level = session.log_level.clone();
+        self.session = Some(session);
+        self
+    }
+
+    /// The request's own stream, when the client accepts one: notifications about the request
+    /// go there, and a 2025 session's client can be asked for input on it. Call after
+    /// `with_request_meta` / `with_session`.
+    pub fn with_relay(mut self, relay: Option<super::relay::Relay>, params: &Value) -> Self {
+        if let Some(relay) = &relay {
+            self.caller_meta.notifications = Some(relay.sink(params, self.caller_meta.log_level.as_deref()));
+            if let Some(session) = &self.session {
+                // What the session's client declared it can answer, upstreams may ask for.
+                self.caller_meta.client_capabilities = session.client_capabilities.clone();
+            }
+        }
+        self.relay = relay;
+        self
+    }
+
+    /// The stream and session through which a 2025 client can be asked for input.
+    pub fn client_channel(&self) -> Option<(&super::relay::Relay, &crate::sessions::Session)> {
+        Some((self.relay.as_ref()?, self.session.as_ref()?))
+    }
+
+    /// Requests to the client wait for answers here.
+    pub fn client_replies(&self) -> &super::relay::PendingReplies {
+        &self.app.client_replies
+    }
+
+    /// How long the persona lets a call take.
+    pub fn call_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(self.persona.limits.tool_timeout_seconds))
     }
 
     /// The request's headers, for checks of mirrored tool arguments (2026-07-28).
@@ -56,6 +97,7 @@ impl<'a> CallContext<'a> {
         self.caller_meta = CallerMeta {
             client_capabilities: meta.get(protocol::META_CLIENT_CAPABILITIES).cloned(),
             log_level: meta.get(protocol::META_LOG_LEVEL).and_then(Value::as_str).map(str::to_string),
+            notifications: None,
         };
         self
     }
@@ -127,13 +169,15 @@ fn server_info() -> Value {
 }
 
 /// What this server offers. List changes reach 2026-07-28 clients on a `subscriptions/listen`
-/// stream and 2025 sessions on their GET stream.
+/// stream and 2025 sessions on their GET stream; log messages of a request are relayed on its
+/// stream (2025: at the session's `logging/setLevel`; 2026-07-28: at the request's `logLevel`).
 fn capabilities() -> Value {
     json!({
         "tools": { "listChanged": true },
         "resources": { "listChanged": true },
         "prompts": { "listChanged": true },
         "completions": {},
+        "logging": {},
     })
 }
 

@@ -5,6 +5,7 @@
 pub mod methods;
 pub mod mrtr;
 pub mod protocol;
+pub mod relay;
 
 use crate::audit::{AuditEvent, Status};
 use crate::identity::{self, Identity};
@@ -19,10 +20,12 @@ use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use chrono::Utc;
+use futures::FutureExt;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use methods::CallContext;
 use portcullis_crds::snapshot::CompiledEndpoint;
 use protocol::{Framing, RpcError};
+use relay::Relay;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Instant;
@@ -188,14 +191,51 @@ async fn post_message(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    // A client that accepts an event stream may get messages about its request before the
+    // answer (progress, log messages, requests of a 2025 session's own): see `relay`.
+    if !protocol::accepts_event_stream(&headers) {
+        return serve_post(app, tenant, endpoint, headers, body, None).await;
+    }
+    relay::run(move |relay, client_gone| {
+        serve_post(app, tenant, endpoint, headers, body, Some((relay, client_gone))).boxed()
+    })
+    .await
+}
+
+async fn serve_post(
+    app: AppState,
+    tenant: String,
+    endpoint: String,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    stream: Option<(Relay, tokio::sync::oneshot::Receiver<()>)>,
+) -> Response {
     let started = Instant::now();
     let request_id = crate::http_context::request_id();
     let mut event = AuditEvent::new(&tenant, "mcp", "POST", &request_id, Utc::now());
     event.endpoint = Some(endpoint.clone());
-    let response = match admit(&app, &headers, &tenant, &endpoint, &mut event).await {
-        Err(problem) => problem.into_response(),
-        Ok(admitted) => handle_message(&app, admitted, &headers, body, &mut event).await,
+    let (relay, client_gone) = stream.unzip();
+    let work = async {
+        match admit(&app, &headers, &tenant, &endpoint, &mut event).await {
+            Err(problem) => problem.into_response(),
+            Ok(admitted) => handle_message(&app, admitted, &headers, body, &mut event, relay).await,
+        }
     };
+    let response = match client_gone {
+        None => Some(work.await),
+        Some(gone) => tokio::select! {
+            response = work => Some(response),
+            _ = gone => None,
+        },
+    };
+    let response = response.unwrap_or_else(|| {
+        // The client closed the request's stream: the request is cancelled (dropping it
+        // cancels the upstream call) and audited as such.
+        event.status = Status::Error;
+        event.error_code = Some("cancelled".into());
+        event.detail = Some("the client closed the stream".into());
+        StatusCode::NO_CONTENT.into_response()
+    });
     finish(&app, event, started, response).await
 }
 
@@ -216,6 +256,7 @@ async fn handle_message(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
     event: &mut AuditEvent,
+    relay: Option<Relay>,
 ) -> Response {
     let body = match body {
         Ok(body) => body,
@@ -285,6 +326,7 @@ async fn handle_message(
             params,
             meta_version.unwrap_or(Value::Null),
             event,
+            relay,
         )
         .await;
     }
@@ -304,7 +346,8 @@ async fn handle_message(
             event,
         );
     }
-    legacy(app, &admitted, headers, framing, id, &method_name, params, event).await
+    let reply = (method.is_none() && is_response(&message)).then_some(message);
+    legacy(app, &admitted, headers, framing, id, &method_name, params, event, relay, reply).await
 }
 
 /// The methods both generations share.
@@ -340,6 +383,7 @@ async fn modern(
     params: Value,
     version: Value,
     event: &mut AuditEvent,
+    relay: Option<Relay>,
 ) -> Response {
     let reply_id = id.clone().unwrap_or(Value::Null);
     // A header that disagrees with the body is a mismatch, whatever the versions are.
@@ -395,12 +439,22 @@ async fn modern(
     }
     event.client_name =
         meta.get(protocol::META_CLIENT_INFO).and_then(|c| c.get("name")).and_then(Value::as_str).map(str::to_string);
+    if let Some(level) = meta.get(protocol::META_LOG_LEVEL)
+        && level.as_str().is_none_or(|l| crate::connectors::notifications::level_rank(l).is_none())
+    {
+        return rpc_error_response(
+            &id,
+            RpcError::invalid_params(format!("{} must be a log level such as \"info\"", protocol::META_LOG_LEVEL)),
+            event,
+        );
+    }
     if method == "subscriptions/listen" {
         return listen(app, admitted, headers, id, &params, event);
     }
     let ctx = CallContext::new(app, &admitted.loaded, &admitted.identity, &admitted.endpoint, true)
         .with_request_meta(&meta)
-        .with_headers(headers);
+        .with_headers(headers)
+        .with_relay(relay, &params);
     let outcome = match method {
         "server/discover" => Ok(methods::discover(&ctx)),
         other => dispatch(&ctx, other, &params, event).await,
@@ -535,6 +589,8 @@ async fn legacy(
     method: &str,
     params: Value,
     event: &mut AuditEvent,
+    relay: Option<Relay>,
+    reply: Option<Value>,
 ) -> Response {
     let reply_id = id.clone().unwrap_or(Value::Null);
     let tenant = &admitted.identity.tenant;
@@ -564,6 +620,8 @@ async fn legacy(
             protocol_version: version.to_string(),
             client_name,
             created_at: Utc::now(),
+            client_capabilities: params.get("capabilities").filter(|c| c.is_object()).cloned(),
+            log_level: None,
         };
         if let Err(error) = app.sessions.create(session.clone()).await {
             tracing::error!(?error, "Cannot store session");
@@ -611,16 +669,47 @@ async fn legacy(
             event,
         );
     }
+    if let Some(reply) = reply {
+        // The client's answer to a request Portcullis sent on one of this session's streams.
+        if !app.client_replies.deliver(&session.id, reply) {
+            event.detail = Some("answer to no request waiting on this replica".into());
+        }
+        return StatusCode::ACCEPTED.into_response();
+    }
     let Some(id) = id else {
-        // Notifications (initialized, cancelled…) and responses are accepted.
+        // Notifications (initialized, cancelled…) are accepted.
         return StatusCode::ACCEPTED.into_response();
     };
-    let ctx = CallContext::new(app, &admitted.loaded, &admitted.identity, &admitted.endpoint, false);
     let outcome = match method {
         "ping" => Ok(json!({})),
-        other => dispatch(&ctx, other, &params, event).await,
+        "logging/setLevel" => set_log_level(app, session, &params).await,
+        other => {
+            let ctx = CallContext::new(app, &admitted.loaded, &admitted.identity, &admitted.endpoint, false)
+                .with_session(session)
+                .with_relay(relay, &params);
+            dispatch(&ctx, other, &params, event).await
+        }
     };
     respond(&id, outcome, framing, event)
+}
+
+/// `logging/setLevel` (2025): the session's level, applied to the log messages relayed on its
+/// requests' streams (and asked of 2026-07-28 upstreams per request).
+async fn set_log_level(app: &AppState, mut session: Session, params: &Value) -> Result<Value, RpcError> {
+    let level = params.get("level").and_then(Value::as_str).unwrap_or_default();
+    if crate::connectors::notifications::level_rank(level).is_none() {
+        return Err(RpcError::invalid_params(format!(
+            "level must be one of debug, info, notice, warning, error, critical, alert, emergency; got {level:?}"
+        )));
+    }
+    session.log_level = Some(level.to_string());
+    match app.sessions.save(session).await {
+        Ok(_) => Ok(json!({})),
+        Err(error) => {
+            tracing::error!(?error, "Cannot store session");
+            Err(session_store_unavailable())
+        }
+    }
 }
 
 /// The standalone GET stream of a 2025 session: `notifications/{tools,resources,prompts}/list_changed`

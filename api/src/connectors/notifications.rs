@@ -1,0 +1,107 @@
+//! Notifications about one request (progress, log messages) on their way from the upstream to
+//! the caller's response stream. The upstream sees Portcullis's own progress token, unique per
+//! upstream request; the caller gets its own token back. Log messages reach the caller only at
+//! or above the level it asked for, and not at all when it asked for none (2026-07-28 rule).
+
+use serde_json::Value;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// The syslog severities MCP uses, least severe first.
+const LEVELS: [&str; 8] = ["debug", "info", "notice", "warning", "error", "critical", "alert", "emergency"];
+
+/// The rank of a log level, if it is one.
+pub fn level_rank(level: &str) -> Option<usize> {
+    LEVELS.iter().position(|l| *l == level)
+}
+
+/// Where the notifications of one caller's request go.
+#[derive(Clone, Debug)]
+pub struct NotificationSink {
+    messages: UnboundedSender<Value>,
+    progress_token: Option<Value>,
+    log_level: Option<usize>,
+}
+
+impl NotificationSink {
+    /// Notifications for a request that asked for progress with `progress_token` (if any) and
+    /// for log messages from `log_level` up (if any).
+    pub fn new(messages: UnboundedSender<Value>, progress_token: Option<Value>, log_level: Option<&str>) -> Self {
+        Self { messages, progress_token, log_level: log_level.and_then(level_rank) }
+    }
+
+    /// Whether the caller wants progress notifications.
+    pub fn wants_progress(&self) -> bool {
+        self.progress_token.is_some()
+    }
+
+    /// Relays one notification of the upstream about this request; anything else (other
+    /// methods, progress nobody asked for, logs below the caller's level) is dropped.
+    pub fn forward(&self, mut notification: Value) {
+        let method = notification.get("method").and_then(Value::as_str).unwrap_or_default();
+        let wanted = match method {
+            "notifications/progress" => match &self.progress_token {
+                Some(token) => {
+                    notification["params"]["progressToken"] = token.clone();
+                    true
+                }
+                None => false,
+            },
+            "notifications/message" => {
+                let level = notification.get("params").and_then(|p| p.get("level")).and_then(Value::as_str);
+                matches!((self.log_level, level.and_then(level_rank)), (Some(wanted), Some(level)) if level >= wanted)
+            }
+            _ => false,
+        };
+        if wanted {
+            // The caller may have gone; then there is nobody to tell.
+            let _ = self.messages.send(notification);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sink(
+        token: Option<Value>,
+        level: Option<&str>,
+    ) -> (NotificationSink, tokio::sync::mpsc::UnboundedReceiver<Value>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (NotificationSink::new(tx, token, level), rx)
+    }
+
+    #[test]
+    fn progress_gets_the_callers_token_back() {
+        let (sink, mut rx) = sink(Some(json!("caller-7")), None);
+        sink.forward(json!({"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": "pc12", "progress": 1}}));
+        let relayed = rx.try_recv().unwrap();
+        assert_eq!(relayed["params"]["progressToken"], json!("caller-7"));
+        assert_eq!(relayed["params"]["progress"], json!(1));
+    }
+
+    #[test]
+    fn progress_nobody_asked_for_and_other_methods_are_dropped() {
+        let (sink, mut rx) = sink(None, Some("debug"));
+        sink.forward(json!({"method": "notifications/progress", "params": {"progressToken": "x", "progress": 1}}));
+        sink.forward(json!({"method": "notifications/tools/list_changed"}));
+        sink.forward(json!({"method": "sampling/createMessage", "id": 1}));
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn log_messages_are_filtered_by_the_callers_level() {
+        let (sink, mut rx) = sink(None, Some("warning"));
+        for level in ["debug", "info", "warning", "error", "bogus"] {
+            sink.forward(json!({"method": "notifications/message", "params": {"level": level, "data": level}}));
+        }
+        let relayed: Vec<Value> =
+            std::iter::from_fn(|| rx.try_recv().ok()).map(|m| m["params"]["data"].clone()).collect();
+        assert_eq!(relayed, vec![json!("warning"), json!("error")]);
+        // No level asked for: no log messages at all.
+        let (quiet, mut rx) = super::tests::sink(None, None);
+        quiet.forward(json!({"method": "notifications/message", "params": {"level": "emergency", "data": 1}}));
+        assert!(rx.try_recv().is_err());
+    }
+}
