@@ -1,6 +1,8 @@
 //! The change bus: "what a tenant's callers see may have changed" (a new configuration, or an
-//! upstream's tool catalog). Listen streams (`subscriptions/listen`) turn changes into
-//! `notifications/tools/list_changed`. In production the bus spans replicas through Redis
+//! upstream's catalog), and "a resource some session subscribed to was updated". Listen streams
+//! (`subscriptions/listen`) and 2025 GET streams turn changes into `list_changed`
+//! notifications, and updates into `notifications/resources/updated` for the sessions that
+//! subscribed. In production the bus spans replicas through Redis
 //! pub/sub, so a change one pod notices reaches clients whose stream another pod holds.
 
 use serde::{Deserialize, Serialize};
@@ -13,6 +15,18 @@ pub struct Change {
     pub tenant: String,
     /// The pod the change was noticed on.
     pub origin: String,
+    /// Set when this is not a list change but an update of one resource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated: Option<ResourceUpdated>,
+}
+
+/// An upstream said one of its resources changed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResourceUpdated {
+    /// The tenant's connection.
+    pub connection: String,
+    /// The resource, as the upstream names it.
+    pub uri: String,
 }
 
 /// The bus of this process.
@@ -31,7 +45,14 @@ impl Changes {
 
     /// Announces a change noticed here.
     pub fn announce(&self, tenant: &str) {
-        let _ = self.sender.send(Change { tenant: tenant.to_string(), origin: self.pod.clone() });
+        let _ = self.sender.send(Change { tenant: tenant.to_string(), origin: self.pod.clone(), updated: None });
+    }
+
+    /// Announces that `connection` of `tenant` updated its resource `uri`.
+    pub fn announce_updated(&self, tenant: &str, connection: &str, uri: &str) {
+        let updated = ResourceUpdated { connection: connection.to_string(), uri: uri.to_string() };
+        let _ =
+            self.sender.send(Change { tenant: tenant.to_string(), origin: self.pod.clone(), updated: Some(updated) });
     }
 
     /// Receives every change from now on.

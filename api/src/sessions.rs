@@ -32,6 +32,20 @@ pub struct Session {
     /// The level set with `logging/setLevel`; log notifications below it are not relayed.
     #[serde(default)]
     pub log_level: Option<String>,
+    /// Resources subscribed to with `resources/subscribe`.
+    #[serde(default)]
+    pub subscriptions: Vec<Subscription>,
+}
+
+/// One `resources/subscribe` of a session.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Subscription {
+    /// The URI as the client named it.
+    pub uri: String,
+    /// The connection that serves it.
+    pub connection: String,
+    /// The URI as that connection's upstream names it.
+    pub upstream_uri: String,
 }
 
 /// Storage of sessions, shared by every replica in production.
@@ -188,6 +202,7 @@ mod tests {
             created_at: Utc::now(),
             client_capabilities: None,
             log_level: None,
+            subscriptions: Vec::new(),
         }
     }
 

@@ -284,3 +284,82 @@ async fn upstream_resource_changes_reach_listen_streams() {
     let changed = messages.iter().find(|m| m["method"] == "notifications/resources/list_changed").unwrap();
     assert_eq!(changed["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"], "listen-1");
 }
+
+/// Reads an event stream until `needle` appears (at most `limit`); everything read so far.
+async fn read_until(stream: &mut reqwest::Response, needle: &str, limit: Duration) -> String {
+    let mut text = String::new();
+    let _ = tokio::time::timeout(limit, async {
+        while let Ok(Some(chunk)) = stream.chunk().await {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+            if text.contains(needle) {
+                return;
+            }
+        }
+    })
+    .await;
+    text
+}
+
+#[tokio::test]
+async fn a_2025_session_hears_updates_of_the_resources_it_subscribed_to() {
+    // The gateway follows a 2026-07-28 upstream through `subscriptions/listen` and a 2025 one
+    // through `resources/subscribe`; either way the update reaches the session's GET stream.
+    for upstream_protocol in ["both", "legacy"] {
+        let upstream = Upstream::start(upstream_protocol).await;
+        let gateway = Gateway::start(&quickstart(&upstream.url())).await;
+        wait_until(Duration::from_secs(10), || async { !gateway.tool_names(ANALYST_KEY).await.is_empty() }).await;
+        let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"subscriber","version":"1"}}}"#;
+        let initialized = gateway.mcp_raw(ANALYST_KEY, &[], init).await;
+        let session = initialized.headers()["mcp-session-id"].to_str().unwrap().to_string();
+        let capabilities = initialized.json::<Value>().await.unwrap()["result"]["capabilities"].clone();
+        assert_eq!(capabilities["resources"]["subscribe"], true, "{capabilities}");
+        let call = |id: u64, method: &str, params: Value| {
+            let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string();
+            let session = session.clone();
+            let gateway = &gateway;
+            async move {
+                let headers = [("Mcp-Session-Id", session.as_str()), ("MCP-Protocol-Version", "2025-11-25")];
+                gateway.mcp_raw(ANALYST_KEY, &headers, &body).await.json::<Value>().await.unwrap()
+            }
+        };
+        let mut stream = reqwest::Client::new()
+            .get(gateway.mcp_url("demo", "notes"))
+            .header("X-API-Key", ANALYST_KEY)
+            .header("accept", "text/event-stream")
+            .header("Mcp-Session-Id", &session)
+            .header("MCP-Protocol-Version", "2025-11-25")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(stream.status(), 200);
+
+        // A resource the persona may not read cannot be subscribed to, exactly like a missing one.
+        let hidden = call(2, "resources/subscribe", json!({"uri": "notes+notes://logo.png"})).await;
+        let missing = call(3, "resources/subscribe", json!({"uri": "notes+notes://nothing"})).await;
+        assert_eq!(hidden["error"]["code"], -32002, "{hidden}");
+        assert_eq!(
+            hidden["error"]["message"].as_str().unwrap().replace("logo.png", "X"),
+            missing["error"]["message"].as_str().unwrap().replace("nothing", "X")
+        );
+
+        let subscribed = call(4, "resources/subscribe", json!({"uri": "notes+notes://index"})).await;
+        assert_eq!(subscribed["result"], json!({}), "{subscribed}");
+        // The upstream's listen stream is opened anew with the URI; give it a moment.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (status, added) = gateway.call_tool(ADMIN_KEY, "notes.add_note", json!({"title": "t", "body": "b"})).await;
+        assert_eq!(status, 200, "{added}");
+        let heard = read_until(&mut stream, "notifications/resources/updated", Duration::from_secs(10)).await;
+        assert!(
+            heard.contains(r#""method":"notifications/resources/updated","params":{"uri":"notes+notes://index"}"#),
+            "{upstream_protocol}: {heard}"
+        );
+
+        // After unsubscribing, another change brings no update (only list changes).
+        let unsubscribed = call(5, "resources/unsubscribe", json!({"uri": "notes+notes://index"})).await;
+        assert_eq!(unsubscribed["result"], json!({}), "{unsubscribed}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        gateway.call_tool(ADMIN_KEY, "notes.add_note", json!({"title": "t2", "body": "b"})).await;
+        let later = read_until(&mut stream, "notifications/resources/updated", Duration::from_secs(2)).await;
+        assert!(!later.contains("notifications/resources/updated"), "{upstream_protocol}: {later}");
+    }
+}

@@ -87,6 +87,16 @@ type ProgressRoutes = Arc<std::sync::Mutex<HashMap<String, NotificationSink>>>;
 struct Listener {
     catalog_changed: Arc<Notify>,
     progress: ProgressRoutes,
+    changes: crate::changes::Changes,
+    tenant: String,
+    connection: String,
+}
+
+fn token_text(token: &rmcp::model::ProgressToken) -> String {
+    match &token.0 {
+        NumberOrString::String(s) => s.to_string(),
+        NumberOrString::Number(n) => n.to_string(),
+    }
 }
 
 /// Removes a progress route when its request ends, however it ends.
@@ -103,14 +113,19 @@ impl Drop for ProgressRoute<'_> {
 
 impl ClientHandler for Listener {
     async fn on_progress(&self, params: ProgressNotificationParam, _context: NotificationContext<RoleClient>) {
-        let token = match &params.progress_token.0 {
-            NumberOrString::String(s) => s.to_string(),
-            NumberOrString::Number(n) => n.to_string(),
-        };
+        let token = token_text(&params.progress_token);
         let sink = self.progress.lock().unwrap_or_else(|e| e.into_inner()).get(&token).cloned();
         if let Some(sink) = sink {
             sink.forward(serde_json::json!({ "jsonrpc": "2.0", "method": "notifications/progress", "params": params }));
         }
+    }
+
+    async fn on_resource_updated(
+        &self,
+        params: rmcp::model::ResourceUpdatedNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        self.changes.announce_updated(&self.tenant, &self.connection, &params.uri);
     }
 
     async fn on_tool_list_changed(&self, _context: NotificationContext<RoleClient>) {
@@ -143,6 +158,8 @@ pub struct Catalog {
     pub prompts: Vec<Prompt>,
     /// Whether the upstream answers `completion/complete`.
     pub completions: bool,
+    /// Whether the upstream offers resource subscriptions.
+    pub subscribe: bool,
 }
 
 struct State {
@@ -167,6 +184,8 @@ pub struct McpUpstream {
     state: RwLock<State>,
     catalog_changed: Arc<Notify>,
     progress_routes: ProgressRoutes,
+    // Upstream URIs callers subscribed to, each with its number of subscriptions.
+    subscriptions: std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
     tasks: RwLock<Vec<tokio::task::AbortHandle>>,
     // The `subscriptions/listen` stream of a 2026-07-28 upstream, while connected.
     change_listener: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
@@ -209,6 +228,7 @@ impl McpUpstream {
             }),
             catalog_changed: Arc::new(Notify::new()),
             progress_routes: ProgressRoutes::default(),
+            subscriptions: std::sync::Mutex::default(),
             tasks: RwLock::new(Vec::new()),
             change_listener: std::sync::Mutex::new(None),
             first_attempt: tokio::sync::watch::channel(false).0,
@@ -291,8 +311,13 @@ impl McpUpstream {
         &self,
         lifecycle: ClientLifecycleMode,
     ) -> Result<RunningService<RoleClient, Listener>, ClientInitializeError> {
-        let listener =
-            Listener { catalog_changed: self.catalog_changed.clone(), progress: self.progress_routes.clone() };
+        let listener = Listener {
+            catalog_changed: self.catalog_changed.clone(),
+            progress: self.progress_routes.clone(),
+            changes: self.changes.clone(),
+            tenant: self.tenant.clone(),
+            connection: self.name.clone(),
+        };
         let transport = self.transport().map_err(ClientInitializeError::ConnectionClosed)?;
         match tokio::time::timeout(CONNECT_TIMEOUT, listener.serve_with_lifecycle(transport, lifecycle)).await {
             Ok(result) => result,
@@ -321,6 +346,14 @@ impl McpUpstream {
         // Portcullis keeps its own catalog; rmcp's response cache would only add staleness.
         service.peer().set_response_cache_config(ClientCacheConfig::disabled()).await;
         self.listen_for_changes(&service);
+        // A new 2025 session starts without the subscriptions the last one had.
+        if service.peer().peer_info().is_some_and(|info| info.protocol_version.has_initialize()) {
+            for uri in self.subscribed() {
+                if let Ok(request) = client_request("resources/subscribe", serde_json::json!({ "uri": uri })) {
+                    let _ = tokio::time::timeout(LIST_TIMEOUT, service.peer().send_request(request)).await;
+                }
+            }
+        }
         let protocol = service.peer().peer_info().map(|info| info.protocol_version.to_string());
         tracing::info!(tenant = %self.tenant, connection = %self.name, protocol = ?protocol, "Connected to upstream");
         self.write_state().protocol_version = protocol;
@@ -378,11 +411,17 @@ impl McpUpstream {
         let tools = capabilities.tools.as_ref().and_then(|t| t.list_changed) == Some(true);
         let resources = capabilities.resources.as_ref().and_then(|r| r.list_changed) == Some(true);
         let prompts = capabilities.prompts.as_ref().and_then(|p| p.list_changed) == Some(true);
-        if info.protocol_version.has_initialize() || !(tools || prompts || resources) {
+        let subscribed: Vec<String> = if capabilities.resources.as_ref().and_then(|r| r.subscribe) == Some(true) {
+            self.subscribed()
+        } else {
+            Vec::new()
+        };
+        if info.protocol_version.has_initialize() || !(tools || prompts || resources || !subscribed.is_empty()) {
             return;
         }
         let peer = service.peer().clone();
         let changed = self.catalog_changed.clone();
+        let (changes, tenant, connection) = (self.changes.clone(), self.tenant.clone(), self.name.clone());
         let task = tokio::spawn(async move {
             let mut backoff = Duration::from_secs(1);
             while !peer.is_transport_closed() {
@@ -396,16 +435,20 @@ impl McpUpstream {
                 if prompts {
                     filter = filter.prompts_list_changed();
                 }
+                if !subscribed.is_empty() {
+                    filter = filter.resource_subscriptions(subscribed.iter().cloned());
+                }
                 if let Ok(mut subscription) = peer.listen(filter.build()).await {
                     backoff = Duration::from_secs(1);
                     while let Ok(Some(notification)) = subscription.next().await {
-                        if matches!(
-                            notification,
+                        match notification {
                             ServerNotification::ToolListChangedNotification(_)
-                                | ServerNotification::ResourceListChangedNotification(_)
-                                | ServerNotification::PromptListChangedNotification(_)
-                        ) {
-                            changed.notify_one();
+                            | ServerNotification::ResourceListChangedNotification(_)
+                            | ServerNotification::PromptListChangedNotification(_) => changed.notify_one(),
+                            ServerNotification::ResourceUpdatedNotification(update) => {
+                                changes.announce_updated(&tenant, &connection, &update.params.uri);
+                            }
+                            _ => {}
                         }
                     }
                     // Changes may have been missed while the stream was down.
@@ -520,24 +563,25 @@ impl McpUpstream {
         params.remove("inputResponses");
         params.remove("requestState");
         let service = self.live().await.map_err(CallError::Unavailable)?;
-        // Progress comes back through `Listener` under a token unique on this session. Log
-        // messages of a 2025 session are session-wide, so they cannot be told apart per caller
-        // and are not relayed.
-        let _route = match &caller.notifications {
-            Some(sink) if sink.wants_progress() => {
-                let token = format!("pc{}", self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-                params.insert("_meta".into(), serde_json::json!({ "progressToken": token }));
+        params.remove("_meta");
+        let request = client_request(method, serde_json::Value::Object(params))?;
+        // rmcp gives every request a progress token unique on the session; progress under it
+        // comes back through `Listener`. Log messages of a 2025 session are session-wide, so
+        // they cannot be told apart per caller and are not relayed.
+        let exchange = async {
+            let handle = service
+                .peer()
+                .send_request_with_option(request, rmcp::service::PeerRequestOptions::no_options())
+                .await?;
+            let _route = caller.notifications.as_ref().filter(|sink| sink.wants_progress()).map(|sink| {
+                let token = token_text(&handle.progress_token);
                 self.progress_routes.lock().unwrap_or_else(|e| e.into_inner()).insert(token.clone(), sink.clone());
-                Some(ProgressRoute { routes: &self.progress_routes, token })
-            }
-            _ => None,
+                ProgressRoute { routes: &self.progress_routes, token }
+            });
+            handle.await_response().await
         };
-        let request: ClientRequest = serde_json::from_value(serde_json::json!({ "method": method, "params": params }))
-            .map_err(|e| {
-                CallError::Rpc(rmcp::ErrorData::invalid_params(format!("invalid {method} parameters: {e}"), None))
-            })?;
         // Dropping the request future on timeout makes rmcp send a cancellation upstream.
-        match tokio::time::timeout(timeout, service.peer().send_request(request)).await {
+        match tokio::time::timeout(timeout, exchange).await {
             Err(_) => Err(CallError::Timeout(timeout)),
             Ok(Ok(result)) => {
                 self.mark_healthy();
@@ -553,6 +597,75 @@ impl McpUpstream {
                 Err(CallError::Unavailable(error))
             }
         }
+    }
+
+    /// The upstream URIs callers are subscribed to.
+    fn subscribed(&self) -> Vec<String> {
+        self.subscriptions.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect()
+    }
+
+    /// Subscribes to updates of the upstream's resource `uri` on behalf of one more caller; the
+    /// upstream is asked once, however many callers subscribe. Updates are announced on the
+    /// change bus.
+    pub async fn subscribe(&self, uri: &str) -> Result<(), CallError> {
+        if !self.catalog().subscribe {
+            return Err(CallError::Rpc(rmcp::ErrorData::new(
+                rmcp::model::ErrorCode::METHOD_NOT_FOUND,
+                "the server behind this resource does not offer subscriptions",
+                None,
+            )));
+        }
+        let first = {
+            let mut subscriptions = self.subscriptions.lock().unwrap_or_else(|e| e.into_inner());
+            let count = subscriptions.entry(uri.to_string()).or_insert(0);
+            *count += 1;
+            *count == 1
+        };
+        if !first {
+            return Ok(());
+        }
+        let outcome = self.follow(uri, true).await;
+        if outcome.is_err() {
+            self.release(uri);
+        }
+        outcome
+    }
+
+    /// Ends one caller's subscription to `uri`; the last one unsubscribes upstream.
+    pub async fn unsubscribe(&self, uri: &str) {
+        if self.release(uri) {
+            let _ = self.follow(uri, false).await;
+        }
+    }
+
+    /// Counts one subscription of `uri` less; true when none is left.
+    fn release(&self, uri: &str) -> bool {
+        let mut subscriptions = self.subscriptions.lock().unwrap_or_else(|e| e.into_inner());
+        match subscriptions.get_mut(uri) {
+            Some(count) if *count > 1 => {
+                *count -= 1;
+                false
+            }
+            Some(_) => {
+                subscriptions.remove(uri);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Starts or stops following `uri` upstream: a 2025 session (un)subscribes; a 2026-07-28
+    /// upstream's listen stream is opened anew with the new set of URIs.
+    async fn follow(&self, uri: &str, subscribe: bool) -> Result<(), CallError> {
+        let service = self.live().await.map_err(CallError::Unavailable)?;
+        if service.peer().peer_info().is_some_and(|info| !info.protocol_version.has_initialize()) {
+            self.listen_for_changes(&service);
+            return Ok(());
+        }
+        let method = if subscribe { "resources/subscribe" } else { "resources/unsubscribe" };
+        let mut params = serde_json::Map::new();
+        params.insert("uri".into(), serde_json::json!(uri));
+        self.request(method, params, &CallerMeta::default(), LIST_TIMEOUT).await.map(|_| ())
     }
 
     async fn unreachable(&self, error: String) {
@@ -670,7 +783,11 @@ async fn fetch_catalog(
     peer: &rmcp::service::Peer<RoleClient>,
     capabilities: &ServerCapabilities,
 ) -> Result<Catalog, String> {
-    let mut catalog = Catalog { completions: capabilities.completions.is_some(), ..Catalog::default() };
+    let mut catalog = Catalog {
+        completions: capabilities.completions.is_some(),
+        subscribe: capabilities.resources.as_ref().and_then(|r| r.subscribe) == Some(true),
+        ..Catalog::default()
+    };
     match peer.list_all_tools().await {
         Ok(tools) => catalog.tools = tools,
         // A server that does not advertise tools may well not answer tools/list.
@@ -782,4 +899,10 @@ async fn refresh_loop(connection: std::sync::Weak<McpUpstream>) {
             _ = tokio::time::sleep(wait) => {}
         }
     }
+}
+
+/// A client request of rmcp's from its method and params.
+fn client_request(method: &str, params: serde_json::Value) -> Result<ClientRequest, CallError> {
+    serde_json::from_value(serde_json::json!({ "method": method, "params": params }))
+        .map_err(|e| CallError::Rpc(rmcp::ErrorData::invalid_params(format!("invalid {method} parameters: {e}"), None)))
 }

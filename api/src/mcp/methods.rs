@@ -171,10 +171,12 @@ fn server_info() -> Value {
 /// What this server offers. List changes reach 2026-07-28 clients on a `subscriptions/listen`
 /// stream and 2025 sessions on their GET stream; log messages of a request are relayed on its
 /// stream (2025: at the session's `logging/setLevel`; 2026-07-28: at the request's `logLevel`).
-fn capabilities() -> Value {
+fn capabilities(modern: bool) -> Value {
     json!({
         "tools": { "listChanged": true },
-        "resources": { "listChanged": true },
+        // 2025 sessions can subscribe to resources; 2026-07-28 listen streams do not offer
+        // resource subscriptions yet.
+        "resources": { "listChanged": true, "subscribe": !modern },
         "prompts": { "listChanged": true },
         "completions": {},
         "logging": {},
@@ -185,7 +187,7 @@ fn capabilities() -> Value {
 pub fn discover(ctx: &CallContext<'_>) -> Value {
     let mut result = json!({
         "supportedVersions": protocol::supported_versions(),
-        "capabilities": capabilities(),
+        "capabilities": capabilities(true),
     });
     if let Some(instructions) = &ctx.endpoint.instructions {
         result["instructions"] = json!(instructions);
@@ -197,7 +199,7 @@ pub fn discover(ctx: &CallContext<'_>) -> Value {
 pub fn initialize_result(ctx: &CallContext<'_>, version: &str) -> Value {
     let mut result = json!({
         "protocolVersion": version,
-        "capabilities": capabilities(),
+        "capabilities": capabilities(false),
         "serverInfo": server_info(),
     });
     if let Some(instructions) = &ctx.endpoint.instructions {
@@ -346,6 +348,58 @@ pub async fn completion_complete(
     match catalog_calls::complete(&ctx.catalog_caller(), params, event).await {
         Ok(result) => Ok(ctx.complete(result, false)),
         Err(failure) => Err(ctx.failure(failure, "completion/complete")),
+    }
+}
+
+/// `resources/subscribe` and `resources/unsubscribe` (2025): the session remembers what it
+/// follows, the upstream is asked to send updates, and updates reach the session's GET stream
+/// (`notifications/resources/updated`, from whichever replica noticed them). A URI the persona
+/// may not read is not found, as for `resources/read`.
+pub async fn resource_subscription(
+    ctx: &CallContext<'_>,
+    mut session: crate::sessions::Session,
+    subscribe: bool,
+    params: &Value,
+    event: &mut AuditEvent,
+) -> Result<Value, RpcError> {
+    let uri = required_str(params, "uri")?;
+    let Some(resource) = ctx.scope().resolve_uri(&ctx.app.upstreams, uri).await else {
+        event.status = crate::audit::Status::Invalid;
+        event.error_code = Some("not_found".into());
+        return Err(RpcError::resource_not_found(uri, false));
+    };
+    event.tool = Some(resource.canonical.clone());
+    event.connection = Some(resource.connection.clone());
+    let subscription = crate::sessions::Subscription {
+        uri: uri.to_string(),
+        connection: resource.connection.clone(),
+        upstream_uri: resource.upstream_uri.clone(),
+    };
+    let known = session.subscriptions.iter().position(|s| *s == subscription);
+    match (subscribe, known) {
+        (true, None) => {
+            resource
+                .upstream
+                .subscribe(&resource.upstream_uri)
+                .await
+                .map_err(|e| ctx.failure(Failure::Upstream(e), uri))?;
+            session.subscriptions.push(subscription);
+        }
+        (false, Some(index)) => {
+            session.subscriptions.remove(index);
+            resource.upstream.unsubscribe(&resource.upstream_uri).await;
+        }
+        // Subscribing twice, or unsubscribing what was not subscribed, changes nothing.
+        _ => return Ok(json!({})),
+    }
+    match ctx.app.sessions.save(session).await {
+        Ok(_) => Ok(json!({})),
+        Err(error) => {
+            tracing::error!(?error, "Cannot store session");
+            let mut e = RpcError::internal("The session store is unavailable; retry shortly");
+            e.status = http::StatusCode::SERVICE_UNAVAILABLE;
+            Err(e)
+        }
     }
 }
 

@@ -533,7 +533,17 @@ fn notification_stream(
             loop {
                 tokio::select! {
                     change = receiver.recv() => match (change, &changed) {
-                        (Ok(c), Some(changed)) if c.tenant == tenant => return Some((Ok(changed.clone()), (receiver, None))),
+                        (Ok(c), _) if c.tenant != tenant => continue,
+                        (Ok(crate::changes::Change { updated: Some(update), .. }), _) => {
+                            let Some(id) = &session else { continue };
+                            match updates_for(&app, id, &update).await {
+                                Some(events) if events.is_empty() => continue,
+                                Some(events) => return Some((Ok(events), (receiver, None))),
+                                // The session ended: so does its stream.
+                                None => return None,
+                            }
+                        }
+                        (Ok(_), Some(changed)) => return Some((Ok(changed.clone()), (receiver, None))),
                         // Missed some: tell the client to list again rather than miss one.
                         (Err(tokio::sync::broadcast::error::RecvError::Lagged(_)), Some(changed)) => {
                             return Some((Ok(changed.clone()), (receiver, None)));
@@ -558,6 +568,23 @@ fn notification_stream(
     let mut response = axum::body::Body::from_stream(stream).into_response();
     protocol::event_stream_headers(&mut response);
     response
+}
+
+/// `notifications/resources/updated` for each of the session's subscriptions that `update`
+/// concerns (none: empty); `None` when the session has ended.
+async fn updates_for(app: &AppState, session: &str, update: &crate::changes::ResourceUpdated) -> Option<Bytes> {
+    let session = app.sessions.touch(session).await.ok().flatten()?;
+    let mut events = Vec::new();
+    for subscription in &session.subscriptions {
+        if subscription.connection == update.connection && subscription.upstream_uri == update.uri {
+            events.extend_from_slice(&protocol::sse_event(&json!({
+                "jsonrpc": "2.0",
+                "method": "notifications/resources/updated",
+                "params": { "uri": subscription.uri },
+            })));
+        }
+    }
+    Some(Bytes::from(events))
 }
 
 fn respond(id: &Value, outcome: Result<Value, RpcError>, framing: Framing, event: &mut AuditEvent) -> Response {
@@ -622,6 +649,7 @@ async fn legacy(
             created_at: Utc::now(),
             client_capabilities: params.get("capabilities").filter(|c| c.is_object()).cloned(),
             log_level: None,
+            subscriptions: Vec::new(),
         };
         if let Err(error) = app.sessions.create(session.clone()).await {
             tracing::error!(?error, "Cannot store session");
@@ -683,6 +711,10 @@ async fn legacy(
     let outcome = match method {
         "ping" => Ok(json!({})),
         "logging/setLevel" => set_log_level(app, session, &params).await,
+        "resources/subscribe" | "resources/unsubscribe" => {
+            let ctx = CallContext::new(app, &admitted.loaded, &admitted.identity, &admitted.endpoint, false);
+            methods::resource_subscription(&ctx, session, method == "resources/subscribe", &params, event).await
+        }
         other => {
             let ctx = CallContext::new(app, &admitted.loaded, &admitted.identity, &admitted.endpoint, false)
                 .with_session(session)
@@ -791,9 +823,23 @@ async fn delete_session(
                 response
             }
             Some(id) => {
-                let owned = matches!(app.sessions.touch(id).await, Ok(Some(s))
-                    if s.tenant == tenant && s.endpoint == endpoint && s.subject == admitted.identity.subject);
-                if owned && app.sessions.delete(id).await.unwrap_or(false) {
+                let owned = match app.sessions.touch(id).await {
+                    Ok(Some(s))
+                        if s.tenant == tenant && s.endpoint == endpoint && s.subject == admitted.identity.subject =>
+                    {
+                        Some(s)
+                    }
+                    _ => None,
+                };
+                if let Some(session) = owned
+                    && app.sessions.delete(id).await.unwrap_or(false)
+                {
+                    // Subscriptions end with the session.
+                    for subscription in &session.subscriptions {
+                        if let Some(upstream) = app.upstreams.get(&tenant, &subscription.connection) {
+                            upstream.unsubscribe(&subscription.upstream_uri).await;
+                        }
+                    }
                     StatusCode::NO_CONTENT.into_response()
                 } else {
                     event.status = Status::Invalid;

@@ -60,11 +60,12 @@ struct Note {
     body: String,
 }
 
-/// Which list changed, for `listen` streams.
-#[derive(Clone, Copy, Debug)]
+/// What changed, for `listen` streams: a list, or one resource.
+#[derive(Clone, Debug)]
 enum Changed {
     Tools,
     Resources,
+    Updated(String),
 }
 
 struct Store {
@@ -73,6 +74,8 @@ struct Store {
     dynamic_tools: bool,
     archive_enabled: bool,
     changed: tokio::sync::broadcast::Sender<Changed>,
+    // 2025 sessions that subscribed to a resource (2026-07-28 clients subscribe through `listen`).
+    subscribers: Vec<(String, rmcp::Peer<RoleServer>)>,
 }
 
 #[derive(Clone)]
@@ -158,10 +161,20 @@ impl Notes {
         format!("archived note {id}")
     }
 
-    /// Each note is a resource: adding or deleting one changes the resource list.
+    /// Each note is a resource: adding or deleting one changes the resource list, and the
+    /// content of notes://index, which subscribers hear about.
     async fn resources_changed(&self, context: &RequestContext<RoleServer>) {
-        let _ = lock(&self.store).changed.send(Changed::Resources);
+        let index = "notes://index";
+        let subscribers: Vec<rmcp::Peer<RoleServer>> = {
+            let store = lock(&self.store);
+            let _ = store.changed.send(Changed::Resources);
+            let _ = store.changed.send(Changed::Updated(index.to_string()));
+            store.subscribers.iter().filter(|(uri, _)| uri == index).map(|(_, peer)| peer.clone()).collect()
+        };
         let _ = context.peer.notify_resource_list_changed().await;
+        for peer in subscribers {
+            let _ = peer.notify_resource_updated(rmcp::model::ResourceUpdatedNotificationParam::new(index)).await;
+        }
     }
 
     #[tool(description = "Add a note; returns its id")]
@@ -266,6 +279,25 @@ impl Notes {
 
 #[tool_handler(router = self.router())]
 impl ServerHandler for Notes {
+    async fn subscribe(
+        &self,
+        request: rmcp::model::SubscribeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), rmcp::ErrorData> {
+        lock(&self.store).subscribers.push((request.uri, context.peer));
+        Ok(())
+    }
+
+    async fn unsubscribe(
+        &self,
+        request: rmcp::model::UnsubscribeRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), rmcp::ErrorData> {
+        // Ends every session's subscription to the URI: enough for a demo server.
+        lock(&self.store).subscribers.retain(|(uri, _)| *uri != request.uri);
+        Ok(())
+    }
+
     async fn list_resources(
         &self,
         _request: Option<PaginatedRequestParams>,
@@ -386,6 +418,7 @@ impl ServerHandler for Notes {
                 .enable_tool_list_changed()
                 .enable_resources()
                 .enable_resources_list_changed()
+                .enable_resources_subscribe()
                 .enable_prompts()
                 .enable_completions()
                 .build(),
@@ -395,8 +428,12 @@ impl ServerHandler for Notes {
     }
 
     fn accepted_subscription_filter(&self, requested: &SubscriptionFilter) -> Option<SubscriptionFilter> {
-        let offered = SubscriptionFilter::builder().tools_list_changed().resources_list_changed().build();
-        Some(requested.intersection(&offered))
+        // Any resource may be followed.
+        let mut offered = SubscriptionFilter::builder().tools_list_changed().resources_list_changed();
+        if let Some(uris) = &requested.resource_subscriptions {
+            offered = offered.resource_subscriptions(uris.iter().cloned());
+        }
+        Some(requested.intersection(&offered.build()))
     }
 
     async fn listen(&self, context: SubscriptionContext) -> Result<(), rmcp::ErrorData> {
@@ -408,6 +445,7 @@ impl ServerHandler for Notes {
                     let sent = match change {
                         Ok(Changed::Tools) => context.sink().notify_tool_list_changed().await,
                         Ok(Changed::Resources) => context.sink().notify_resource_list_changed().await,
+                        Ok(Changed::Updated(uri)) => context.sink().notify_resource_updated(uri).await,
                         Err(_) => return Ok(()),
                     };
                     // A kind this listener did not ask for is skipped; a closed stream ends it.
@@ -439,6 +477,7 @@ async fn main() -> anyhow::Result<()> {
         dynamic_tools: args.dynamic_tools,
         archive_enabled: false,
         changed: tokio::sync::broadcast::channel(16).0,
+        subscribers: Vec::new(),
     }));
     let protocol = args.protocol;
     let service: StreamableHttpService<Notes, LocalSessionManager> = StreamableHttpService::new(
