@@ -210,6 +210,12 @@ impl<'a> Scope<'a> {
     }
 }
 
+/// What lists show: the items of upstreams that are reachable. Items of an unreachable one
+/// drop out (failure mode `open`); calls to them still resolve and fail with a clear error.
+pub fn available<T>(items: Vec<Exposed<T>>) -> Vec<Exposed<T>> {
+    items.into_iter().filter(|item| !item.upstream.is_down()).collect()
+}
+
 /// A resource URI resolved to the connection that serves it.
 pub struct ResolvedResource {
     /// `<prefix>+<uri>`.

@@ -342,8 +342,15 @@ fn compile_connection(
             return None;
         }
     };
-    (problems.len() == before || problems[before..].iter().all(|p| p.severity == Severity::Warning))
-        .then(|| CompiledConnection { name: r.name.clone(), prefix: spec.prefix.clone(), upstream, tools })
+    (problems.len() == before || problems[before..].iter().all(|p| p.severity == Severity::Warning)).then(|| {
+        CompiledConnection {
+            name: r.name.clone(),
+            prefix: spec.prefix.clone(),
+            upstream,
+            tools,
+            failure_mode: spec.failure_mode,
+        }
+    })
 }
 
 fn compile_endpoint(

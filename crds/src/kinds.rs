@@ -290,6 +290,23 @@ pub struct ConnectionSpec {
     /// What this connection is for, shown to administrators.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// What callers see while the upstream is unreachable: `open` (default) drops its tools,
+    /// resources and prompts out of lists and fails calls to them with an error; `closed` makes
+    /// every endpoint that includes it answer errors until it is back.
+    #[serde(default)]
+    pub failure_mode: FailureMode,
+}
+
+/// What callers see while an upstream is unreachable.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureMode {
+    /// Its tools, resources and prompts drop out of lists; calls to them fail with an error;
+    /// the rest of the endpoint keeps working.
+    #[default]
+    Open,
+    /// Endpoints that include it answer errors (HTTP 503) until it is back.
+    Closed,
 }
 
 /// Health of an upstream as the API pods observe it.

@@ -125,6 +125,9 @@ pub struct CompiledConnection {
     pub upstream: Upstream,
     /// Over upstream tool names: which are exposed at all.
     pub tools: Policy,
+    /// What callers see while the upstream is unreachable.
+    #[serde(default)]
+    pub failure_mode: crate::kinds::FailureMode,
 }
 
 impl CompiledConnection {

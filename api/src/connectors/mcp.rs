@@ -257,6 +257,11 @@ impl McpUpstream {
         self.read_state().catalog.clone()
     }
 
+    /// Whether the upstream is known to be unreachable (its last contact failed).
+    pub fn is_down(&self) -> bool {
+        self.read_state().health == portcullis_crds::kinds::Health::Unhealthy
+    }
+
     /// Health as observed.
     pub fn health(&self) -> ConnectionHealth {
         let s = self.read_state();
@@ -376,20 +381,31 @@ impl McpUpstream {
 
     fn mark_unhealthy(&self, error: String) {
         let mut state = self.write_state();
-        if state.health != portcullis_crds::kinds::Health::Unhealthy {
+        let went_down = state.health != portcullis_crds::kinds::Health::Unhealthy;
+        if went_down {
             tracing::warn!(tenant = %self.tenant, connection = %self.name, %error, "Upstream unhealthy");
         }
         state.health = portcullis_crds::kinds::Health::Unhealthy;
         state.last_error = Some(error);
+        drop(state);
+        if went_down {
+            // Its tools, resources and prompts drop out of lists (or its endpoints close).
+            self.changes.announce(&self.tenant);
+        }
     }
 
     fn mark_healthy(&self) {
         let mut state = self.write_state();
-        if state.health == portcullis_crds::kinds::Health::Unhealthy {
+        let came_back = state.health == portcullis_crds::kinds::Health::Unhealthy;
+        if came_back {
             tracing::info!(tenant = %self.tenant, connection = %self.name, "Upstream healthy again");
         }
         state.health = portcullis_crds::kinds::Health::Healthy;
         state.last_error = None;
+        drop(state);
+        if came_back {
+            self.changes.announce(&self.tenant);
+        }
     }
 
     async fn forget_live(&self) {

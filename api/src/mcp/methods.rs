@@ -118,6 +118,18 @@ impl<'a> CallContext<'a> {
         &self.app.request_state_key
     }
 
+    /// A connection of this endpoint in failure mode `closed` whose upstream is unreachable:
+    /// the endpoint answers errors until it is back.
+    pub fn closed_by(&self) -> Option<&str> {
+        self.endpoint.connections.iter().map(String::as_str).find(|name| {
+            self.tenant
+                .connections
+                .get(*name)
+                .is_some_and(|c| c.failure_mode == portcullis_crds::kinds::FailureMode::Closed)
+                && self.app.upstreams.get(&self.identity.tenant, name).is_some_and(|u| u.is_down())
+        })
+    }
+
     /// Whether the caller speaks 2026-07-28.
     pub fn modern(&self) -> bool {
         self.modern
@@ -254,27 +266,28 @@ fn renamed(definition: &impl serde::Serialize, field: &str, name: &str) -> Value
 
 /// `tools/list`: the persona's tools of this endpoint, sorted.
 pub async fn tools_list(ctx: &CallContext<'_>, params: &Value) -> Result<Value, RpcError> {
-    let items = ctx.tools().await.into_iter().map(|t| (t.name.clone(), renamed(&t.definition, "name", &t.name)));
+    let tools = crate::policy::available(ctx.tools().await);
+    let items = tools.into_iter().map(|t| (t.name.clone(), renamed(&t.definition, "name", &t.name)));
     page(ctx, params, "tools", items.collect())
 }
 
 /// `prompts/list`: the persona's prompts of this endpoint, sorted.
 pub async fn prompts_list(ctx: &CallContext<'_>, params: &Value) -> Result<Value, RpcError> {
-    let prompts = ctx.scope().prompts(&ctx.app.upstreams).await;
+    let prompts = crate::policy::available(ctx.scope().prompts(&ctx.app.upstreams).await);
     let items = prompts.into_iter().map(|p| (p.name.clone(), renamed(&p.definition, "name", &p.name)));
     page(ctx, params, "prompts", items.collect())
 }
 
 /// `resources/list`: the persona's concrete resources of this endpoint, sorted by URI.
 pub async fn resources_list(ctx: &CallContext<'_>, params: &Value) -> Result<Value, RpcError> {
-    let resources = ctx.scope().resources(&ctx.app.upstreams).await;
+    let resources = crate::policy::available(ctx.scope().resources(&ctx.app.upstreams).await);
     let items = resources.into_iter().map(|r| (r.name.clone(), renamed(&r.definition, "uri", &r.name)));
     page(ctx, params, "resources", items.collect())
 }
 
 /// `resources/templates/list`: the persona's resource templates of this endpoint, sorted.
 pub async fn resource_templates_list(ctx: &CallContext<'_>, params: &Value) -> Result<Value, RpcError> {
-    let templates = ctx.scope().templates(&ctx.app.upstreams).await;
+    let templates = crate::policy::available(ctx.scope().templates(&ctx.app.upstreams).await);
     let items = templates.into_iter().map(|t| (t.name.clone(), renamed(&t.definition, "uriTemplate", &t.name)));
     page(ctx, params, "resourceTemplates", items.collect())
 }

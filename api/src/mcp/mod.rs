@@ -357,6 +357,16 @@ async fn dispatch(
     params: &Value,
     event: &mut AuditEvent,
 ) -> Result<Value, RpcError> {
+    if let Some(connection) = ctx.closed_by() {
+        event.connection = Some(connection.to_string());
+        event.detail = Some(format!("endpoint closed: connection {connection} is unreachable (failureMode closed)"));
+        let mut error = RpcError::internal(format!(
+            "This endpoint is closed while connection {connection:?} is unreachable (its failureMode is closed); retry later"
+        ))
+        .with_data(json!({ "connection": connection, "failureMode": "closed" }));
+        error.status = StatusCode::SERVICE_UNAVAILABLE;
+        return Err(error);
+    }
     match method {
         "tools/call" | "prompts/get" | "resources/read" => mrtr::round(ctx, method, params, event).await,
         "tools/list" => methods::tools_list(ctx, params).await,

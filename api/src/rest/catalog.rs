@@ -119,7 +119,7 @@ pub async fn list_resources(
 }
 
 async fn summaries(app: &AppState, caller: &Caller) -> Vec<ResourceSummary> {
-    let resources = tenant_scope(caller).resources(&app.upstreams).await;
+    let resources = crate::policy::available(tenant_scope(caller).resources(&app.upstreams).await);
     resources
         .into_iter()
         .map(|r| {
@@ -164,7 +164,7 @@ pub async fn list_templates(
     paging: Result<Query<Paging>, QueryRejection>,
 ) -> Result<Json<Page<TemplateSummary>>, Problem> {
     let paging = query(paging)?;
-    let templates = tenant_scope(&caller).templates(&app.upstreams).await;
+    let templates = crate::policy::available(tenant_scope(&caller).templates(&app.upstreams).await);
     let items = templates
         .into_iter()
         .map(|t| {
@@ -273,7 +273,7 @@ pub struct PromptSummary {
 }
 
 async fn prompt_summaries(app: &AppState, caller: &Caller) -> Vec<PromptSummary> {
-    let prompts = tenant_scope(caller).prompts(&app.upstreams).await;
+    let prompts = crate::policy::available(tenant_scope(caller).prompts(&app.upstreams).await);
     prompts
         .into_iter()
         .map(|p| {

@@ -43,9 +43,15 @@ pub(super) fn scope(caller: &Caller) -> (&Tenant, &CompiledPersona) {
     (tenant, &tenant.personas[&caller.identity.persona])
 }
 
+/// The persona's tools, those of unreachable upstreams included (calls to them fail clearly).
 async fn visible_tools(app: &AppState, caller: &Caller) -> Vec<ExposedTool> {
     let (tenant, persona) = scope(caller);
     policy::Scope::tenant(&caller.identity.tenant, tenant, persona).tools(&app.upstreams).await
+}
+
+/// The persona's tools as lists show them: without those of unreachable upstreams.
+async fn listed_tools(app: &AppState, caller: &Caller) -> Vec<ExposedTool> {
+    policy::available(visible_tools(app, caller).await)
 }
 
 /// An MCP endpoint the caller may use.
@@ -170,7 +176,7 @@ pub async fn list_tools(
     paging: Result<Query<Paging>, QueryRejection>,
 ) -> ApiResult<Page<ToolSummary>> {
     let paging = query(paging)?;
-    let tools = visible_tools(&app, &caller)
+    let tools = listed_tools(&app, &caller)
         .await
         .into_iter()
         .map(|t| ToolSummary {
@@ -205,7 +211,7 @@ pub async fn tool_schemas(
     paging: Result<Query<Paging>, QueryRejection>,
 ) -> ApiResult<Page<ToolSchema>> {
     let paging = query(paging)?;
-    let tools = visible_tools(&app, &caller)
+    let tools = listed_tools(&app, &caller)
         .await
         .into_iter()
         .map(|t| ToolSchema {
