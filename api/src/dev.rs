@@ -250,6 +250,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         rest_keys: Some(rest_keys),
         // One process: a key of its own, good until it stops.
         client_replies: Default::default(),
+        in_flight: Default::default(),
         request_state_key: portcullis_store::secret_box::SecretKey::from_text(
             &uuid::Uuid::new_v4().simple().to_string().repeat(2),
         )

@@ -186,6 +186,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         rest_keys: Some(rest_keys.clone()),
         // Derived from the shared secret key, so every replica opens what any replica sealed.
         client_replies: Default::default(),
+        in_flight: Default::default(),
         request_state_key: SecretKey::from_text(&format!("request state\n{}", args.data.secret_key))?,
     });
 

@@ -60,6 +60,8 @@ pub struct Inner {
     pub request_state_key: portcullis_store::secret_box::SecretKey,
     /// Requests sent to 2025 clients on a request's stream, waiting for the client's answer.
     pub client_replies: crate::mcp::relay::PendingReplies,
+    /// Requests of 2025 sessions in progress here, which the client may cancel.
+    pub in_flight: crate::mcp::relay::InFlight,
     /// Changes that listen streams turn into list_changed notifications.
     pub changes: crate::changes::Changes,
     /// Portcullis's OAuth authorization server, when configured.

@@ -380,3 +380,46 @@ async fn a_2025_session_gets_tool_list_changes_on_its_get_stream() {
     let (_, init_result) = (0, gateway.mcp_raw(ANALYST_KEY, &[], init).await.json::<Value>().await.unwrap());
     assert_eq!(init_result["result"]["capabilities"]["tools"]["listChanged"], true);
 }
+
+#[tokio::test]
+async fn a_2025_client_cancels_a_running_call_with_notifications_cancelled() {
+    let upstream = Upstream::start("both").await;
+    let gateway = Gateway::start(&quickstart(&upstream.url())).await;
+    wait_until(std::time::Duration::from_secs(10), || async { !gateway.tool_names(ANALYST_KEY).await.is_empty() })
+        .await;
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"canceller","version":"1"}}}"#;
+    let session =
+        gateway.mcp_raw(ANALYST_KEY, &[], init).await.headers()["mcp-session-id"].to_str().unwrap().to_string();
+    let headers = [("Mcp-Session-Id", session.as_str()), ("MCP-Protocol-Version", "2025-11-25")];
+    let sleep = r#"{"jsonrpc":"2.0","id":"slow-1","method":"tools/call","params":{"name":"notes.sleep","arguments":{"millis":1500}}}"#;
+    let running = gateway.mcp_raw(ANALYST_KEY, &headers, sleep);
+    let cancel = async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let cancelled =
+            r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":"slow-1","reason":"user"}}"#;
+        gateway.mcp_raw(ANALYST_KEY, &headers, cancelled).await.status()
+    };
+    let (answer, cancel_status) = tokio::join!(running, cancel);
+    assert_eq!(cancel_status, 202);
+    let answer: Value = answer.json().await.unwrap();
+    assert_eq!(answer["error"]["message"], "Request cancelled by the client", "{answer}");
+    wait_until(std::time::Duration::from_secs(5), || async {
+        gateway.audit("tool=notes.sleep&status=error").await.iter().any(|e| e["detail"] == "cancelled by the client")
+    })
+    .await;
+
+    // Another session's cancellation of the same id reaches nothing: the call completes.
+    let other = gateway.mcp_raw(ANALYST_KEY, &[], init).await.headers()["mcp-session-id"].to_str().unwrap().to_string();
+    let other_headers = [("Mcp-Session-Id", other.as_str()), ("MCP-Protocol-Version", "2025-11-25")];
+    let sleep = r#"{"jsonrpc":"2.0","id":"slow-2","method":"tools/call","params":{"name":"notes.sleep","arguments":{"millis":800}}}"#;
+    let running = gateway.mcp_raw(ANALYST_KEY, &headers, sleep);
+    let foreign_cancel = async {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let cancelled = r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":"slow-2"}}"#;
+        gateway.mcp_raw(ANALYST_KEY, &other_headers, cancelled).await.status()
+    };
+    let (answer, status) = tokio::join!(running, foreign_cancel);
+    assert_eq!(status, 202);
+    let answer: Value = answer.json().await.unwrap();
+    assert_eq!(answer["result"]["isError"], false, "{answer}");
+}

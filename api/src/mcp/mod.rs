@@ -715,7 +715,13 @@ async fn legacy(
         return StatusCode::ACCEPTED.into_response();
     }
     let Some(id) = id else {
-        // Notifications (initialized, cancelled…) are accepted.
+        // Notifications are accepted; a cancellation stops the request if it runs here.
+        if method == "notifications/cancelled"
+            && let Some(request) = params.get("requestId")
+            && !app.in_flight.cancel(&session.id, request)
+        {
+            event.detail = Some("cancellation of no request running on this replica".into());
+        }
         return StatusCode::ACCEPTED.into_response();
     };
     let outcome = match method {
@@ -726,10 +732,19 @@ async fn legacy(
             methods::resource_subscription(&ctx, session, method == "resources/subscribe", &params, event).await
         }
         other => {
+            let mut running = app.in_flight.start(&session.id, &id);
             let ctx = CallContext::new(app, &admitted.loaded, &admitted.identity, &admitted.endpoint, false)
                 .with_session(session)
                 .with_relay(relay, &params);
-            dispatch(&ctx, other, &params, event).await
+            // A cancelled request is dropped, which cancels its upstream request too.
+            let outcome = tokio::select! {
+                outcome = dispatch(&ctx, other, &params, event) => Some(outcome),
+                _ = &mut running.cancelled => None,
+            };
+            outcome.unwrap_or_else(|| {
+                event.detail = Some("cancelled by the client".into());
+                Err(RpcError::internal("Request cancelled by the client"))
+            })
         }
     };
     respond(&id, outcome, framing, event)

@@ -53,6 +53,41 @@ impl Drop for Waiting<'_> {
     }
 }
 
+/// Requests of 2025 sessions in progress on this replica, by session and request id, so that
+/// the client's `notifications/cancelled` can stop them.
+#[derive(Clone, Default)]
+pub struct InFlight(Arc<Mutex<HashMap<ReplyKey, oneshot::Sender<()>>>>);
+
+/// A request registered in `InFlight`; dropping it unregisters.
+pub struct Running<'a> {
+    in_flight: &'a InFlight,
+    key: ReplyKey,
+    /// Resolves when the client cancels the request.
+    pub cancelled: oneshot::Receiver<()>,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.in_flight.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.key);
+    }
+}
+
+impl InFlight {
+    /// Registers request `id` (its JSON text) of `session`.
+    pub fn start(&self, session: &str, id: &Value) -> Running<'_> {
+        let (cancel, cancelled) = oneshot::channel();
+        let key = (session.to_string(), id.to_string());
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), cancel);
+        Running { in_flight: self, key, cancelled }
+    }
+
+    /// Cancels request `id` of `session`; false when it is not running here.
+    pub fn cancel(&self, session: &str, id: &Value) -> bool {
+        let running = self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&(session.to_string(), id.to_string()));
+        running.is_some_and(|r| r.send(()).is_ok())
+    }
+}
+
 /// The sending side of one request's stream.
 #[derive(Clone)]
 pub struct Relay {
