@@ -14,9 +14,8 @@ use chrono::{DateTime, Utc};
 use portcullis_crds::snapshot::Upstream;
 use rmcp::ClientHandler;
 use rmcp::model::{
-    ClientCapabilities, ClientConfig, ClientRequest, Implementation, NumberOrString, PingRequest,
-    ProgressNotificationParam, Prompt, ProtocolVersion, Resource, ResourceTemplate, ServerCapabilities,
-    ServerNotification, SubscriptionFilter, Tool,
+    ClientCapabilities, ClientConfig, ClientRequest, Implementation, PingRequest, Prompt, ProtocolVersion, Resource,
+    ResourceTemplate, ServerCapabilities, ServerNotification, SubscriptionFilter, Tool,
 };
 use rmcp::service::{
     ClientCacheConfig, ClientInitializeError, ClientLifecycleMode, ClientServiceExt, NotificationContext, RoleClient,
@@ -63,6 +62,8 @@ pub struct CallerMeta {
     /// Where notifications about the request (progress, log messages) go, when the caller has
     /// a stream to receive them.
     pub notifications: Option<NotificationSink>,
+    /// Who answers a 2025 upstream's requests for client input during the request.
+    pub ask_client: Option<Arc<dyn super::legacy_calls::AskClient>>,
 }
 
 /// Why a tool call did not produce an upstream result.
@@ -79,47 +80,16 @@ pub enum CallError {
     Rpc(rmcp::ErrorData),
 }
 
-/// Progress tokens of requests in flight on a 2025 session, each with its caller's sink.
-type ProgressRoutes = Arc<std::sync::Mutex<HashMap<String, NotificationSink>>>;
-
 /// Receives the upstream's notifications.
 #[derive(Clone)]
 struct Listener {
     catalog_changed: Arc<Notify>,
-    progress: ProgressRoutes,
     changes: crate::changes::Changes,
     tenant: String,
     connection: String,
 }
 
-fn token_text(token: &rmcp::model::ProgressToken) -> String {
-    match &token.0 {
-        NumberOrString::String(s) => s.to_string(),
-        NumberOrString::Number(n) => n.to_string(),
-    }
-}
-
-/// Removes a progress route when its request ends, however it ends.
-struct ProgressRoute<'a> {
-    routes: &'a ProgressRoutes,
-    token: String,
-}
-
-impl Drop for ProgressRoute<'_> {
-    fn drop(&mut self) {
-        self.routes.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.token);
-    }
-}
-
 impl ClientHandler for Listener {
-    async fn on_progress(&self, params: ProgressNotificationParam, _context: NotificationContext<RoleClient>) {
-        let token = token_text(&params.progress_token);
-        let sink = self.progress.lock().unwrap_or_else(|e| e.into_inner()).get(&token).cloned();
-        if let Some(sink) = sink {
-            sink.forward(serde_json::json!({ "jsonrpc": "2.0", "method": "notifications/progress", "params": params }));
-        }
-    }
-
     async fn on_resource_updated(
         &self,
         params: rmcp::model::ResourceUpdatedNotificationParam,
@@ -183,7 +153,8 @@ pub struct McpUpstream {
     live: Mutex<Option<Arc<RunningService<RoleClient, Listener>>>>,
     state: RwLock<State>,
     catalog_changed: Arc<Notify>,
-    progress_routes: ProgressRoutes,
+    // Requests to a 2025 upstream, each on its own stream.
+    legacy: Arc<super::legacy_calls::LegacyCalls>,
     // Upstream URIs callers subscribed to, each with its number of subscriptions.
     subscriptions: std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
     tasks: RwLock<Vec<tokio::task::AbortHandle>>,
@@ -211,6 +182,17 @@ impl McpUpstream {
         http: reqwest::Client,
         changes: crate::changes::Changes,
     ) -> Arc<Self> {
+        let catalog_changed = Arc::new(Notify::new());
+        let legacy = super::legacy_calls::LegacyCalls::new(
+            http.clone(),
+            upstream.clone(),
+            super::legacy_calls::Announcements {
+                catalog_changed: catalog_changed.clone(),
+                changes: changes.clone(),
+                tenant: tenant.clone(),
+                connection: name.clone(),
+            },
+        );
         let this = Arc::new(Self {
             tenant,
             name,
@@ -226,8 +208,8 @@ impl McpUpstream {
                 catalog: Arc::default(),
                 catalog_fetched_at: None,
             }),
-            catalog_changed: Arc::new(Notify::new()),
-            progress_routes: ProgressRoutes::default(),
+            catalog_changed,
+            legacy,
             subscriptions: std::sync::Mutex::default(),
             tasks: RwLock::new(Vec::new()),
             change_listener: std::sync::Mutex::new(None),
@@ -318,7 +300,6 @@ impl McpUpstream {
     ) -> Result<RunningService<RoleClient, Listener>, ClientInitializeError> {
         let listener = Listener {
             catalog_changed: self.catalog_changed.clone(),
-            progress: self.progress_routes.clone(),
             changes: self.changes.clone(),
             tenant: self.tenant.clone(),
             connection: self.name.clone(),
@@ -578,39 +559,18 @@ impl McpUpstream {
         // A 2025 session has neither request state nor input responses.
         params.remove("inputResponses");
         params.remove("requestState");
-        let service = self.live().await.map_err(CallError::Unavailable)?;
         params.remove("_meta");
-        let request = client_request(method, serde_json::Value::Object(params))?;
-        // rmcp gives every request a progress token unique on the session; progress under it
-        // comes back through `Listener`. Log messages of a 2025 session are session-wide, so
-        // they cannot be told apart per caller and are not relayed.
-        let exchange = async {
-            let handle = service
-                .peer()
-                .send_request_with_option(request, rmcp::service::PeerRequestOptions::no_options())
-                .await?;
-            let _route = caller.notifications.as_ref().filter(|sink| sink.wants_progress()).map(|sink| {
-                let token = token_text(&handle.progress_token);
-                self.progress_routes.lock().unwrap_or_else(|e| e.into_inner()).insert(token.clone(), sink.clone());
-                ProgressRoute { routes: &self.progress_routes, token }
-            });
-            handle.await_response().await
-        };
-        // Dropping the request future on timeout makes rmcp send a cancellation upstream.
-        match tokio::time::timeout(timeout, exchange).await {
+        let preferred = self.read_state().protocol_version.clone();
+        match tokio::time::timeout(timeout, self.legacy.request(method, params, caller, preferred.as_deref())).await {
+            // Dropping the request on timeout sends notifications/cancelled upstream.
             Err(_) => Err(CallError::Timeout(timeout)),
-            Ok(Ok(result)) => {
-                self.mark_healthy();
-                serde_json::to_value(&result).map_err(|e| CallError::Unavailable(format!("unreadable result: {e}")))
-            }
-            Ok(Err(ServiceError::McpError(error))) => {
-                self.mark_healthy();
-                Err(CallError::Rpc(error))
-            }
-            Ok(Err(e)) => {
-                let error = root_cause(&e);
+            Ok(Err(error)) => {
                 self.unreachable(error.clone()).await;
                 Err(CallError::Unavailable(error))
+            }
+            Ok(Ok(message)) => {
+                self.mark_healthy();
+                answer_of(message)
             }
         }
     }
@@ -678,15 +638,21 @@ impl McpUpstream {
             self.listen_for_changes(&service);
             return Ok(());
         }
+        // On rmcp's session: its GET stream is where the updates arrive.
         let method = if subscribe { "resources/subscribe" } else { "resources/unsubscribe" };
-        let mut params = serde_json::Map::new();
-        params.insert("uri".into(), serde_json::json!(uri));
-        self.request(method, params, &CallerMeta::default(), LIST_TIMEOUT).await.map(|_| ())
+        let request = client_request(method, serde_json::json!({ "uri": uri }))?;
+        match tokio::time::timeout(LIST_TIMEOUT, service.peer().send_request(request)).await {
+            Err(_) => Err(CallError::Timeout(LIST_TIMEOUT)),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(ServiceError::McpError(error))) => Err(CallError::Rpc(error)),
+            Ok(Err(e)) => Err(CallError::Unavailable(root_cause(&e))),
+        }
     }
 
     async fn unreachable(&self, error: String) {
         self.mark_unhealthy(error);
         self.forget_live().await;
+        self.legacy.reset().await;
         self.catalog_changed.notify_one();
     }
 
@@ -774,7 +740,8 @@ impl McpUpstream {
                 let bytes = response.bytes().await.map_err(|e| e.to_string())?;
                 return serde_json::from_slice(&bytes).map_err(|e| format!("unreadable answer: {e}"));
             }
-            read_event_stream(response, id, caller.notifications.as_ref()).await
+            // 2026-07-28 servers send no requests on a response stream.
+            read_event_stream(response, id, caller.notifications.as_ref(), |_| async { None }).await
         };
         let message = match tokio::time::timeout(timeout, exchange).await {
             Err(_) => return Err(CallError::Timeout(timeout)),
@@ -785,13 +752,7 @@ impl McpUpstream {
             Ok(Ok(message)) => message,
         };
         self.mark_healthy();
-        if let Some(result) = message.get("result") {
-            return Ok(result.clone());
-        }
-        match message.get("error").cloned().map(serde_json::from_value::<rmcp::ErrorData>) {
-            Some(Ok(error)) => Err(CallError::Rpc(error)),
-            _ => Err(CallError::Unavailable("the upstream answered neither a result nor an error".into())),
-        }
+        answer_of(message)
     }
 }
 
@@ -825,12 +786,30 @@ async fn fetch_catalog(
     Ok(catalog)
 }
 
-/// The response to request `id` on an event stream; the notifications before it go to `sink`.
-async fn read_event_stream(
+/// The result of a JSON-RPC answer, or its error.
+fn answer_of(message: serde_json::Value) -> Result<serde_json::Value, CallError> {
+    if let Some(result) = message.get("result") {
+        return Ok(result.clone());
+    }
+    match message.get("error").cloned().map(serde_json::from_value::<rmcp::ErrorData>) {
+        Some(Ok(error)) => Err(CallError::Rpc(error)),
+        _ => Err(CallError::Unavailable("the upstream answered neither a result nor an error".into())),
+    }
+}
+
+/// The response to request `id` on an event stream. Progress and log messages before it go to
+/// `sink`; the server's other messages (requests, other notifications) go to `on_message`,
+/// which is awaited before reading on.
+pub(super) async fn read_event_stream<F, Fut>(
     mut response: reqwest::Response,
     id: u64,
     sink: Option<&NotificationSink>,
-) -> Result<serde_json::Value, String> {
+    mut on_message: F,
+) -> Result<serde_json::Value, String>
+where
+    F: FnMut(serde_json::Value) -> Fut,
+    Fut: std::future::Future<Output = Option<()>>,
+{
     let mut buffer: Vec<u8> = Vec::new();
     loop {
         let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? else {
@@ -854,10 +833,17 @@ async fn read_event_stream(
             {
                 return Ok(message);
             }
-            if let Some(sink) = sink
-                && message.get("id").is_none()
-            {
-                sink.forward(message);
+            let about_request = message.get("id").is_none()
+                && matches!(
+                    message.get("method").and_then(serde_json::Value::as_str),
+                    Some("notifications/progress" | "notifications/message")
+                );
+            match sink {
+                Some(sink) if about_request => sink.forward(message),
+                _ if message.get("method").is_some() => {
+                    on_message(message).await;
+                }
+                _ => {}
             }
         }
     }

@@ -1,6 +1,7 @@
 //! Upstream connections: one live client per Connection of the current snapshot, kept in step
 //! with the snapshot (added, replaced when their settings change, dropped when removed).
 
+pub mod legacy_calls;
 pub mod mcp;
 pub mod notifications;
 
@@ -9,6 +10,7 @@ use portcullis_crds::snapshot::Upstream;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
+pub use legacy_calls::{AskClient, Refused};
 pub use mcp::{CallError, CallerMeta, ConnectionHealth, McpUpstream};
 pub use notifications::NotificationSink;
 

@@ -65,6 +65,13 @@ impl<'a> CallContext<'a> {
             if let Some(session) = &self.session {
                 // What the session's client declared it can answer, upstreams may ask for.
                 self.caller_meta.client_capabilities = session.client_capabilities.clone();
+                self.caller_meta.ask_client = Some(std::sync::Arc::new(super::relay::SessionClient {
+                    relay: relay.clone(),
+                    pending: self.app.client_replies.clone(),
+                    session: session.id.clone(),
+                    declared: session.client_capabilities.clone().unwrap_or_default(),
+                    timeout: self.call_timeout(),
+                }));
             }
         }
         self.relay = relay;
@@ -98,6 +105,7 @@ impl<'a> CallContext<'a> {
             client_capabilities: meta.get(protocol::META_CLIENT_CAPABILITIES).cloned(),
             log_level: meta.get(protocol::META_LOG_LEVEL).and_then(Value::as_str).map(str::to_string),
             notifications: None,
+            ask_client: None,
         };
         self
     }

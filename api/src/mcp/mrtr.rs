@@ -93,16 +93,6 @@ pub async fn round(
 /// Rounds of input a 2025 client is asked for within one request before Portcullis gives up.
 const MAX_BRIDGED_ROUNDS: usize = 8;
 
-/// The capability a 2025 client must have declared for Portcullis to send it `method`.
-fn capability_for(method: &str) -> Option<&'static str> {
-    match method {
-        "sampling/createMessage" => Some("sampling"),
-        "elicitation/create" => Some("elicitation"),
-        "roots/list" => Some("roots"),
-        _ => None,
-    }
-}
-
 /// Asks a 2025 client for what an `input_required` result lists, all at once, on the request's
 /// stream; the answers by the upstream's keys.
 async fn ask_client(ctx: &CallContext<'_>, name: &str, result: &Value) -> Result<Map<String, Value>, RpcError> {
@@ -116,7 +106,7 @@ async fn ask_client(ctx: &CallContext<'_>, name: &str, result: &Value) -> Result
     let mut asked = Vec::new();
     for (key, request) in requests {
         let method = request.get("method").and_then(Value::as_str).unwrap_or_default().to_string();
-        let Some(capability) = capability_for(&method) else {
+        let Some(capability) = super::relay::capability_for(&method) else {
             return Err(RpcError::internal(format!(
                 "{name} asked the client for {method:?}, which MCP does not define"
             )));

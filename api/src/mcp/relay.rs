@@ -143,6 +143,53 @@ impl Relay {
     }
 }
 
+/// The client of a 2025 session, asked on the stream of one of its requests for what an
+/// upstream needs (sampling, elicitation, roots), within what it declared at `initialize`.
+pub struct SessionClient {
+    /// The request's stream.
+    pub relay: Relay,
+    /// Where its answers arrive.
+    pub pending: PendingReplies,
+    /// The session.
+    pub session: String,
+    /// Its capabilities from `initialize`.
+    pub declared: Value,
+    /// How long it may take to answer.
+    pub timeout: Duration,
+}
+
+/// The capability a client must have declared to be sent `method`.
+pub fn capability_for(method: &str) -> Option<&'static str> {
+    match method {
+        "sampling/createMessage" => Some("sampling"),
+        "elicitation/create" => Some("elicitation"),
+        "roots/list" => Some("roots"),
+        _ => None,
+    }
+}
+
+impl crate::connectors::AskClient for SessionClient {
+    fn ask<'a>(
+        &'a self,
+        method: &'a str,
+        params: Value,
+    ) -> futures::future::BoxFuture<'a, Result<Value, crate::connectors::Refused>> {
+        Box::pin(async move {
+            let declared = capability_for(method).is_some_and(|c| self.declared.get(c).is_some());
+            if !declared {
+                return Err(crate::connectors::Refused {
+                    code: -32601,
+                    message: format!("the client did not declare support for {method}"),
+                });
+            }
+            self.relay
+                .ask(&self.pending, &self.session, method, params, self.timeout)
+                .await
+                .map_err(|e| crate::connectors::Refused { code: e.code, message: e.message })
+        })
+    }
+}
+
 /// Runs a request that may stream: `work` gets the relay and the signal that the client went
 /// away; the answer is a plain response unless something was relayed before it.
 pub async fn run<W>(work: W) -> Response

@@ -1,0 +1,394 @@
+//! Requests to a 2025 upstream on a session of Portcullis's own, as plain HTTP. In the 2025
+//! protocols what a server sends about one request — progress, log messages and its own requests
+//! for client input (sampling, elicitation, roots) — travels on that request's event stream;
+//! rmcp's client merges all streams of a session and cannot tell which caller they belong to.
+//! Here each request reads its own stream, so those messages go to the caller who asked.
+//!
+//! The catalog and subscriptions stay on the rmcp session of `mcp`. The session's own GET
+//! stream is read too: servers announce list changes caused by a request to the session that
+//! made it.
+
+use super::mcp::{CallerMeta, read_event_stream};
+use crate::mcp::protocol::LEGACY_VERSIONS;
+use futures::future::BoxFuture;
+use portcullis_crds::snapshot::Upstream;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// What a client refused, or why it could not be asked.
+#[derive(Debug)]
+pub struct Refused {
+    /// JSON-RPC code for the upstream.
+    pub code: i64,
+    /// Why.
+    pub message: String,
+}
+
+/// Asks the caller's client for input on behalf of an upstream (a 2025 session's client, on its
+/// request's stream).
+pub trait AskClient: Send + Sync {
+    /// Sends `method` (`sampling/createMessage`, `elicitation/create`, `roots/list`) with
+    /// `params` to the client; its result.
+    fn ask<'a>(&'a self, method: &'a str, params: Value) -> BoxFuture<'a, Result<Value, Refused>>;
+}
+
+impl std::fmt::Debug for dyn AskClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AskClient")
+    }
+}
+
+/// A 2025 session of Portcullis's own with the upstream.
+#[derive(Debug)]
+struct Session {
+    /// `Mcp-Session-Id`, when the server issued one.
+    id: Option<String>,
+    /// The negotiated protocol version.
+    version: String,
+}
+
+/// Why one request on a session failed.
+enum Failure {
+    /// The server no longer knows the session (HTTP 404): start a new one.
+    SessionGone,
+    /// Anything else, for the operator.
+    Other(String),
+}
+
+/// Where what the upstream announces on the session's GET stream goes.
+pub struct Announcements {
+    /// Wakes the catalog refresher (list changes).
+    pub catalog_changed: Arc<tokio::sync::Notify>,
+    /// Resource updates, for subscribed sessions.
+    pub changes: crate::changes::Changes,
+    /// Tenant of the connection.
+    pub tenant: String,
+    /// Connection name.
+    pub connection: String,
+}
+
+/// Plain-HTTP requests to one 2025 upstream.
+pub struct LegacyCalls {
+    http: reqwest::Client,
+    upstream: Upstream,
+    next_id: AtomicU64,
+    session: tokio::sync::Mutex<Option<Arc<Session>>>,
+    announcements: Announcements,
+}
+
+/// Sends `notifications/cancelled` for a request that is dropped before its answer: in the
+/// 2025 protocols closing the stream does not cancel.
+struct CancelUnlessAnswered {
+    calls: Arc<LegacyCalls>,
+    session: Arc<Session>,
+    id: u64,
+    answered: bool,
+}
+
+impl Drop for CancelUnlessAnswered {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let (calls, session, id) = (self.calls.clone(), self.session.clone(), self.id);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let cancelled = json!({
+                    "jsonrpc": "2.0",
+                    "method": "notifications/cancelled",
+                    "params": { "requestId": id, "reason": "cancelled by the caller or timed out" },
+                });
+                let _ = calls.post(&session, &cancelled).send().await;
+            });
+        }
+    }
+}
+
+impl LegacyCalls {
+    /// Requests to `upstream` through `http`.
+    pub fn new(http: reqwest::Client, upstream: Upstream, announcements: Announcements) -> Arc<Self> {
+        Arc::new(Self {
+            http,
+            upstream,
+            next_id: AtomicU64::new(1),
+            session: tokio::sync::Mutex::default(),
+            announcements,
+        })
+    }
+
+    /// Forgets the session (the upstream went away; the next request starts a new one).
+    pub async fn reset(&self) {
+        *self.session.lock().await = None;
+    }
+
+    fn post(&self, session: &Session, body: &Value) -> reqwest::RequestBuilder {
+        let Upstream::Mcp { url, headers, .. } = &self.upstream;
+        let mut request = self
+            .http
+            .post(url.as_str())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::ACCEPT, "application/json, text/event-stream")
+            .header("MCP-Protocol-Version", session.version.as_str());
+        if let Some(id) = &session.id {
+            request = request.header("Mcp-Session-Id", id.as_str());
+        }
+        for (name, value) in headers {
+            request = request.header(name.as_str(), value.expose());
+        }
+        request.body(body.to_string())
+    }
+
+    /// The current session, starting one (initialize, then `notifications/initialized`) when
+    /// there is none. `preferred` is the version to offer.
+    async fn session(self: &Arc<Self>, preferred: Option<&str>) -> Result<Arc<Session>, String> {
+        let mut current = self.session.lock().await;
+        if let Some(session) = current.as_ref() {
+            return Ok(session.clone());
+        }
+        let offered = preferred.filter(|v| LEGACY_VERSIONS.contains(v)).unwrap_or(LEGACY_VERSIONS[0]);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let initialize = json!({
+            "jsonrpc": "2.0",
+            "id": id,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": offered,
+                // What callers' clients can be asked for; when the caller of a request cannot,
+                // the upstream's request is refused.
+                "capabilities": { "sampling": {}, "elicitation": {}, "roots": {} },
+                "clientInfo": { "name": "portcullis", "version": env!("CARGO_PKG_VERSION") },
+            },
+        });
+        let unversioned = Session { id: None, version: offered.to_string() };
+        let response = self.post(&unversioned, &initialize).send().await.map_err(|e| root_cause(&e))?;
+        if !response.status().is_success() {
+            return Err(format!("initialize answered HTTP status {}", response.status()));
+        }
+        let session_id = response.headers().get("mcp-session-id").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let answer = read_answer(response, id, &CallerMeta::default(), |_| async { None }).await?;
+        let version = answer
+            .get("result")
+            .and_then(|r| r.get("protocolVersion"))
+            .and_then(Value::as_str)
+            .filter(|v| LEGACY_VERSIONS.contains(v))
+            .ok_or_else(|| format!("initialize was not answered with a 2025 protocol version: {answer}"))?
+            .to_string();
+        let logging = answer.get("result").and_then(|r| r.get("capabilities")).and_then(|c| c.get("logging")).is_some();
+        let session = Arc::new(Session { id: session_id, version });
+        let initialized = json!({ "jsonrpc": "2.0", "method": "notifications/initialized" });
+        self.post(&session, &initialized).send().await.map_err(|e| root_cause(&e))?;
+        if logging {
+            // The session's level is the lowest; each caller gets what it asked for.
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let level =
+                json!({ "jsonrpc": "2.0", "id": id, "method": "logging/setLevel", "params": { "level": "debug" } });
+            if let Ok(response) = self.post(&session, &level).send().await {
+                let _ = read_answer(response, id, &CallerMeta::default(), |_| async { None }).await;
+            }
+        }
+        *current = Some(session.clone());
+        tokio::spawn(listen(Arc::downgrade(self), session.clone()));
+        Ok(session)
+    }
+
+    /// Whether `session` is still the current one.
+    async fn is_current(&self, session: &Arc<Session>) -> bool {
+        self.session.lock().await.as_ref().is_some_and(|current| Arc::ptr_eq(current, session))
+    }
+
+    /// What arrives on the session's GET stream: list changes and resource updates are
+    /// announced; pings are answered; other requests are refused (no caller to ask); log
+    /// messages are session-wide and cannot be told apart per caller, so they are dropped.
+    async fn on_common(&self, session: &Session, message: Value) -> Option<()> {
+        let method = message.get("method").and_then(Value::as_str)?;
+        let announce = &self.announcements;
+        match (method, message.get("id")) {
+            (
+                "notifications/tools/list_changed"
+                | "notifications/resources/list_changed"
+                | "notifications/prompts/list_changed",
+                None,
+            ) => announce.catalog_changed.notify_one(),
+            ("notifications/resources/updated", None) => {
+                let uri = message.get("params").and_then(|p| p.get("uri")).and_then(Value::as_str)?;
+                announce.changes.announce_updated(&announce.tenant, &announce.connection, uri);
+            }
+            (_, Some(id)) => {
+                let reply = if method == "ping" {
+                    json!({ "jsonrpc": "2.0", "id": id, "result": {} })
+                } else {
+                    let message = format!("{method} outside a request cannot be passed to a client");
+                    json!({ "jsonrpc": "2.0", "id": id, "error": { "code": -32601, "message": message } })
+                };
+                let _ = self.post(session, &reply).send().await;
+            }
+            _ => {}
+        }
+        Some(())
+    }
+
+    /// Sends one request, starting a new session once when the server has forgotten the
+    /// current one; the JSON-RPC answer (a result or an error).
+    pub async fn request(
+        self: &Arc<Self>,
+        method: &str,
+        params: serde_json::Map<String, Value>,
+        caller: &CallerMeta,
+        preferred: Option<&str>,
+    ) -> Result<Value, String> {
+        for _ in 0..2 {
+            let session = self.session(preferred).await?;
+            match self.request_on(&session, method, params.clone(), caller).await {
+                Ok(answer) => return Ok(answer),
+                Err(Failure::SessionGone) => {
+                    let mut current = self.session.lock().await;
+                    if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &session)) {
+                        *current = None;
+                    }
+                }
+                Err(Failure::Other(error)) => return Err(error),
+            }
+        }
+        Err("the upstream lost the new session at once".into())
+    }
+
+    async fn request_on(
+        self: &Arc<Self>,
+        session: &Arc<Session>,
+        method: &str,
+        mut params: serde_json::Map<String, Value>,
+        caller: &CallerMeta,
+    ) -> Result<Value, Failure> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if caller.notifications.as_ref().is_some_and(|sink| sink.wants_progress()) {
+            // Unique on the session; the caller gets its own token back.
+            params.insert("_meta".into(), json!({ "progressToken": format!("pc{id}") }));
+        }
+        let body = json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params });
+        let mut guard = CancelUnlessAnswered { calls: self.clone(), session: session.clone(), id, answered: false };
+        let response = self.post(session, &body).send().await.map_err(|e| Failure::Other(root_cause(&e)))?;
+        let status = response.status();
+        if session.id.is_some() && matches!(status.as_u16(), 400 | 404) {
+            // 404 is how the specification says a session is gone; some servers answer 400.
+            // Either is an answer to this request only when it carries the request's id.
+            guard.answered = true;
+            let text = response.text().await.unwrap_or_default();
+            return match serde_json::from_str::<Value>(&text) {
+                Ok(message) if message.get("id").and_then(Value::as_u64) == Some(id) => Ok(message),
+                _ => Err(Failure::SessionGone),
+            };
+        }
+        let answer = read_answer(response, id, caller, |request| self.answer_server_request(session, request, caller))
+            .await
+            .map_err(Failure::Other)?;
+        guard.answered = true;
+        Ok(answer)
+    }
+
+    /// Answers a request the upstream sent on a request's stream: asks the caller's client
+    /// when it can be asked, refuses otherwise.
+    async fn answer_server_request(&self, session: &Session, request: Value, caller: &CallerMeta) -> Option<()> {
+        let Some(id) = request.get("id").cloned() else {
+            // A notification that is not about the request (a list change): as on the GET stream.
+            return self.on_common(session, request).await;
+        };
+        let method = request.get("method").and_then(Value::as_str).unwrap_or_default();
+        let params = request.get("params").cloned().unwrap_or_else(|| json!({}));
+        let outcome = match (method, &caller.ask_client) {
+            ("ping", _) => Ok(json!({})),
+            ("sampling/createMessage" | "elicitation/create" | "roots/list", Some(client)) => {
+                client.ask(method, params).await
+            }
+            _ => Err(Refused {
+                code: -32601,
+                message: format!("{method} cannot be passed to this caller's client through Portcullis"),
+            }),
+        };
+        let reply = match outcome {
+            Ok(result) => json!({ "jsonrpc": "2.0", "id": id, "result": result }),
+            Err(refused) => {
+                json!({ "jsonrpc": "2.0", "id": id, "error": { "code": refused.code, "message": refused.message } })
+            }
+        };
+        let _ = self.post(session, &reply).send().await;
+        Some(())
+    }
+}
+
+/// The answer to request `id`: a JSON body, or the event stream on which notifications about
+/// it go to the caller's sink and server requests to `on_request`.
+async fn read_answer<F, Fut>(
+    response: reqwest::Response,
+    id: u64,
+    caller: &CallerMeta,
+    on_request: F,
+) -> Result<Value, String>
+where
+    F: FnMut(Value) -> Fut,
+    Fut: std::future::Future<Output = Option<()>>,
+{
+    let status = response.status();
+    let event_stream = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if event_stream {
+        return read_event_stream(response, id, caller.notifications.as_ref(), on_request).await;
+    }
+    let text = response.text().await.map_err(|e| root_cause(&e))?;
+    match serde_json::from_str::<Value>(&text) {
+        // A JSON-RPC error with an HTTP error status is still the answer.
+        Ok(message) if message.get("result").is_some() || message.get("error").is_some() => Ok(message),
+        _ if !status.is_success() => Err(format!("HTTP status {status}")),
+        _ => Err("the upstream answered neither a result nor an error".into()),
+    }
+}
+
+/// Reads the session's GET stream while the session is current, reopening it after a break;
+/// a server without one (405) or that forgot the session ends it.
+async fn listen(calls: std::sync::Weak<LegacyCalls>, session: Arc<Session>) {
+    let mut backoff = std::time::Duration::from_secs(1);
+    loop {
+        let Some(this) = calls.upgrade() else { return };
+        if !this.is_current(&session).await {
+            return;
+        }
+        let Upstream::Mcp { url, headers, .. } = &this.upstream;
+        let mut request = this
+            .http
+            .get(url.as_str())
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .header("MCP-Protocol-Version", session.version.as_str());
+        if let Some(id) = &session.id {
+            request = request.header("Mcp-Session-Id", id.as_str());
+        }
+        for (name, value) in headers {
+            request = request.header(name.as_str(), value.expose());
+        }
+        let response = match request.send().await {
+            Ok(response) if response.status().is_success() => response,
+            Ok(_) => return,
+            Err(_) => {
+                drop(this);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
+                continue;
+            }
+        };
+        backoff = std::time::Duration::from_secs(1);
+        // The stream has no answer to wait for: id 0 is never a request of ours.
+        let _ = read_event_stream(response, 0, None, |message| this.on_common(&session, message)).await;
+        drop(this);
+        tokio::time::sleep(backoff).await;
+    }
+}
+
+fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = error;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
+}
