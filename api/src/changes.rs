@@ -18,6 +18,32 @@ pub struct Change {
     /// Set when this is not a list change but an update of one resource.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated: Option<ResourceUpdated>,
+    /// Set when this is not a change at all but a 2025 client's message for the replica that
+    /// holds the request it is about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<ClientMessage>,
+}
+
+/// A 2025 client's message that the replica receiving it could not deliver: an answer to a
+/// request sent on another replica's stream, or a cancellation of a request running there.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClientMessage {
+    /// The session.
+    pub session: String,
+    /// What it is.
+    pub kind: ClientMessageKind,
+    /// The answer (a JSON-RPC response), or the id of the request to cancel.
+    pub message: serde_json::Value,
+}
+
+/// What a `ClientMessage` carries.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientMessageKind {
+    /// An answer to a request Portcullis sent the client.
+    Reply,
+    /// `notifications/cancelled` of one of the client's requests.
+    Cancel,
 }
 
 /// An upstream said one of its resources changed.
@@ -45,14 +71,38 @@ impl Changes {
 
     /// Announces a change noticed here.
     pub fn announce(&self, tenant: &str) {
-        let _ = self.sender.send(Change { tenant: tenant.to_string(), origin: self.pod.clone(), updated: None });
+        let _ = self.sender.send(Change {
+            tenant: tenant.to_string(),
+            origin: self.pod.clone(),
+            updated: None,
+            client: None,
+        });
+    }
+
+    /// Hands a client's message to the other replicas (one of them holds what it is about).
+    pub fn forward_client_message(&self, tenant: &str, message: ClientMessage) {
+        let _ = self.sender.send(Change {
+            tenant: tenant.to_string(),
+            origin: self.pod.clone(),
+            updated: None,
+            client: Some(message),
+        });
+    }
+
+    /// Whether `change` was announced by this pod.
+    pub fn is_local(&self, change: &Change) -> bool {
+        change.origin == self.pod
     }
 
     /// Announces that `connection` of `tenant` updated its resource `uri`.
     pub fn announce_updated(&self, tenant: &str, connection: &str, uri: &str) {
         let updated = ResourceUpdated { connection: connection.to_string(), uri: uri.to_string() };
-        let _ =
-            self.sender.send(Change { tenant: tenant.to_string(), origin: self.pod.clone(), updated: Some(updated) });
+        let _ = self.sender.send(Change {
+            tenant: tenant.to_string(),
+            origin: self.pod.clone(),
+            updated: Some(updated),
+            client: None,
+        });
     }
 
     /// Receives every change from now on.

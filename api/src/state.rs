@@ -115,7 +115,10 @@ impl std::ops::Deref for AppState {
 impl AppState {
     /// Wraps the parts.
     pub fn new(inner: Inner) -> Self {
-        Self(Arc::new(inner))
+        let state = Self(Arc::new(inner));
+        // Not holding the state: background work must not keep it (and its audit writer) alive.
+        tokio::spawn(crate::mcp::relay::deliver_forwarded(Arc::downgrade(&state.0)));
+        state
     }
 
     /// What authentication consults besides the snapshot.

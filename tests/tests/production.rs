@@ -342,3 +342,52 @@ async fn tool_list_changes_reach_listen_streams_on_every_replica_through_redis()
     let _ = subscriber.wait();
     wait_until(Duration::from_secs(5), || async { stream.count("notifications/tools/list_changed") > before }).await;
 }
+
+#[tokio::test]
+async fn a_2025_clients_answer_and_cancellation_reach_the_replica_that_holds_its_request() {
+    // The reference upstream (2026-07-28) asks for sampling with input_required; Portcullis asks
+    // the 2025 client on its request stream, held by A. The client's answer arrives at B.
+    let upstream = Upstream::start_binary("mcp-reference-server", "both", &[]).await;
+    let backends = Shared::start().await;
+    let cluster =
+        Cluster::new(&backends.database_url, &backends.redis_url, &backends.redis_prefix, &quickstart(&upstream.url()));
+    cluster.publish();
+    let (a, b) = tokio::join!(cluster.replica(), cluster.replica());
+    a.wait_ready().await;
+    b.wait_ready().await;
+    wait_until(Duration::from_secs(10), || async { !a.tool_names(ANALYST_KEY).await.is_empty() }).await;
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{"sampling":{}},"clientInfo":{"name":"sampler","version":"1"}}}"#;
+    let session = a.mcp_raw(ANALYST_KEY, &[], init).await.headers()["mcp-session-id"].to_str().unwrap().to_string();
+    let headers = [("Mcp-Session-Id", session.as_str()), ("MCP-Protocol-Version", "2025-11-25")];
+    let call = r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"notes.test_sampling","arguments":{"prompt":"What is 2+2?"}}}"#;
+    let mut stream = a.mcp_raw(ANALYST_KEY, &headers, call).await;
+    assert_eq!(stream.headers()["content-type"], "text/event-stream");
+    let mut text = String::new();
+    let request = loop {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), stream.chunk()).await.unwrap().unwrap().unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        if let Some(line) = text.lines().find(|l| l.contains("sampling/createMessage")) {
+            break serde_json::from_str::<Value>(line.trim_start_matches("data:").trim()).unwrap();
+        }
+    };
+    let answer = json!({"jsonrpc": "2.0", "id": request["id"], "result": {
+        "role": "assistant", "content": {"type": "text", "text": "four"}, "model": "test-model"}});
+    assert_eq!(b.mcp_raw(ANALYST_KEY, &headers, &answer.to_string()).await.status(), 202);
+    let mut rest = String::new();
+    while let Ok(Some(chunk)) = tokio::time::timeout(Duration::from_secs(10), stream.chunk()).await.unwrap() {
+        rest.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(rest.contains("LLM response: four"), "{rest}");
+
+    // A cancellation sent to B stops the request running on A.
+    let slow = r#"{"jsonrpc":"2.0","id":8,"method":"tools/call","params":{"name":"notes.test_sampling","arguments":{"prompt":"never answered"}}}"#;
+    let mut stream = a.mcp_raw(ANALYST_KEY, &headers, slow).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.chunk()).await.unwrap();
+    let cancel = r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":8}}"#;
+    assert_eq!(b.mcp_raw(ANALYST_KEY, &headers, cancel).await.status(), 202);
+    let mut rest = String::new();
+    while let Ok(Some(chunk)) = tokio::time::timeout(Duration::from_secs(10), stream.chunk()).await.unwrap() {
+        rest.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(rest.contains("Request cancelled by the client"), "{rest}");
+}

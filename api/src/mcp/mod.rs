@@ -543,7 +543,7 @@ fn notification_stream(
             loop {
                 tokio::select! {
                     change = receiver.recv() => match (change, &changed) {
-                        (Ok(c), _) if c.tenant != tenant => continue,
+                        (Ok(c), _) if c.tenant != tenant || c.client.is_some() => continue,
                         (Ok(crate::changes::Change { updated: Some(update), .. }), _) => {
                             let Some(id) = &session else { continue };
                             match updates_for(&app, id, &update).await {
@@ -709,8 +709,14 @@ async fn legacy(
     }
     if let Some(reply) = reply {
         // The client's answer to a request Portcullis sent on one of this session's streams.
-        if !app.client_replies.deliver(&session.id, reply) {
-            event.detail = Some("answer to no request waiting on this replica".into());
+        if !app.client_replies.deliver(&session.id, reply.clone()) {
+            // The request it answers waits on another replica's stream.
+            let message = crate::changes::ClientMessage {
+                session: session.id.clone(),
+                kind: crate::changes::ClientMessageKind::Reply,
+                message: reply,
+            };
+            app.changes.forward_client_message(tenant, message);
         }
         return StatusCode::ACCEPTED.into_response();
     }
@@ -720,7 +726,13 @@ async fn legacy(
             && let Some(request) = params.get("requestId")
             && !app.in_flight.cancel(&session.id, request)
         {
-            event.detail = Some("cancellation of no request running on this replica".into());
+            // The request may run on another replica.
+            let message = crate::changes::ClientMessage {
+                session: session.id.clone(),
+                kind: crate::changes::ClientMessageKind::Cancel,
+                message: request.clone(),
+            };
+            app.changes.forward_client_message(tenant, message);
         }
         return StatusCode::ACCEPTED.into_response();
     };

@@ -285,6 +285,32 @@ async fn as_event(response: Response) -> Bytes {
     }
 }
 
+/// Delivers the client messages other replicas forward (answers to requests sent on a stream
+/// this replica holds, cancellations of requests running here). Runs for the process's life.
+pub async fn deliver_forwarded(app: std::sync::Weak<crate::state::Inner>) {
+    let Some(mut changes) = app.upgrade().map(|app| app.changes.subscribe()) else { return };
+    loop {
+        match changes.recv().await {
+            Ok(change) => {
+                let Some(app) = app.upgrade() else { return };
+                let Some(client) = change.client.clone().filter(|_| !app.changes.is_local(&change)) else {
+                    continue;
+                };
+                match client.kind {
+                    crate::changes::ClientMessageKind::Reply => {
+                        app.client_replies.deliver(&client.session, client.message);
+                    }
+                    crate::changes::ClientMessageKind::Cancel => {
+                        app.in_flight.cancel(&client.session, &client.message);
+                    }
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
