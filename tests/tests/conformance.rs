@@ -195,99 +195,67 @@ fn compare(direct: &Outcome, through: &Outcome, gaps: &[(&str, &str)]) {
     assert!(closed.is_empty(), "these gaps pass now; take them off the list: {closed:?}");
 }
 
-#[tokio::test]
-async fn the_2025_conformance_suite_passes_through_the_gateway_as_it_does_against_the_upstream() {
-    let package = env_path("PORTCULLIS_TEST_CONFORMANCE_2025");
-    let upstream = Upstream::start_binary("mcp-reference-server", "both", &[]).await;
-    let gateway = Gateway::start(&manifests(&upstream.url())).await;
-    let direct = run_suite(&package, &upstream.url(), &[]);
-    let through = run_suite(&package, &gateway.mcp_url("conformance", "everything"), &[]);
+/// Which suite release runs: 0.1.16 for the 2025 scenarios, 0.2.0-alpha.12 for 2026-07-28.
+#[derive(Clone, Copy)]
+enum Suite {
+    Of2025,
+    Of2026,
+}
+
+/// Runs `suite` against the reference upstream speaking both generations, and through the
+/// gateway in front of the reference upstream speaking `behind` (`both`, `legacy`, `modern`);
+/// everything the upstream passes alone must pass through the gateway but the listed gaps.
+async fn suite_through_the_gateway(suite: Suite, behind: &str, gaps: &[(&str, &str)]) {
+    let (package, args): (PathBuf, &[&str]) = match suite {
+        Suite::Of2025 => (env_path("PORTCULLIS_TEST_CONFORMANCE_2025"), &[]),
+        Suite::Of2026 => (env_path("PORTCULLIS_TEST_CONFORMANCE_2026"), &["--requirements", "2026-07-28"]),
+    };
+    let reference = Upstream::start_binary("mcp-reference-server", "both", &[]).await;
+    let restricted =
+        if behind == "both" { None } else { Some(Upstream::start_binary("mcp-reference-server", behind, &[]).await) };
+    let upstream_url = restricted.as_ref().map_or_else(|| reference.url(), Upstream::url);
+    let gateway = Gateway::start(&manifests(&upstream_url)).await;
+    let direct = run_suite(&package, &reference.url(), args);
+    let through = run_suite(&package, &gateway.mcp_url("conformance", "everything"), args);
     eprintln!(
-        "2025 suite: upstream passes {}/{}, gateway passes {}/{}",
+        "{} suite, gateway in front of the upstream speaking {behind}: upstream alone passes {}/{}, gateway passes {}/{}",
+        match suite {
+            Suite::Of2025 => "2025",
+            Suite::Of2026 => "2026-07-28",
+        },
         direct.len() - failing(&direct).len(),
         direct.len(),
         through.len() - failing(&through).len(),
         through.len()
     );
-    compare(&direct, &through, &GATEWAY_GAPS_2025);
+    compare(&direct, &through, gaps);
+}
+
+#[tokio::test]
+async fn the_2025_conformance_suite_passes_through_the_gateway_as_it_does_against_the_upstream() {
+    suite_through_the_gateway(Suite::Of2025, "both", &GATEWAY_GAPS_2025).await;
 }
 
 #[tokio::test]
 async fn the_2026_conformance_suite_passes_through_the_gateway_as_it_does_against_the_upstream() {
-    let package = env_path("PORTCULLIS_TEST_CONFORMANCE_2026");
-    let upstream = Upstream::start_binary("mcp-reference-server", "both", &[]).await;
-    let gateway = Gateway::start(&manifests(&upstream.url())).await;
-    let args = ["--requirements", "2026-07-28"];
-    let direct = run_suite(&package, &upstream.url(), &args);
-    let through = run_suite(&package, &gateway.mcp_url("conformance", "everything"), &args);
-    eprintln!(
-        "2026-07-28 suite: upstream passes {}/{}, gateway passes {}/{}",
-        direct.len() - failing(&direct).len(),
-        direct.len(),
-        through.len() - failing(&through).len(),
-        through.len()
-    );
-    compare(&direct, &through, &GATEWAY_GAPS_2026);
+    suite_through_the_gateway(Suite::Of2026, "both", &GATEWAY_GAPS_2026).await;
 }
 
-/// Bridging, 2026-07-28 client → 2025-only upstream: what the 2026-07-28 suite passes against
-/// the upstream speaking both generations must pass through the gateway in front of the same
-/// upstream restricted to 2025.
+/// Bridging, 2026-07-28 client → 2025-only upstream.
 #[tokio::test]
 async fn a_2026_client_passes_the_suite_in_front_of_a_2025_only_upstream() {
-    let package = env_path("PORTCULLIS_TEST_CONFORMANCE_2026");
-    let both = Upstream::start_binary("mcp-reference-server", "both", &[]).await;
-    let legacy = Upstream::start_binary("mcp-reference-server", "legacy", &[]).await;
-    let gateway = Gateway::start(&manifests(&legacy.url())).await;
-    let args = ["--requirements", "2026-07-28"];
-    let direct = run_suite(&package, &both.url(), &args);
-    let through = run_suite(&package, &gateway.mcp_url("conformance", "everything"), &args);
-    eprintln!(
-        "2026-07-28 suite over a 2025-only upstream: upstream (both) passes {}/{}, gateway passes {}/{}",
-        direct.len() - failing(&direct).len(),
-        direct.len(),
-        through.len() - failing(&through).len(),
-        through.len()
-    );
-    compare(&direct, &through, &BRIDGE_GAPS_2026_CLIENT);
+    suite_through_the_gateway(Suite::Of2026, "legacy", &BRIDGE_GAPS_2026_CLIENT).await;
 }
 
 /// Bridging, 2025 client → 2026-07-28-only upstream.
 #[tokio::test]
 async fn a_2025_client_passes_the_suite_in_front_of_a_2026_only_upstream() {
-    let package = env_path("PORTCULLIS_TEST_CONFORMANCE_2025");
-    let both = Upstream::start_binary("mcp-reference-server", "both", &[]).await;
-    let modern = Upstream::start_binary("mcp-reference-server", "modern", &[]).await;
-    let gateway = Gateway::start(&manifests(&modern.url())).await;
-    let direct = run_suite(&package, &both.url(), &[]);
-    let through = run_suite(&package, &gateway.mcp_url("conformance", "everything"), &[]);
-    eprintln!(
-        "2025 suite over a 2026-07-28-only upstream: upstream (both) passes {}/{}, gateway passes {}/{}",
-        direct.len() - failing(&direct).len(),
-        direct.len(),
-        through.len() - failing(&through).len(),
-        through.len()
-    );
-    compare(&direct, &through, &BRIDGE_GAPS_2025_CLIENT);
+    suite_through_the_gateway(Suite::Of2025, "modern", &BRIDGE_GAPS_2025_CLIENT).await;
 }
 
 /// A 2025 client in front of a 2025-only upstream: the 2025 path end to end, including the
-/// upstream's own requests for client input and its log messages, which Portcullis carries on
-/// each request's stream.
+/// upstream's own requests for client input, which Portcullis carries on each request's stream.
 #[tokio::test]
 async fn a_2025_client_passes_the_suite_in_front_of_a_2025_only_upstream() {
-    let package = env_path("PORTCULLIS_TEST_CONFORMANCE_2025");
-    let both = Upstream::start_binary("mcp-reference-server", "both", &[]).await;
-    let legacy = Upstream::start_binary("mcp-reference-server", "legacy", &[]).await;
-    let gateway = Gateway::start(&manifests(&legacy.url())).await;
-    let direct = run_suite(&package, &both.url(), &[]);
-    let through = run_suite(&package, &gateway.mcp_url("conformance", "everything"), &[]);
-    eprintln!(
-        "2025 suite over a 2025-only upstream: upstream (both) passes {}/{}, gateway passes {}/{}",
-        direct.len() - failing(&direct).len(),
-        direct.len(),
-        through.len() - failing(&through).len(),
-        through.len()
-    );
-    compare(&direct, &through, &BRIDGE_GAPS_2025_OVER_2025);
+    suite_through_the_gateway(Suite::Of2025, "legacy", &BRIDGE_GAPS_2025_OVER_2025).await;
 }

@@ -8,7 +8,7 @@
 //! stream is read too: servers announce list changes caused by a request to the session that
 //! made it.
 
-use super::mcp::{CallerMeta, read_event_stream};
+use super::mcp::{CallerMeta, is_event_stream, read_event_stream, root_cause};
 use crate::mcp::protocol::LEGACY_VERSIONS;
 use futures::future::BoxFuture;
 use portcullis_crds::snapshot::Upstream;
@@ -329,12 +329,7 @@ where
     Fut: std::future::Future<Output = Option<()>>,
 {
     let status = response.status();
-    let event_stream = response
-        .headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
-    if event_stream {
+    if is_event_stream(&response) {
         return read_event_stream(response, id, caller.notifications.as_ref(), on_request).await;
     }
     let text = response.text().await.map_err(|e| root_cause(&e))?;
@@ -383,12 +378,4 @@ async fn listen(calls: std::sync::Weak<LegacyCalls>, session: Arc<Session>) {
         drop(this);
         tokio::time::sleep(backoff).await;
     }
-}
-
-fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause = error;
-    while let Some(source) = cause.source() {
-        cause = source;
-    }
-    cause.to_string()
 }

@@ -713,19 +713,9 @@ impl McpUpstream {
             request = request.header(name.as_str(), value.expose());
         }
         let exchange = async {
-            let response = request.body(body.to_string()).send().await.map_err(|e| {
-                let mut cause: &(dyn std::error::Error + 'static) = &e;
-                while let Some(source) = cause.source() {
-                    cause = source;
-                }
-                cause.to_string()
-            })?;
+            let response = request.body(body.to_string()).send().await.map_err(|e| root_cause(&e))?;
             let status = response.status();
-            let event_stream = response
-                .headers()
-                .get(reqwest::header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.starts_with("text/event-stream"));
+            let event_stream = is_event_stream(&response);
             if !status.is_success() && !event_stream {
                 let text = response.text().await.unwrap_or_default();
                 // A JSON-RPC error with an HTTP error status is still the tool's answer.
@@ -784,6 +774,15 @@ async fn fetch_catalog(
             peer.list_all_prompts().await.map_err(|e| format!("prompts/list failed: {}", root_cause(&e)))?;
     }
     Ok(catalog)
+}
+
+/// Whether the response is an event stream.
+pub(super) fn is_event_stream(response: &reqwest::Response) -> bool {
+    response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
 }
 
 /// The result of a JSON-RPC answer, or its error.
@@ -861,7 +860,7 @@ fn find_event_end(buffer: &[u8]) -> Option<usize> {
 
 /// The innermost cause of an error: rmcp's outer messages name Rust types, the innermost one
 /// ("Connection refused", "HTTP status 401") is what an operator can act on.
-fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+pub(super) fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
     let mut cause = error;
     while let Some(source) = cause.source() {
         cause = source;
