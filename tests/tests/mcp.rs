@@ -423,3 +423,29 @@ async fn a_2025_client_cancels_a_running_call_with_notifications_cancelled() {
     let answer: Value = answer.json().await.unwrap();
     assert_eq!(answer["result"]["isError"], false, "{answer}");
 }
+
+#[tokio::test]
+async fn a_request_whose_client_goes_away_is_cancelled_and_still_audited() {
+    let upstream = Upstream::start("both").await;
+    let gateway = Gateway::start(&quickstart(&upstream.url())).await;
+    wait_until(std::time::Duration::from_secs(10), || async { !gateway.tool_names(ANALYST_KEY).await.is_empty() })
+        .await;
+    let (status, _) = gateway
+        .mcp_modern(ANALYST_KEY, 1, "tools/call", json!({"name": "notes.sleep", "arguments": {"millis": 5}}))
+        .await;
+    assert_eq!(status, 200);
+    // Both answer paths: a plain JSON answer, and the task that may stream (progress asked).
+    for (n, progress) in [(1usize, false), (2, true)] {
+        let mut params = json!({"name": "notes.sleep", "arguments": {"millis": 1500}});
+        if progress {
+            params["_meta"] = json!({"progressToken": "p"});
+        }
+        let call = gateway.mcp_modern(ANALYST_KEY, 10 + n as u64, "tools/call", params);
+        assert!(tokio::time::timeout(std::time::Duration::from_millis(300), call).await.is_err());
+        wait_until(std::time::Duration::from_secs(5), || async {
+            let events = gateway.audit("tool=notes.sleep&status=error").await;
+            events.iter().filter(|e| e["error_code"] == "cancelled").count() >= n
+        })
+        .await;
+    }
+}

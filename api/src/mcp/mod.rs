@@ -193,13 +193,29 @@ async fn post_message(
 ) -> Response {
     // A client that accepts an event stream may get messages about its request before the
     // answer (progress, log messages, requests of a 2025 session's own): see `relay`.
-    if !protocol::accepts_event_stream(&headers) {
+    if !protocol::accepts_event_stream(&headers) || !may_stream(body.as_deref().unwrap_or_default()) {
         return serve_post(app, tenant, endpoint, headers, body, None).await;
     }
     relay::run(move |relay, client_gone| {
         serve_post(app, tenant, endpoint, headers, body, Some((relay, client_gone))).boxed()
     })
     .await
+}
+
+/// Whether a request may have anything to send before its answer, judged from its raw body
+/// without parsing it (a false positive only costs a task): a 2026-07-28 request only when it
+/// asks for progress or log messages; a 2025 one whenever it reaches an upstream (the session's
+/// log level and the upstream's requests for input are known only later).
+fn may_stream(body: &[u8]) -> bool {
+    let contains = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+    if contains(b"progressToken") || contains(protocol::META_LOG_LEVEL.as_bytes()) {
+        return true;
+    }
+    let modern = contains(protocol::META_PROTOCOL_VERSION.as_bytes());
+    !modern
+        && [&b"tools/call"[..], b"prompts/get", b"resources/read", b"completion/complete"]
+            .iter()
+            .any(|method| contains(method))
 }
 
 async fn serve_post(
@@ -212,13 +228,18 @@ async fn serve_post(
 ) -> Response {
     let started = Instant::now();
     let request_id = crate::http_context::request_id();
-    let mut event = AuditEvent::new(&tenant, "mcp", "POST", &request_id, Utc::now());
+    let mut unfinished = Unfinished {
+        audit: app.audit.clone(),
+        event: Some(AuditEvent::new(&tenant, "mcp", "POST", &request_id, Utc::now())),
+        started,
+    };
+    let event = unfinished.event.as_mut().expect("set above");
     event.endpoint = Some(endpoint.clone());
     let (relay, client_gone) = stream.unzip();
     let work = async {
-        match admit(&app, &headers, &tenant, &endpoint, &mut event).await {
+        match admit(&app, &headers, &tenant, &endpoint, event).await {
             Err(problem) => problem.into_response(),
-            Ok(admitted) => handle_message(&app, admitted, &headers, body, &mut event, relay).await,
+            Ok(admitted) => handle_message(&app, admitted, &headers, body, event, relay).await,
         }
     };
     let response = match client_gone {
@@ -236,7 +257,33 @@ async fn serve_post(
         event.detail = Some("the client closed the stream".into());
         StatusCode::NO_CONTENT.into_response()
     });
+    let event = unfinished.event.take().expect("recorded once");
     finish(&app, event, started, response).await
+}
+
+/// The audit event of a request in progress. A request whose client goes away before the
+/// answer is dropped mid-way (which cancels its upstream call); the event is then recorded as
+/// cancelled, so no request goes unaudited.
+struct Unfinished {
+    audit: crate::audit::AuditLog,
+    event: Option<AuditEvent>,
+    started: Instant,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        let Some(mut event) = self.event.take() else { return };
+        event.status = Status::Error;
+        event.error_code = Some("cancelled".into());
+        event.detail = Some("the client went away before the answer".into());
+        event.latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let audit = self.audit.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = audit.record(event).await;
+            });
+        }
+    }
 }
 
 fn rpc_error_response(id: &Value, error: RpcError, event: &mut AuditEvent) -> Response {
@@ -887,4 +934,23 @@ async fn delete_session(
         },
     };
     finish(&app, event, started, response).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::may_stream;
+
+    #[test]
+    fn only_requests_that_can_hear_something_before_the_answer_may_stream() {
+        let modern = |extra: &str| {
+            format!(
+                r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"x","_meta":{{"io.modelcontextprotocol/protocolVersion":"2026-07-28"{extra}}}}}}}"#
+            )
+        };
+        assert!(!may_stream(modern("").as_bytes()), "a plain 2026-07-28 call answers as JSON");
+        assert!(may_stream(modern(r#","progressToken":"p""#).as_bytes()));
+        assert!(may_stream(modern(r#","io.modelcontextprotocol/logLevel":"info""#).as_bytes()));
+        assert!(may_stream(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}}"#));
+        assert!(!may_stream(br#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#));
+    }
 }

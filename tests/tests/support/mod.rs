@@ -430,11 +430,16 @@ impl Api {
         method: &str,
         mut params: Value,
     ) -> (u16, Value) {
-        params["_meta"] = json!({
+        let mut meta = json!({
             "io.modelcontextprotocol/protocolVersion": "2026-07-28",
             "io.modelcontextprotocol/clientCapabilities": {},
             "io.modelcontextprotocol/clientInfo": {"name": "e2e", "version": "1"}
         });
+        // Keys the caller set (a progress token, a log level) are kept.
+        for (key, value) in params.get("_meta").and_then(Value::as_object).cloned().unwrap_or_default() {
+            meta[key] = value;
+        }
+        params["_meta"] = meta;
         let name = params.get("name").or_else(|| params.get("uri")).and_then(Value::as_str).map(str::to_string);
         let mut headers = vec![("MCP-Protocol-Version", "2026-07-28"), ("Mcp-Method", method)];
         if let Some(name) = name.as_deref() {
