@@ -308,8 +308,9 @@ async fn a_listen_stream_acknowledges_its_filter_and_announces_tool_list_changes
     assert_eq!(ack["method"], "notifications/subscriptions/acknowledged", "the acknowledgement comes first");
     assert_eq!(
         ack["params"]["notifications"],
-        json!({"toolsListChanged": true, "promptsListChanged": true, "resourcesListChanged": true}),
-        "only what is honoured: resource subscriptions are not offered"
+        json!({"toolsListChanged": true, "promptsListChanged": true, "resourcesListChanged": true,
+            "resourceSubscriptions": ["notes+note://1"]}),
+        "only what is honoured: not the resource the persona may not read"
     );
     assert_eq!(ack["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"], "listen-1");
     assert_eq!(stream.count("notifications/tools/list_changed"), 0);

@@ -285,6 +285,29 @@ async fn upstream_resource_changes_reach_listen_streams() {
     assert_eq!(changed["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"], "listen-1");
 }
 
+#[tokio::test]
+async fn a_listen_stream_hears_updates_of_the_resources_it_follows() {
+    for upstream_protocol in ["both", "legacy"] {
+        let upstream = Upstream::start(upstream_protocol).await;
+        let gateway = Gateway::start(&quickstart(&upstream.url())).await;
+        wait_until(Duration::from_secs(10), || async { !gateway.tool_names(ANALYST_KEY).await.is_empty() }).await;
+        let stream = ListenStream::open_following(&gateway, ANALYST_KEY, "notes", &["notes+notes://index"]).await;
+        wait_until(Duration::from_secs(5), || async { stream.count("notifications/subscriptions/acknowledged") == 1 })
+            .await;
+        let ack = stream.messages.lock().unwrap()[0].clone();
+        assert_eq!(ack["params"]["notifications"]["resourceSubscriptions"], json!(["notes+notes://index"]));
+        // The upstream is asked to follow the URI (a new listen upstream, or resources/subscribe).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (status, _) = gateway.call_tool(ADMIN_KEY, "notes.add_note", json!({"title": "t", "body": "b"})).await;
+        assert_eq!(status, 200);
+        wait_until(Duration::from_secs(10), || async { stream.count("notifications/resources/updated") >= 1 }).await;
+        let messages = stream.messages.lock().unwrap().clone();
+        let updated = messages.iter().find(|m| m["method"] == "notifications/resources/updated").unwrap();
+        assert_eq!(updated["params"]["uri"], "notes+notes://index", "{upstream_protocol}: {updated}");
+        assert_eq!(updated["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"], "listen-1");
+    }
+}
+
 /// Reads an event stream until `needle` appears (at most `limit`); everything read so far.
 async fn read_until(stream: &mut reqwest::Response, needle: &str, limit: Duration) -> String {
     let mut text = String::new();

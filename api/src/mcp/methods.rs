@@ -138,6 +138,11 @@ impl<'a> CallContext<'a> {
         })
     }
 
+    /// The connection and upstream URI behind `uri`, if the persona may read it.
+    pub async fn resolve_resource(&self, uri: &str) -> Option<crate::policy::ResolvedResource> {
+        self.scope().resolve_uri(&self.app.upstreams, uri).await
+    }
+
     /// Whether the caller speaks 2026-07-28.
     pub fn modern(&self) -> bool {
         self.modern
@@ -191,12 +196,11 @@ fn server_info() -> Value {
 /// What this server offers. List changes reach 2026-07-28 clients on a `subscriptions/listen`
 /// stream and 2025 sessions on their GET stream; log messages of a request are relayed on its
 /// stream (2025: at the session's `logging/setLevel`; 2026-07-28: at the request's `logLevel`).
-fn capabilities(modern: bool) -> Value {
+fn capabilities() -> Value {
     json!({
         "tools": { "listChanged": true },
-        // 2025 sessions can subscribe to resources; 2026-07-28 listen streams do not offer
-        // resource subscriptions yet.
-        "resources": { "listChanged": true, "subscribe": !modern },
+        // 2025 sessions subscribe with resources/subscribe, 2026-07-28 clients on a listen stream.
+        "resources": { "listChanged": true, "subscribe": true },
         "prompts": { "listChanged": true },
         "completions": {},
         "logging": {},
@@ -207,7 +211,7 @@ fn capabilities(modern: bool) -> Value {
 pub fn discover(ctx: &CallContext<'_>) -> Value {
     let mut result = json!({
         "supportedVersions": protocol::supported_versions(),
-        "capabilities": capabilities(true),
+        "capabilities": capabilities(),
     });
     if let Some(instructions) = &ctx.endpoint.instructions {
         result["instructions"] = json!(instructions);
@@ -219,7 +223,7 @@ pub fn discover(ctx: &CallContext<'_>) -> Value {
 pub fn initialize_result(ctx: &CallContext<'_>, version: &str) -> Value {
     let mut result = json!({
         "protocolVersion": version,
-        "capabilities": capabilities(false),
+        "capabilities": capabilities(),
         "serverInfo": server_info(),
     });
     if let Some(instructions) = &ctx.endpoint.instructions {

@@ -506,7 +506,7 @@ async fn modern(
         );
     }
     if method == "subscriptions/listen" {
-        return listen(app, admitted, headers, id, &params, event);
+        return listen(app, admitted, headers, id, &params, event).await;
     }
     let ctx = CallContext::new(app, &admitted.loaded, &admitted.identity, &admitted.endpoint, true)
         .with_request_meta(&meta)
@@ -522,9 +522,10 @@ async fn modern(
 /// `subscriptions/listen` (2026-07-28): an event stream that acknowledges the honoured subset of
 /// the filter, then carries the requested `notifications/{tools,resources,prompts}/list_changed`
 /// whenever what this tenant's callers see may have changed (a new configuration, an upstream's
-/// catalog; from any replica), each tagged with the listen request's id. Resource update
-/// subscriptions are not offered yet.
-fn listen(
+/// catalog; from any replica), each tagged with the listen request's id, and
+/// `notifications/resources/updated` for the `resourceSubscriptions` the persona may read
+/// (followed upstream while the stream is open).
+async fn listen(
     app: &AppState,
     admitted: &Admitted,
     headers: &HeaderMap,
@@ -560,13 +561,68 @@ fn listen(
             ));
         }
     }
+    // Resources the persona may not read, or whose upstream cannot follow them, are left out of
+    // the honoured subset, like anything else not offered.
+    let mut followed = ListenSubscriptions { entries: Vec::new(), meta: meta.clone(), following: Vec::new() };
+    if let Some(uris) = requested.get("resourceSubscriptions").and_then(Value::as_array) {
+        let ctx = CallContext::new(app, &admitted.loaded, &admitted.identity, &admitted.endpoint, true);
+        for uri in uris.iter().filter_map(Value::as_str) {
+            let Some(resource) = ctx.resolve_resource(uri).await else { continue };
+            if resource.upstream.subscribe(&resource.upstream_uri).await.is_err() {
+                continue;
+            }
+            followed.entries.push(crate::sessions::Subscription {
+                uri: uri.to_string(),
+                connection: resource.connection.clone(),
+                upstream_uri: resource.upstream_uri.clone(),
+            });
+            followed.following.push((resource.upstream.clone(), resource.upstream_uri.clone()));
+        }
+        let honoured_uris: Vec<&str> = followed.entries.iter().map(|e| e.uri.as_str()).collect();
+        if !honoured_uris.is_empty() {
+            honoured.insert("resourceSubscriptions".into(), json!(honoured_uris));
+        }
+    }
     let ack = protocol::sse_event(&json!({
         "jsonrpc": "2.0",
         "method": "notifications/subscriptions/acknowledged",
         "params": { "notifications": honoured, "_meta": meta },
     }));
     let changed = (!changed.is_empty()).then(|| Bytes::from(changed));
-    notification_stream(app, &admitted.identity.tenant, Some(ack), changed, None)
+    let followed =
+        if followed.entries.is_empty() { Followed::Nothing } else { Followed::Listen(std::sync::Arc::new(followed)) };
+    notification_stream(app, &admitted.identity.tenant, Some(ack), changed, followed)
+}
+
+/// Whose resource subscriptions a notification stream carries updates for.
+#[derive(Clone)]
+enum Followed {
+    /// Nobody's.
+    Nothing,
+    /// A 2025 session's (`resources/subscribe`); the stream keeps the session alive.
+    Session(String),
+    /// A listen stream's own `resourceSubscriptions`.
+    Listen(std::sync::Arc<ListenSubscriptions>),
+}
+
+/// The resources a listen stream follows; when the stream ends they are let go upstream.
+struct ListenSubscriptions {
+    entries: Vec<crate::sessions::Subscription>,
+    meta: Value,
+    following: Vec<(std::sync::Arc<crate::connectors::McpUpstream>, String)>,
+}
+
+impl Drop for ListenSubscriptions {
+    fn drop(&mut self) {
+        let following = std::mem::take(&mut self.following);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                for (upstream, uri) in following {
+                    upstream.unsubscribe(&uri).await;
+                }
+            });
+        }
+    }
 }
 
 /// An event stream of change notifications for `tenant`: `first` (an acknowledgement) once,
@@ -577,12 +633,12 @@ fn notification_stream(
     tenant: &str,
     first: Option<Bytes>,
     changed: Option<Bytes>,
-    session: Option<String>,
+    followed: Followed,
 ) -> Response {
     let receiver = app.changes.subscribe();
     let (app, tenant) = (app.clone(), tenant.to_string());
     let stream = futures::stream::unfold((receiver, first), move |(mut receiver, first)| {
-        let (app, tenant, changed, session) = (app.clone(), tenant.clone(), changed.clone(), session.clone());
+        let (app, tenant, changed, followed) = (app.clone(), tenant.clone(), changed.clone(), followed.clone());
         async move {
             if let Some(first) = first {
                 return Some((Ok::<_, std::io::Error>(first), (receiver, None)));
@@ -592,13 +648,21 @@ fn notification_stream(
                     change = receiver.recv() => match (change, &changed) {
                         (Ok(c), _) if c.tenant != tenant || c.client.is_some() => continue,
                         (Ok(crate::changes::Change { updated: Some(update), .. }), _) => {
-                            let Some(id) = &session else { continue };
-                            match updates_for(&app, id, &update).await {
-                                Some(events) if events.is_empty() => continue,
-                                Some(events) => return Some((Ok(events), (receiver, None))),
-                                // The session ended: so does its stream.
-                                None => return None,
+                            let events = match &followed {
+                                Followed::Nothing => continue,
+                                Followed::Listen(listen) => {
+                                    resource_updates(&listen.entries, &update, Some(&listen.meta))
+                                }
+                                Followed::Session(id) => match app.sessions.touch(id).await.ok().flatten() {
+                                    Some(session) => resource_updates(&session.subscriptions, &update, None),
+                                    // The session ended: so does its stream.
+                                    None => return None,
+                                },
+                            };
+                            if events.is_empty() {
+                                continue;
                             }
+                            return Some((Ok(events), (receiver, None)));
                         }
                         (Ok(_), Some(changed)) => return Some((Ok(changed.clone()), (receiver, None))),
                         // Missed some: tell the client to list again rather than miss one.
@@ -610,7 +674,7 @@ fn notification_stream(
                     },
                     // Keep-alive comments keep proxies from closing an idle stream.
                     _ = tokio::time::sleep(std::time::Duration::from_secs(15)) => {
-                        if let Some(id) = &session {
+                        if let Followed::Session(id) = &followed {
                             // A session that ended (DELETE, expiry) ends its stream.
                             if !matches!(app.sessions.touch(id).await, Ok(Some(_))) {
                                 return None;
@@ -627,21 +691,28 @@ fn notification_stream(
     response
 }
 
-/// `notifications/resources/updated` for each of the session's subscriptions that `update`
-/// concerns (none: empty); `None` when the session has ended.
-async fn updates_for(app: &AppState, session: &str, update: &crate::changes::ResourceUpdated) -> Option<Bytes> {
-    let session = app.sessions.touch(session).await.ok().flatten()?;
+/// `notifications/resources/updated` for each subscription that `update` concerns (none:
+/// empty), tagged with `meta` on a listen stream.
+fn resource_updates(
+    subscriptions: &[crate::sessions::Subscription],
+    update: &crate::changes::ResourceUpdated,
+    meta: Option<&Value>,
+) -> Bytes {
     let mut events = Vec::new();
-    for subscription in &session.subscriptions {
+    for subscription in subscriptions {
         if subscription.connection == update.connection && subscription.upstream_uri == update.uri {
+            let mut params = json!({ "uri": subscription.uri });
+            if let Some(meta) = meta {
+                params["_meta"] = meta.clone();
+            }
             events.extend_from_slice(&protocol::sse_event(&json!({
                 "jsonrpc": "2.0",
                 "method": "notifications/resources/updated",
-                "params": { "uri": subscription.uri },
+                "params": params,
             })));
         }
     }
-    Some(Bytes::from(events))
+    Bytes::from(events)
 }
 
 fn respond(id: &Value, outcome: Result<Value, RpcError>, framing: Framing, event: &mut AuditEvent) -> Response {
@@ -864,7 +935,7 @@ async fn session_stream(
     ] {
         changed.extend_from_slice(&protocol::sse_event(&json!({"jsonrpc": "2.0", "method": method})));
     }
-    notification_stream(app, tenant, None, Some(Bytes::from(changed)), Some(id))
+    notification_stream(app, tenant, None, Some(Bytes::from(changed)), Followed::Session(id))
 }
 
 async fn get_stream(

@@ -473,11 +473,16 @@ pub struct ListenStream {
 
 impl ListenStream {
     /// Opens a listen stream on `demo/<endpoint>` asking for list changes of every kind and
-    /// updates of one resource.
+    /// updates of two resources (the analyst persona may read only the first).
     pub async fn open(api: &Api, key: &str, endpoint: &str) -> Self {
+        Self::open_following(api, key, endpoint, &["notes+note://1", "notes+notes://logo.png"]).await
+    }
+
+    /// Opens a listen stream asking for list changes of every kind and updates of `uris`.
+    pub async fn open_following(api: &Api, key: &str, endpoint: &str, uris: &[&str]) -> Self {
         let body = json!({"jsonrpc": "2.0", "id": "listen-1", "method": "subscriptions/listen", "params": {
             "notifications": {"toolsListChanged": true, "promptsListChanged": true, "resourcesListChanged": true,
-                "resourceSubscriptions": ["notes+note://1"]},
+                "resourceSubscriptions": uris},
             "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}}});
         let mut response = reqwest::Client::new()
             .post(api.mcp_url("demo", endpoint))
