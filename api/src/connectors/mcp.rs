@@ -5,6 +5,7 @@
 //! handshake), keeps the tool catalog fresh (on `list_changed` and on a timer), reconnects after
 //! failures with backoff, and reports health.
 
+use super::held_calls::{self, HeldCalls};
 use super::notifications::NotificationSink;
 use crate::mcp::protocol::{
     META_CLIENT_CAPABILITIES, META_CLIENT_INFO, META_LOG_LEVEL, META_PROTOCOL_VERSION, MODERN_VERSION,
@@ -155,6 +156,8 @@ pub struct McpUpstream {
     catalog_changed: Arc<Notify>,
     // Requests to a 2025 upstream, each on its own stream.
     legacy: Arc<super::legacy_calls::LegacyCalls>,
+    // Calls to a 2025 upstream waiting for a 2026-07-28 client's input.
+    held: HeldCalls,
     // Upstream URIs callers subscribed to, each with its number of subscriptions.
     subscriptions: std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
     tasks: RwLock<Vec<tokio::task::AbortHandle>>,
@@ -210,6 +213,7 @@ impl McpUpstream {
             }),
             catalog_changed,
             legacy,
+            held: HeldCalls::default(),
             subscriptions: std::sync::Mutex::default(),
             tasks: RwLock::new(Vec::new()),
             change_listener: std::sync::Mutex::new(None),
@@ -556,11 +560,42 @@ impl McpUpstream {
         if modern {
             return self.request_direct(method, params, caller, timeout).await;
         }
-        // A 2025 session has neither request state nor input responses.
-        params.remove("inputResponses");
-        params.remove("requestState");
+        // A 2025 session has neither request state nor input responses: a retry continues a
+        // call held for a 2026-07-28 client (see `held_calls`).
+        let responses = params.remove("inputResponses");
+        let state = params.remove("requestState");
         params.remove("_meta");
+        if let Some(handle) = state.as_ref().and_then(serde_json::Value::as_str).and_then(HeldCalls::handle) {
+            let outcome = self.held.resume(handle, responses.as_ref(), timeout).await.ok_or_else(|| {
+                CallError::Rpc(rmcp::ErrorData::invalid_params(
+                    "requestState names a call that has ended or is held by another replica; call again",
+                    None,
+                ))
+            })?;
+            return self.held_outcome(outcome, timeout).await;
+        }
         let preferred = self.read_state().protocol_version.clone();
+        // A 2026-07-28 caller (it declares its capabilities per request, and has no stream to be
+        // asked on) gets the upstream's requests for input as input_required.
+        if caller.ask_client.is_none()
+            && let Some(declared) = caller.client_capabilities.clone()
+        {
+            let (legacy, method, mut caller) = (self.legacy.clone(), method.to_string(), caller.clone());
+            let outcome = self
+                .held
+                .start(
+                    declared,
+                    move |asker| {
+                        Box::pin(async move {
+                            caller.ask_client = Some(asker);
+                            legacy.request(&method, params, &caller, preferred.as_deref()).await
+                        })
+                    },
+                    timeout,
+                )
+                .await;
+            return self.held_outcome(outcome, timeout).await;
+        }
         match tokio::time::timeout(timeout, self.legacy.request(method, params, caller, preferred.as_deref())).await {
             // Dropping the request on timeout sends notifications/cancelled upstream.
             Err(_) => Err(CallError::Timeout(timeout)),
@@ -569,6 +604,25 @@ impl McpUpstream {
                 Err(CallError::Unavailable(error))
             }
             Ok(Ok(message)) => {
+                self.mark_healthy();
+                answer_of(message)
+            }
+        }
+    }
+
+    async fn held_outcome(
+        &self,
+        outcome: held_calls::Outcome,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, CallError> {
+        match outcome {
+            held_calls::Outcome::Waiting => Err(CallError::Timeout(timeout)),
+            held_calls::Outcome::InputRequired(result) => Ok(result),
+            held_calls::Outcome::Answered(Err(error)) => {
+                self.unreachable(error.clone()).await;
+                Err(CallError::Unavailable(error))
+            }
+            held_calls::Outcome::Answered(Ok(message)) => {
                 self.mark_healthy();
                 answer_of(message)
             }

@@ -1,6 +1,7 @@
 //! Upstream connections: one live client per Connection of the current snapshot, kept in step
 //! with the snapshot (added, replaced when their settings change, dropped when removed).
 
+pub mod held_calls;
 pub mod legacy_calls;
 pub mod mcp;
 pub mod notifications;

@@ -115,7 +115,7 @@ fn json_schema_2020_12() -> Value {
     })
 }
 
-fn tools(modern: bool) -> Vec<Value> {
+fn tools() -> Vec<Value> {
     let none = object_schema(json!({}), &[]);
     let mut tools = vec![
         ("test_simple_text", "Returns a simple text", none.clone()),
@@ -154,7 +154,9 @@ fn tools(modern: bool) -> Vec<Value> {
             "priority": {"type": "integer", "x-mcp-header": "Priority"},
         }, "required": ["region"]}),
     ));
-    if modern {
+    // The multi round-trip tools: in 2025 mode they ask with server requests on the call's
+    // stream instead.
+    {
         tools.extend([
             ("test_missing_capability", "Needs the sampling capability", none.clone()),
             ("test_input_required_result_elicitation", "Asks for the user's name first", none.clone()),
@@ -176,6 +178,16 @@ fn tools(modern: bool) -> Vec<Value> {
 }
 
 impl Reference {
+    /// What the client declared: per request in 2026-07-28, at initialize in 2025.
+    fn client_capabilities(context: &RequestContext<RoleServer>) -> Value {
+        let declared = if Self::modern(context) {
+            context.meta.client_capabilities()
+        } else {
+            context.peer.peer_info().map(|info| info.capabilities.clone())
+        };
+        serde_json::to_value(declared.unwrap_or_default()).unwrap_or_default()
+    }
+
     fn modern(context: &RequestContext<RoleServer>) -> bool {
         context.meta.protocol_version().is_some_and(|v| !v.has_initialize())
     }
@@ -372,7 +384,7 @@ impl Reference {
                         "messages": [{"role": "user", "content": {"type": "text", "text": "Say hello"}}], "maxTokens": 50}},
                     "roots": {"method": "roots/list", "params": {}},
                 });
-                self.stateful_rounds(name, params, request, 1).await
+                self.stateful_rounds(context, name, params, request, 1).await
             }
             "test_input_required_result_request_state"
             | "test_input_required_result_tampered_state"
@@ -380,12 +392,11 @@ impl Reference {
                 let request = json!({"user_name": {"method": "elicitation/create", "params": {"mode": "form",
                     "message": "Your name?", "requestedSchema": {"type": "object", "properties": {"name": {"type": "string"}}}}}});
                 let rounds = if name.ends_with("multi_round") { 2 } else { 1 };
-                self.stateful_rounds(name, params, request, rounds).await
+                self.stateful_rounds(context, name, params, request, rounds).await
             }
             "test_input_required_result_capabilities" => {
-                // Ask only for what this request's client declared.
-                let capabilities = context.meta.client_capabilities().unwrap_or_default();
-                let capabilities = serde_json::to_value(capabilities).unwrap_or_default();
+                // Ask only for what this request's client (2025: this session's) declared.
+                let capabilities = Self::client_capabilities(context);
                 let mut request = serde_json::Map::new();
                 if capabilities.get("elicitation").is_some() {
                     request.insert("user_name".into(), json!({"method": "elicitation/create", "params": {"mode": "form",
@@ -401,8 +412,7 @@ impl Reference {
                 }
             }
             "test_missing_capability" => {
-                let capabilities = context.meta.client_capabilities().unwrap_or_default();
-                if capabilities.sampling.is_none() {
+                if Self::client_capabilities(context).get("sampling").is_none() {
                     return Err(ErrorData::new(
                         rmcp::model::ErrorCode(-32021),
                         "This tool needs the sampling capability",
@@ -432,11 +442,21 @@ impl Reference {
     /// Input over `rounds` rounds, carried in sealed request state: a tampered state is refused.
     async fn stateful_rounds(
         &self,
+        context: &RequestContext<RoleServer>,
         name: &str,
         params: &Value,
         request: Value,
         rounds: u64,
     ) -> Result<CallToolResponse, ErrorData> {
+        if !Self::modern(context) {
+            // 2025: each round asks with server requests and waits for the answers.
+            for _ in 0..rounds {
+                for (_, asked) in request.as_object().cloned().unwrap_or_default() {
+                    self.ask(context, asked["method"].as_str().unwrap_or(""), asked["params"].clone()).await?;
+                }
+            }
+            return complete(vec![text(format!("Completed after {rounds} round(s) of input"))]);
+        }
         let round = match params.get("requestState").and_then(Value::as_str) {
             None => 0,
             Some(sealed) => match self.open(sealed) {
@@ -472,9 +492,9 @@ fn prompts() -> Value {
 }
 
 /// 2026-07-28 callers also get a prompt that needs client input first.
-fn prompts_for(modern: bool) -> Value {
+fn prompts_for() -> Value {
     let mut all = prompts();
-    if modern && let Some(list) = all.as_array_mut() {
+    if let Some(list) = all.as_array_mut() {
         list.push(
             json!({"name": "test_input_required_result_prompt", "description": "Needs the client's input first"}),
         );
@@ -485,15 +505,15 @@ fn prompts_for(modern: bool) -> Value {
 impl ServerHandler for Reference {
     /// rmcp checks `Mcp-Param-*` headers against the tool this returns.
     fn get_tool(&self, name: &str) -> Option<rmcp::model::Tool> {
-        tools(true).into_iter().find(|t| t["name"] == name).and_then(|t| serde_json::from_value(t).ok())
+        tools().into_iter().find(|t| t["name"] == name).and_then(|t| serde_json::from_value(t).ok())
     }
 
     async fn list_tools(
         &self,
         _request: Option<PaginatedRequestParams>,
-        context: RequestContext<RoleServer>,
+        _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
-        let mut listed = tools(Self::modern(&context));
+        let mut listed = tools();
         if self.extra_tool.load(std::sync::atomic::Ordering::SeqCst) {
             listed.push(json!({"name": "test_extra_tool", "description": "Present after test_trigger_tool_change",
                 "inputSchema": {"type": "object"}}));
@@ -586,9 +606,9 @@ impl ServerHandler for Reference {
     async fn list_prompts(
         &self,
         _request: Option<PaginatedRequestParams>,
-        context: RequestContext<RoleServer>,
+        _context: RequestContext<RoleServer>,
     ) -> Result<ListPromptsResult, ErrorData> {
-        let mut listed = prompts_for(Self::modern(&context));
+        let mut listed = prompts_for();
         if self.extra_prompt.load(std::sync::atomic::Ordering::SeqCst)
             && let Some(list) = listed.as_array_mut()
         {
@@ -602,7 +622,7 @@ impl ServerHandler for Reference {
         request: GetPromptRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<GetPromptResponse, ErrorData> {
-        if request.name == "test_input_required_result_prompt" && Self::modern(&context) {
+        if request.name == "test_input_required_result_prompt" {
             let params = serde_json::to_value(&request).unwrap_or_default();
             let ask = json!({"context": {"method": "elicitation/create", "params": {"mode": "form",
                 "message": "What context should the prompt use?",
