@@ -2,11 +2,15 @@
 //! upstream's notifications about it (progress, log messages) and, for a 2025 session, requests
 //! to the client (sampling, elicitation, roots) whose answers the client POSTs back.
 //!
-//! A request whose client accepts an event stream runs in a task; as long as nothing is sent
-//! before the answer, the answer goes as a plain response. The first message turns the
-//! response into an event stream that carries the messages and then the answer. Closing that
-//! stream cancels the request (the 2026-07-28 rule; rmcp sends `notifications/cancelled` to a
-//! 2025 upstream when the call is dropped), and the request is audited either way.
+//! A request that may hear something before its answer (`may_stream` in `mcp`), from a client
+//! that accepts an event stream, runs in a task; as long as nothing is sent before the answer,
+//! the answer goes as a plain response. The first message turns the response into an event
+//! stream that carries the messages and then the answer. Closing that stream cancels the request
+//! (the 2026-07-28 rule; a dropped call to a 2025 upstream sends it `notifications/cancelled`),
+//! and the request is audited either way.
+//!
+//! Answers and cancellations a 2025 client sends to another replica reach this one over the
+//! change bus (`deliver_forwarded`).
 
 use super::protocol::{self, RpcError};
 use crate::connectors::NotificationSink;
