@@ -15,6 +15,10 @@ pub struct Change {
     pub tenant: String,
     /// The pod the change was noticed on.
     pub origin: String,
+    /// Which lists changed; all of them when unset (a configuration change, a pod that does not
+    /// tell).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lists: Option<Lists>,
     /// Set when this is not a list change but an update of one resource.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated: Option<ResourceUpdated>,
@@ -46,6 +50,24 @@ pub enum ClientMessageKind {
     Cancel,
 }
 
+/// Which lists a change concerns.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Lists {
+    /// Tools.
+    pub tools: bool,
+    /// Resources and resource templates.
+    pub resources: bool,
+    /// Prompts.
+    pub prompts: bool,
+}
+
+impl Lists {
+    /// Whether any list changed.
+    pub fn any(&self) -> bool {
+        self.tools || self.resources || self.prompts
+    }
+}
+
 /// An upstream said one of its resources changed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ResourceUpdated {
@@ -74,6 +96,18 @@ impl Changes {
         let _ = self.sender.send(Change {
             tenant: tenant.to_string(),
             origin: self.pod.clone(),
+            lists: None,
+            updated: None,
+            client: None,
+        });
+    }
+
+    /// Announces that some of the lists a tenant's callers see may have changed.
+    pub fn announce_lists(&self, tenant: &str, lists: Lists) {
+        let _ = self.sender.send(Change {
+            tenant: tenant.to_string(),
+            origin: self.pod.clone(),
+            lists: Some(lists),
             updated: None,
             client: None,
         });
@@ -84,6 +118,7 @@ impl Changes {
         let _ = self.sender.send(Change {
             tenant: tenant.to_string(),
             origin: self.pod.clone(),
+            lists: None,
             updated: None,
             client: Some(message),
         });
@@ -100,6 +135,7 @@ impl Changes {
         let _ = self.sender.send(Change {
             tenant: tenant.to_string(),
             origin: self.pod.clone(),
+            lists: None,
             updated: Some(updated),
             client: None,
         });

@@ -283,6 +283,9 @@ async fn upstream_resource_changes_reach_listen_streams() {
     let messages = stream.messages.lock().unwrap().clone();
     let changed = messages.iter().find(|m| m["method"] == "notifications/resources/list_changed").unwrap();
     assert_eq!(changed["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"], "listen-1");
+    // Only the list that changed is announced.
+    assert_eq!(stream.count("notifications/tools/list_changed"), 0);
+    assert_eq!(stream.count("notifications/prompts/list_changed"), 0);
 }
 
 #[tokio::test]

@@ -515,14 +515,20 @@ impl McpUpstream {
         self.mark_healthy();
         let changed = {
             let mut state = self.write_state();
-            let changed = state.catalog_fetched_at.is_some() && *state.catalog != catalog;
+            let old = &state.catalog;
+            let changed = crate::changes::Lists {
+                tools: old.tools != catalog.tools,
+                resources: old.resources != catalog.resources || old.templates != catalog.templates,
+                prompts: old.prompts != catalog.prompts,
+            };
+            let first = state.catalog_fetched_at.is_none();
             state.catalog = Arc::new(catalog);
             state.catalog_fetched_at = Some(Utc::now());
-            changed
+            Some(changed).filter(|c| !first && c.any())
         };
-        if changed {
-            // Listen streams of this tenant tell their clients to list again.
-            self.changes.announce(&self.tenant);
+        if let Some(lists) = changed {
+            // Listen streams of this tenant tell their clients to list again what changed.
+            self.changes.announce_lists(&self.tenant, lists);
         }
         Ok(())
     }

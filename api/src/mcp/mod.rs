@@ -545,20 +545,14 @@ async fn listen(
     }
     // Each list Portcullis serves can change (configuration, upstream catalogs); resource
     // update subscriptions are not offered, so they are left out of the honoured subset.
-    let kinds = [
-        ("toolsListChanged", "notifications/tools/list_changed"),
-        ("resourcesListChanged", "notifications/resources/list_changed"),
-        ("promptsListChanged", "notifications/prompts/list_changed"),
-    ];
     let meta = json!({ "io.modelcontextprotocol/subscriptionId": id });
     let mut honoured = serde_json::Map::new();
     let mut changed = Vec::new();
-    for (flag, method) in kinds {
-        if requested.get(flag) == Some(&Value::Bool(true)) {
-            honoured.insert(flag.into(), Value::Bool(true));
-            changed.extend_from_slice(&protocol::sse_event(
-                &json!({ "jsonrpc": "2.0", "method": method, "params": { "_meta": meta } }),
-            ));
+    for list in ListKind::ALL {
+        if requested.get(list.flag()) == Some(&Value::Bool(true)) {
+            honoured.insert(list.flag().into(), Value::Bool(true));
+            let notification = json!({ "jsonrpc": "2.0", "method": list.method(), "params": { "_meta": meta } });
+            changed.push((list, protocol::sse_event(&notification)));
         }
     }
     // Resources the persona may not read, or whose upstream cannot follow them, are left out of
@@ -588,10 +582,59 @@ async fn listen(
         "method": "notifications/subscriptions/acknowledged",
         "params": { "notifications": honoured, "_meta": meta },
     }));
-    let changed = (!changed.is_empty()).then(|| Bytes::from(changed));
     let followed =
         if followed.entries.is_empty() { Followed::Nothing } else { Followed::Listen(std::sync::Arc::new(followed)) };
     notification_stream(app, &admitted.identity.tenant, Some(ack), changed, followed)
+}
+
+/// The lists whose changes clients hear of.
+#[derive(Clone, Copy)]
+enum ListKind {
+    Tools,
+    Resources,
+    Prompts,
+}
+
+impl ListKind {
+    const ALL: [ListKind; 3] = [ListKind::Tools, ListKind::Resources, ListKind::Prompts];
+
+    /// Its flag in a listen filter.
+    fn flag(self) -> &'static str {
+        match self {
+            ListKind::Tools => "toolsListChanged",
+            ListKind::Resources => "resourcesListChanged",
+            ListKind::Prompts => "promptsListChanged",
+        }
+    }
+
+    /// Its notification.
+    fn method(self) -> &'static str {
+        match self {
+            ListKind::Tools => "notifications/tools/list_changed",
+            ListKind::Resources => "notifications/resources/list_changed",
+            ListKind::Prompts => "notifications/prompts/list_changed",
+        }
+    }
+
+    /// Whether `lists` (all when unset) includes it.
+    fn in_change(self, lists: Option<crate::changes::Lists>) -> bool {
+        lists.is_none_or(|l| match self {
+            ListKind::Tools => l.tools,
+            ListKind::Resources => l.resources,
+            ListKind::Prompts => l.prompts,
+        })
+    }
+}
+
+/// The notifications of `changed` that a change of `lists` (all when unset) calls for.
+fn list_changes(changed: &[(ListKind, Bytes)], lists: Option<crate::changes::Lists>) -> Bytes {
+    let mut events = Vec::new();
+    for (list, event) in changed {
+        if list.in_change(lists) {
+            events.extend_from_slice(event);
+        }
+    }
+    Bytes::from(events)
 }
 
 /// Whose resource subscriptions a notification stream carries updates for.
@@ -632,9 +675,10 @@ fn notification_stream(
     app: &AppState,
     tenant: &str,
     first: Option<Bytes>,
-    changed: Option<Bytes>,
+    changed: Vec<(ListKind, Bytes)>,
     followed: Followed,
 ) -> Response {
+    let changed = std::sync::Arc::new(changed);
     let receiver = app.changes.subscribe();
     let (app, tenant) = (app.clone(), tenant.to_string());
     let stream = futures::stream::unfold((receiver, first), move |(mut receiver, first)| {
@@ -664,10 +708,16 @@ fn notification_stream(
                             }
                             return Some((Ok(events), (receiver, None)));
                         }
-                        (Ok(_), Some(changed)) => return Some((Ok(changed.clone()), (receiver, None))),
-                        // Missed some: tell the client to list again rather than miss one.
-                        (Err(tokio::sync::broadcast::error::RecvError::Lagged(_)), Some(changed)) => {
-                            return Some((Ok(changed.clone()), (receiver, None)));
+                        (Ok(c), changed) => {
+                            let events = list_changes(changed, c.lists);
+                            if events.is_empty() {
+                                continue;
+                            }
+                            return Some((Ok(events), (receiver, None)));
+                        }
+                        // Missed some: tell the client to list everything again rather than miss one.
+                        (Err(tokio::sync::broadcast::error::RecvError::Lagged(_)), changed) if !changed.is_empty() => {
+                            return Some((Ok(list_changes(changed, None)), (receiver, None)));
                         }
                         (Err(tokio::sync::broadcast::error::RecvError::Closed), _) => return None,
                         _ => continue,
@@ -927,15 +977,11 @@ async fn session_stream(
         event.error_code = Some("404".into());
         return StatusCode::NOT_FOUND.into_response();
     }
-    let mut changed = Vec::new();
-    for method in [
-        "notifications/tools/list_changed",
-        "notifications/resources/list_changed",
-        "notifications/prompts/list_changed",
-    ] {
-        changed.extend_from_slice(&protocol::sse_event(&json!({"jsonrpc": "2.0", "method": method})));
-    }
-    notification_stream(app, tenant, None, Some(Bytes::from(changed)), Followed::Session(id))
+    let changed = ListKind::ALL
+        .iter()
+        .map(|list| (*list, protocol::sse_event(&json!({"jsonrpc": "2.0", "method": list.method()}))))
+        .collect();
+    notification_stream(app, tenant, None, changed, Followed::Session(id))
 }
 
 async fn get_stream(
