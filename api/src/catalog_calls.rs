@@ -197,6 +197,10 @@ pub async fn complete(caller: &Caller<'_>, params: &Value, event: &mut AuditEven
         return Ok(json!({ "completion": { "values": [], "hasMore": false } }));
     }
     let mut forwarded = upstream_params(params);
+    // Only tools/call, prompts/get and resources/read take part in multi round-trip requests
+    // (and only through `mcp::mrtr`, which checks the caller's sealed state).
+    forwarded.remove("requestState");
+    forwarded.remove("inputResponses");
     forwarded.insert("ref".into(), upstream_ref);
     upstream
         .request("completion/complete", forwarded, &caller.meta, caller.timeout())

@@ -571,7 +571,10 @@ impl McpUpstream {
         let responses = params.remove("inputResponses");
         let state = params.remove("requestState");
         params.remove("_meta");
-        if let Some(handle) = state.as_ref().and_then(serde_json::Value::as_str).and_then(HeldCalls::handle) {
+        let multi_round = matches!(method, "tools/call" | "prompts/get" | "resources/read");
+        if let Some(handle) =
+            state.as_ref().and_then(serde_json::Value::as_str).and_then(HeldCalls::handle).filter(|_| multi_round)
+        {
             let outcome = self.held.resume(handle, responses.as_ref(), timeout).await.ok_or_else(|| {
                 CallError::Rpc(rmcp::ErrorData::invalid_params(
                     "requestState names a call that has ended or is held by another replica; call again",

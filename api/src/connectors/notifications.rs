@@ -39,13 +39,15 @@ impl NotificationSink {
     pub fn forward(&self, mut notification: Value) {
         let method = notification.get("method").and_then(Value::as_str).unwrap_or_default();
         let wanted = match method {
-            "notifications/progress" => match &self.progress_token {
-                Some(token) => {
-                    notification["params"]["progressToken"] = token.clone();
-                    true
+            "notifications/progress" => {
+                match (&self.progress_token, notification.get_mut("params").and_then(Value::as_object_mut)) {
+                    (Some(token), Some(params)) => {
+                        params.insert("progressToken".into(), token.clone());
+                        true
+                    }
+                    _ => false,
                 }
-                None => false,
-            },
+            }
             "notifications/message" => {
                 let level = notification.get("params").and_then(|p| p.get("level")).and_then(Value::as_str);
                 matches!((self.log_level, level.and_then(level_rank)), (Some(wanted), Some(level)) if level >= wanted)
@@ -79,6 +81,14 @@ mod tests {
         let relayed = rx.try_recv().unwrap();
         assert_eq!(relayed["params"]["progressToken"], json!("caller-7"));
         assert_eq!(relayed["params"]["progress"], json!(1));
+    }
+
+    #[test]
+    fn malformed_notifications_are_dropped_not_fatal() {
+        let (sink, mut rx) = sink(Some(json!("t")), Some("debug"));
+        sink.forward(json!({"method": "notifications/progress", "params": "not an object"}));
+        sink.forward(json!({"method": "notifications/message", "params": 7}));
+        assert!(rx.try_recv().is_err());
     }
 
     #[test]

@@ -179,7 +179,7 @@ impl<'a> CallContext<'a> {
                 object.remove("ttlMs");
                 object.remove("cacheScope");
             }
-            result["_meta"][protocol::META_SERVER_INFO] = server_info();
+            protocol::set_meta(&mut result, protocol::META_SERVER_INFO, server_info());
         } else if let Some(object) = result.as_object_mut() {
             object.remove("resultType");
             object.remove("ttlMs");

@@ -669,8 +669,9 @@ impl Drop for ListenSubscriptions {
 }
 
 /// An event stream of change notifications for `tenant`: `first` (an acknowledgement) once,
-/// then `changed` on every change, and keep-alive comments; when `session` is given it is kept
-/// alive (2025 sessions expire after idle time, and an open stream is not idle).
+/// then the notifications of `changed` for the lists a change concerns, updates of the resources
+/// `followed`, and keep-alive comments; a followed 2025 session is kept alive (sessions expire
+/// after idle time, and an open stream is not idle) and its end ends the stream.
 fn notification_stream(
     app: &AppState,
     tenant: &str,
@@ -681,11 +682,15 @@ fn notification_stream(
     let changed = std::sync::Arc::new(changed);
     let receiver = app.changes.subscribe();
     let (app, tenant) = (app.clone(), tenant.to_string());
-    let stream = futures::stream::unfold((receiver, first), move |(mut receiver, first)| {
+    // Keep-alives go out every 15 s whatever else the bus carries (other tenants' changes must
+    // not keep pushing the next one back).
+    const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(15);
+    let start = (receiver, first, tokio::time::Instant::now() + KEEP_ALIVE);
+    let stream = futures::stream::unfold(start, move |(mut receiver, first, keep_alive)| {
         let (app, tenant, changed, followed) = (app.clone(), tenant.clone(), changed.clone(), followed.clone());
         async move {
             if let Some(first) = first {
-                return Some((Ok::<_, std::io::Error>(first), (receiver, None)));
+                return Some((Ok::<_, std::io::Error>(first), (receiver, None, keep_alive)));
             }
             loop {
                 tokio::select! {
@@ -706,31 +711,32 @@ fn notification_stream(
                             if events.is_empty() {
                                 continue;
                             }
-                            return Some((Ok(events), (receiver, None)));
+                            return Some((Ok(events), (receiver, None, keep_alive)));
                         }
                         (Ok(c), changed) => {
                             let events = list_changes(changed, c.lists);
                             if events.is_empty() {
                                 continue;
                             }
-                            return Some((Ok(events), (receiver, None)));
+                            return Some((Ok(events), (receiver, None, keep_alive)));
                         }
                         // Missed some: tell the client to list everything again rather than miss one.
                         (Err(tokio::sync::broadcast::error::RecvError::Lagged(_)), changed) if !changed.is_empty() => {
-                            return Some((Ok(list_changes(changed, None)), (receiver, None)));
+                            return Some((Ok(list_changes(changed, None)), (receiver, None, keep_alive)));
                         }
                         (Err(tokio::sync::broadcast::error::RecvError::Closed), _) => return None,
                         _ => continue,
                     },
                     // Keep-alive comments keep proxies from closing an idle stream.
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(15)) => {
+                    _ = tokio::time::sleep_until(keep_alive) => {
                         if let Followed::Session(id) = &followed {
                             // A session that ended (DELETE, expiry) ends its stream.
                             if !matches!(app.sessions.touch(id).await, Ok(Some(_))) {
                                 return None;
                             }
                         }
-                        return Some((Ok(Bytes::from_static(b": keep-alive\n\n")), (receiver, None)));
+                        let next = tokio::time::Instant::now() + KEEP_ALIVE;
+                        return Some((Ok(Bytes::from_static(b": keep-alive\n\n")), (receiver, None, next)));
                     }
                 }
             }
@@ -919,7 +925,7 @@ async fn legacy(
             // A cancelled request is dropped, which cancels its upstream request too.
             let outcome = tokio::select! {
                 outcome = dispatch(&ctx, other, &params, event) => Some(outcome),
-                _ = &mut running.cancelled => None,
+                Ok(()) = &mut running.cancelled => None,
             };
             outcome.unwrap_or_else(|| {
                 event.detail = Some("cancelled by the client".into());

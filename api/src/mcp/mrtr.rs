@@ -85,8 +85,11 @@ pub async fn round(
     let upstream = result.get("requestState").and_then(Value::as_str).map(str::to_string);
     result["requestState"] =
         json!(request_state::seal(ctx.request_state_key(), &binding, upstream.as_deref(), Utc::now()));
-    result["_meta"][super::protocol::META_SERVER_INFO] =
-        json!({ "name": "portcullis", "version": env!("CARGO_PKG_VERSION") });
+    super::protocol::set_meta(
+        &mut result,
+        super::protocol::META_SERVER_INFO,
+        json!({ "name": "portcullis", "version": env!("CARGO_PKG_VERSION") }),
+    );
     Ok(result)
 }
 

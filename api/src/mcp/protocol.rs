@@ -154,6 +154,19 @@ pub fn negotiate_framing(headers: &HeaderMap) -> Option<Framing> {
     }
 }
 
+/// Sets `key` in `result._meta`, replacing a `_meta` that is not an object (an upstream's answer
+/// is not trusted to be well-formed).
+pub fn set_meta(result: &mut Value, key: &str, value: Value) {
+    let Some(object) = result.as_object_mut() else { return };
+    let meta = object.entry("_meta").or_insert_with(|| json!({}));
+    if !meta.is_object() {
+        *meta = json!({});
+    }
+    if let Some(meta) = meta.as_object_mut() {
+        meta.insert(key.to_string(), value);
+    }
+}
+
 /// A JSON-RPC response message.
 pub fn response_message(id: &Value, outcome: &Result<Value, RpcError>) -> Value {
     match outcome {
@@ -293,6 +306,20 @@ pub fn check_mirrored(headers: &HeaderMap, name: &str, expected: &str) -> Result
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn meta_is_set_even_on_an_upstreams_malformed_result() {
+        let mut result = serde_json::json!({"content": [], "_meta": "garbage"});
+        super::set_meta(&mut result, "k", serde_json::json!(1));
+        assert_eq!(result["_meta"], serde_json::json!({"k": 1}));
+        let mut result = serde_json::json!({"_meta": {"kept": true}});
+        super::set_meta(&mut result, "k", serde_json::json!(2));
+        assert_eq!(result["_meta"], serde_json::json!({"kept": true, "k": 2}));
+        let mut not_an_object = serde_json::json!("text");
+        super::set_meta(&mut not_an_object, "k", serde_json::json!(3));
+        assert_eq!(not_an_object, serde_json::json!("text"));
+    }
+
     use super::*;
 
     #[test]
