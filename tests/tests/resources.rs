@@ -389,3 +389,29 @@ async fn a_2025_session_hears_updates_of_the_resources_it_subscribed_to() {
         assert!(!later.contains("notifications/resources/updated"), "{upstream_protocol}: {later}");
     }
 }
+
+#[tokio::test]
+async fn a_listen_stream_may_follow_at_most_a_hundred_resources() {
+    let upstream = Upstream::start("both").await;
+    let gateway = Gateway::start(&quickstart(&upstream.url())).await;
+    let uris: Vec<String> = (0..101).map(|i| format!("notes+note://{i}")).collect();
+    let body = json!({"jsonrpc": "2.0", "id": "too-many", "method": "subscriptions/listen", "params": {
+        "notifications": {"resourceSubscriptions": uris},
+        "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}}});
+    let answer: Value = reqwest::Client::new()
+        .post(gateway.mcp_url("demo", "notes"))
+        .header("X-API-Key", ANALYST_KEY)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("MCP-Protocol-Version", "2026-07-28")
+        .header("Mcp-Method", "subscriptions/listen")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["error"]["code"], -32602, "{answer}");
+    assert!(answer["error"]["message"].as_str().unwrap().contains("at most 100"), "{answer}");
+}

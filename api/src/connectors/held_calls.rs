@@ -70,6 +70,8 @@ struct Held {
     call: tokio::task::JoinHandle<Result<Value, String>>,
     needs: mpsc::UnboundedReceiver<Need>,
     asked: Option<Need>,
+    // When it is let go without a retry; each wait for the client starts a new one.
+    deadline: tokio::time::Instant,
 }
 
 impl Drop for Held {
@@ -102,7 +104,12 @@ impl HeldCalls {
     {
         let (needs, receiver) = mpsc::unbounded_channel();
         let asker: Arc<dyn AskClient> = Arc::new(ForwardNeeds { needs, declared });
-        let held = Held { call: tokio::spawn(call(asker)), needs: receiver, asked: None };
+        let held = Held {
+            call: tokio::spawn(call(asker)),
+            needs: receiver,
+            asked: None,
+            deadline: tokio::time::Instant::now(),
+        };
         self.wait(held, limit).await
     }
 
@@ -157,12 +164,18 @@ impl HeldCalls {
         }
     }
 
-    fn keep(&self, handle: String, held: Held) {
+    fn keep(&self, handle: String, mut held: Held) {
+        let deadline = tokio::time::Instant::now() + HOLD_LIMIT;
+        held.deadline = deadline;
         self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(handle.clone(), held);
         let calls = self.0.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(HOLD_LIMIT).await;
-            calls.lock().unwrap_or_else(|e| e.into_inner()).remove(&handle);
+            tokio::time::sleep_until(deadline).await;
+            let mut calls = calls.lock().unwrap_or_else(|e| e.into_inner());
+            // Only if it is still the wait this timer was started for.
+            if calls.get(&handle).is_some_and(|held| held.deadline == deadline) {
+                calls.remove(&handle);
+            }
         });
     }
 }

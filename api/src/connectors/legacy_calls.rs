@@ -373,9 +373,14 @@ async fn listen(calls: std::sync::Weak<LegacyCalls>, session: Arc<Session>) {
             }
         };
         backoff = std::time::Duration::from_secs(1);
-        // The stream has no answer to wait for: id 0 is never a request of ours.
-        let _ = read_event_stream(response, 0, None, |message| this.on_common(&session, message)).await;
         drop(this);
+        // The stream has no answer to wait for: id 0 is never a request of ours. It holds the
+        // connection only weakly, so a connection that is replaced or removed goes away.
+        let _ = read_event_stream(response, 0, None, |message| {
+            let (calls, session) = (calls.clone(), session.clone());
+            async move { calls.upgrade()?.on_common(&session, message).await }
+        })
+        .await;
         tokio::time::sleep(backoff).await;
     }
 }

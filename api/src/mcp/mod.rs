@@ -559,6 +559,15 @@ async fn listen(
     // the honoured subset, like anything else not offered.
     let mut followed = ListenSubscriptions { entries: Vec::new(), meta: meta.clone(), following: Vec::new() };
     if let Some(uris) = requested.get("resourceSubscriptions").and_then(Value::as_array) {
+        if uris.len() > MAX_RESOURCE_SUBSCRIPTIONS {
+            return rpc_error_response(
+                &id,
+                RpcError::invalid_params(format!(
+                    "at most {MAX_RESOURCE_SUBSCRIPTIONS} resourceSubscriptions per listen stream"
+                )),
+                event,
+            );
+        }
         let ctx = CallContext::new(app, &admitted.loaded, &admitted.identity, &admitted.endpoint, true);
         for uri in uris.iter().filter_map(Value::as_str) {
             let Some(resource) = ctx.resolve_resource(uri).await else { continue };
@@ -586,6 +595,9 @@ async fn listen(
         if followed.entries.is_empty() { Followed::Nothing } else { Followed::Listen(std::sync::Arc::new(followed)) };
     notification_stream(app, &admitted.identity.tenant, Some(ack), changed, followed)
 }
+
+/// How many resources one listen stream may follow.
+const MAX_RESOURCE_SUBSCRIPTIONS: usize = 100;
 
 /// The lists whose changes clients hear of.
 #[derive(Clone, Copy)]
