@@ -44,12 +44,7 @@ pub struct ForwardNeeds {
 impl AskClient for ForwardNeeds {
     fn ask<'a>(&'a self, method: &'a str, params: Value) -> BoxFuture<'a, Result<Value, Refused>> {
         Box::pin(async move {
-            let capability = match method {
-                "sampling/createMessage" => "sampling",
-                "elicitation/create" => "elicitation",
-                _ => "roots",
-            };
-            if self.declared.get(capability).is_none() {
+            if !super::legacy_calls::declares(&self.declared, method) {
                 return Err(Refused {
                     code: -32601,
                     message: format!("the client did not declare support for {method}"),

@@ -33,6 +33,22 @@ pub trait AskClient: Send + Sync {
     fn ask<'a>(&'a self, method: &'a str, params: Value) -> BoxFuture<'a, Result<Value, Refused>>;
 }
 
+/// The capability a client must have declared to be sent `method`, for the methods a server may
+/// ask a client (`sampling/createMessage`, `elicitation/create`, `roots/list`).
+pub fn capability_for(method: &str) -> Option<&'static str> {
+    match method {
+        "sampling/createMessage" => Some("sampling"),
+        "elicitation/create" => Some("elicitation"),
+        "roots/list" => Some("roots"),
+        _ => None,
+    }
+}
+
+/// Whether a client that declared `declared` may be sent `method`.
+pub fn declares(declared: &Value, method: &str) -> bool {
+    capability_for(method).is_some_and(|capability| declared.get(capability).is_some())
+}
+
 impl std::fmt::Debug for dyn AskClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("AskClient")
@@ -297,9 +313,7 @@ impl LegacyCalls {
         let params = request.get("params").cloned().unwrap_or_else(|| json!({}));
         let outcome = match (method, &caller.ask_client) {
             ("ping", _) => Ok(json!({})),
-            ("sampling/createMessage" | "elicitation/create" | "roots/list", Some(client)) => {
-                client.ask(method, params).await
-            }
+            (_, Some(client)) if capability_for(method).is_some() => client.ask(method, params).await,
             _ => Err(Refused {
                 code: -32601,
                 message: format!("{method} cannot be passed to this caller's client through Portcullis"),

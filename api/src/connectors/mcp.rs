@@ -766,9 +766,8 @@ impl McpUpstream {
             && let Some(tool_name) = params.get("name").and_then(serde_json::Value::as_str)
             && let Some(tool) = self.catalog().tools.iter().find(|t| t.name == tool_name)
         {
-            let schema = serde_json::to_value(&tool.input_schema).unwrap_or_default();
-            let arguments = params.get("arguments").cloned().unwrap_or_default();
-            for (header, value) in crate::mcp::protocol::param_headers(&schema, &arguments) {
+            let arguments = params.get("arguments").unwrap_or(&serde_json::Value::Null);
+            for (header, value) in crate::mcp::protocol::param_headers(&tool.input_schema, arguments) {
                 request = request.header(header, value);
             }
         }

@@ -444,8 +444,8 @@ pub async fn tools_call(ctx: &CallContext<'_>, params: &Value, event: &mut Audit
         return Err(RpcError::unknown_tool(name));
     };
     if let Some(headers) = ctx.headers {
-        let schema = serde_json::to_value(&tool.definition.input_schema).unwrap_or_default();
-        protocol::check_param_headers(headers, &schema, params.get("arguments").unwrap_or(&Value::Null))?;
+        let arguments = params.get("arguments").unwrap_or(&Value::Null);
+        protocol::check_param_headers(headers, &tool.definition.input_schema, arguments)?;
     }
     match tool_call::check_tool_rate(ctx.app.limits.as_ref(), ctx.identity, ctx.persona, &tool, event).await {
         Ok(()) => {}
@@ -454,10 +454,17 @@ pub async fn tools_call(ctx: &CallContext<'_>, params: &Value, event: &mut Audit
             return Err(super::throttled(&decision, &format!("tool-calls of {}", tool.name)));
         }
     }
-    let mut extra = params.as_object().cloned().unwrap_or_default();
-    for own in ["name", "arguments", "_meta"] {
-        extra.remove(own);
-    }
+    // The caller's other params (a retry's inputResponses and requestState), without copying
+    // the arguments again.
+    let extra = params
+        .as_object()
+        .map(|all| {
+            all.iter()
+                .filter(|(key, _)| !matches!(key.as_str(), "name" | "arguments" | "_meta"))
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
     match tool_call::call(ctx.persona, &tool, arguments, extra, &ctx.caller_meta, event).await {
         Ok(result) => Ok(ctx.complete(result, false)),
         Err(error) => Err(RpcError::from_upstream(i64::from(error.code.0), error.message.to_string(), error.data)),

@@ -29,24 +29,26 @@ pub async fn round(
     let field = if method == "resources/read" { "uri" } else { "name" };
     let name = params.get(field).and_then(Value::as_str).unwrap_or_default().to_string();
     let binding = ctx.binding(method, &name);
-    let mut params = params.clone();
-    if let Some(token) = params.get("requestState") {
-        let opened = token
+    // Copied only when a retry's state is opened or a 2025 client's answers are added.
+    let mut params = std::borrow::Cow::Borrowed(params);
+    let opened = params.get("requestState").map(|token| {
+        token
             .as_str()
             .ok_or(request_state::Refused)
-            .and_then(|t| request_state::open(ctx.request_state_key(), &binding, t, Utc::now()));
-        match opened {
-            Ok(Some(upstream)) => params["requestState"] = json!(upstream),
-            Ok(None) => {
-                if let Some(object) = params.as_object_mut() {
-                    object.remove("requestState");
-                }
+            .and_then(|t| request_state::open(ctx.request_state_key(), &binding, t, Utc::now()))
+    });
+    match opened {
+        None => {}
+        Some(Ok(Some(upstream))) => params.to_mut()["requestState"] = json!(upstream),
+        Some(Ok(None)) => {
+            if let Some(object) = params.to_mut().as_object_mut() {
+                object.remove("requestState");
             }
-            Err(refused) => {
-                event.status = Status::Invalid;
-                event.error_code = Some("request_state".into());
-                return Err(RpcError::invalid_params(refused.to_string()));
-            }
+        }
+        Some(Err(refused)) => {
+            event.status = Status::Invalid;
+            event.error_code = Some("request_state".into());
+            return Err(RpcError::invalid_params(refused.to_string()));
         }
     }
     let mut rounds = 0;
@@ -72,7 +74,7 @@ pub async fn round(
             event.error_code = Some("input_required".into());
         })?;
         // The retry: the original params, the answers, and the upstream's state as it gave it.
-        let object = params.as_object_mut().expect("params are an object");
+        let object = params.to_mut().as_object_mut().expect("params are an object");
         object.insert("inputResponses".into(), Value::Object(answers));
         match result.get("requestState") {
             Some(state) => object.insert("requestState".into(), state.clone()),
@@ -109,7 +111,7 @@ async fn ask_client(ctx: &CallContext<'_>, name: &str, result: &Value) -> Result
     let mut asked = Vec::new();
     for (key, request) in requests {
         let method = request.get("method").and_then(Value::as_str).unwrap_or_default().to_string();
-        let Some(capability) = super::relay::capability_for(&method) else {
+        let Some(capability) = crate::connectors::legacy_calls::capability_for(&method) else {
             return Err(RpcError::internal(format!(
                 "{name} asked the client for {method:?}, which MCP does not define"
             )));

@@ -234,7 +234,11 @@ pub fn decode_header_value(raw: &HeaderValue) -> Option<String> {
 /// Checks the `Mcp-Param-{Name}` headers of a `tools/call` against the arguments whose schema
 /// properties carry `x-mcp-header: "{Name}"` (2026-07-28): a value in the body needs its
 /// header with the same value (integers compared as numbers); a header needs its value.
-pub fn check_param_headers(headers: &HeaderMap, input_schema: &Value, arguments: &Value) -> Result<(), RpcError> {
+pub fn check_param_headers(
+    headers: &HeaderMap,
+    input_schema: &serde_json::Map<String, Value>,
+    arguments: &Value,
+) -> Result<(), RpcError> {
     let Some(properties) = input_schema.get("properties").and_then(Value::as_object) else { return Ok(()) };
     for (property, schema) in properties {
         let Some(name) = schema.get("x-mcp-header").and_then(Value::as_str) else { continue };
@@ -271,7 +275,7 @@ pub fn check_param_headers(headers: &HeaderMap, input_schema: &Value, arguments:
 
 /// The `Mcp-Param-{Name}` headers a `tools/call` with `arguments` carries for a tool whose
 /// schema is `input_schema`.
-pub fn param_headers(input_schema: &Value, arguments: &Value) -> Vec<(String, String)> {
+pub fn param_headers(input_schema: &serde_json::Map<String, Value>, arguments: &Value) -> Vec<(String, String)> {
     let Some(properties) = input_schema.get("properties").and_then(Value::as_object) else { return Vec::new() };
     properties
         .iter()

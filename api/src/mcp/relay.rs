@@ -162,16 +162,6 @@ pub struct SessionClient {
     pub timeout: Duration,
 }
 
-/// The capability a client must have declared to be sent `method`.
-pub fn capability_for(method: &str) -> Option<&'static str> {
-    match method {
-        "sampling/createMessage" => Some("sampling"),
-        "elicitation/create" => Some("elicitation"),
-        "roots/list" => Some("roots"),
-        _ => None,
-    }
-}
-
 impl crate::connectors::AskClient for SessionClient {
     fn ask<'a>(
         &'a self,
@@ -179,8 +169,7 @@ impl crate::connectors::AskClient for SessionClient {
         params: Value,
     ) -> futures::future::BoxFuture<'a, Result<Value, crate::connectors::Refused>> {
         Box::pin(async move {
-            let declared = capability_for(method).is_some_and(|c| self.declared.get(c).is_some());
-            if !declared {
+            if !crate::connectors::legacy_calls::declares(&self.declared, method) {
                 return Err(crate::connectors::Refused {
                     code: -32601,
                     message: format!("the client did not declare support for {method}"),
