@@ -57,7 +57,7 @@ impl Caller<'_> {
     }
 
     fn check_size(&self, result: &Value, event: &mut AuditEvent) -> Result<(), Failure> {
-        let size = result.to_string().len() as u64;
+        let size = crate::tool_call::json_size(result);
         let limit = self.persona.limits.max_result_bytes;
         if size > limit {
             event.status = Status::Error;

@@ -26,6 +26,43 @@ pub struct Change {
     /// holds the request it is about.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<ClientMessage>,
+    /// Set when this is a retry of a call held for a 2026-07-28 client on another replica, or
+    /// the holding replica's answer to one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<HeldMessage>,
+}
+
+/// A retry of a held call (see `connectors::held_calls`) that reached a replica other than the
+/// one holding the call, and what the holder answers. One exchange: the holder says it has the
+/// call (`Accepted`), then sends its outcome.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum HeldMessage {
+    /// The client's retry, for whichever replica holds `handle` on `connection`.
+    Retry {
+        /// The tenant's connection.
+        connection: String,
+        /// Names this exchange.
+        exchange: String,
+        /// The held call.
+        handle: String,
+        /// The retry's `inputResponses`.
+        responses: Option<serde_json::Value>,
+        /// How long the holder may wait for the call's next step (ms).
+        limit_ms: u64,
+    },
+    /// The holder has the call and is resuming it.
+    Accepted {
+        /// The exchange.
+        exchange: String,
+    },
+    /// The holder's outcome (`held_calls::Outcome` as JSON).
+    Outcome {
+        /// The exchange.
+        exchange: String,
+        /// The outcome.
+        outcome: serde_json::Value,
+    },
 }
 
 /// A 2025 client's message that the replica receiving it could not deliver: an answer to a
@@ -91,37 +128,37 @@ impl Changes {
         Self { sender: broadcast::channel(1024).0, pod }
     }
 
-    /// Announces a change noticed here.
-    pub fn announce(&self, tenant: &str) {
-        let _ = self.sender.send(Change {
+    /// A change of `tenant` from this pod that says nothing yet (an unqualified change: every
+    /// list).
+    fn noticed_here(&self, tenant: &str) -> Change {
+        Change {
             tenant: tenant.to_string(),
             origin: self.pod.clone(),
             lists: None,
             updated: None,
             client: None,
-        });
+            held: None,
+        }
+    }
+
+    /// Announces a change noticed here.
+    pub fn announce(&self, tenant: &str) {
+        let _ = self.sender.send(self.noticed_here(tenant));
     }
 
     /// Announces that some of the lists a tenant's callers see may have changed.
     pub fn announce_lists(&self, tenant: &str, lists: Lists) {
-        let _ = self.sender.send(Change {
-            tenant: tenant.to_string(),
-            origin: self.pod.clone(),
-            lists: Some(lists),
-            updated: None,
-            client: None,
-        });
+        let _ = self.sender.send(Change { lists: Some(lists), ..self.noticed_here(tenant) });
     }
 
     /// Hands a client's message to the other replicas (one of them holds what it is about).
     pub fn forward_client_message(&self, tenant: &str, message: ClientMessage) {
-        let _ = self.sender.send(Change {
-            tenant: tenant.to_string(),
-            origin: self.pod.clone(),
-            lists: None,
-            updated: None,
-            client: Some(message),
-        });
+        let _ = self.sender.send(Change { client: Some(message), ..self.noticed_here(tenant) });
+    }
+
+    /// Sends a message about a held call to the other replicas.
+    pub fn send_held(&self, tenant: &str, message: HeldMessage) {
+        let _ = self.sender.send(Change { held: Some(message), ..self.noticed_here(tenant) });
     }
 
     /// Whether `change` was announced by this pod.
@@ -132,13 +169,7 @@ impl Changes {
     /// Announces that `connection` of `tenant` updated its resource `uri`.
     pub fn announce_updated(&self, tenant: &str, connection: &str, uri: &str) {
         let updated = ResourceUpdated { connection: connection.to_string(), uri: uri.to_string() };
-        let _ = self.sender.send(Change {
-            tenant: tenant.to_string(),
-            origin: self.pod.clone(),
-            lists: None,
-            updated: Some(updated),
-            client: None,
-        });
+        let _ = self.sender.send(Change { updated: Some(updated), ..self.noticed_here(tenant) });
     }
 
     /// Receives every change from now on.

@@ -213,10 +213,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.manifests.is_dir(), "{} is not a directory of manifests", args.manifests.display());
     let pool = crate::store::open_sqlite(&args.data).await.context("cannot open the dev database")?;
     let (audit, writer) = AuditLog::start(crate::audit::AuditStore::Sqlite(pool.clone()), 10_000);
-    let http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .build()
-        .context("cannot build the HTTP client")?;
+    let http = crate::connectors::http_client().context("cannot build the HTTP client")?;
     let oidc = crate::oidc::OidcVerifier::from_args(&args.oidc, http.clone())?.map(std::sync::Arc::new);
     let rest_keys = std::sync::Arc::new(crate::rest_keys::RestKeys::new(crate::rest_keys::KeyDb::Sqlite(pool.clone())));
     rest_keys.refresh().await.context("cannot read the keys minted over REST")?;

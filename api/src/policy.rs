@@ -150,6 +150,51 @@ impl<'a> Scope<'a> {
         .await
     }
 
+    /// The tool the caller names `name`, if the persona sees it: what `tools` would list under
+    /// that name (the first connection that exposes it wins), found without building the list.
+    pub async fn tool(&self, upstreams: &Upstreams, name: &str) -> Option<ExposedTool> {
+        for connection in &self.connections {
+            let upstream_name = if self.prefixed {
+                let Some(rest) = name.strip_prefix(connection.prefix.as_str()) else { continue };
+                let Some(rest) = rest.strip_prefix(self.separator) else { continue };
+                rest
+            } else {
+                name
+            };
+            let Some(upstream) = upstreams.get(self.tenant_name, &connection.name) else { continue };
+            upstream.wait_first_attempt(FIRST_CATALOG_WAIT).await;
+            let catalog = upstream.catalog();
+            let Some(definition) = catalog.tools.iter().find(|t| t.name == upstream_name) else { continue };
+            let canonical = connection.canonical_name(upstream_name);
+            if !(connection.tools.permits(upstream_name) && self.persona.tools.permits(&canonical)) {
+                continue;
+            }
+            return Some(Exposed {
+                name: name.to_string(),
+                canonical,
+                upstream_name: upstream_name.to_string(),
+                connection: connection.name.clone(),
+                upstream,
+                definition: definition.clone(),
+            });
+        }
+        None
+    }
+
+    /// The tool `connection` offers under canonical name `canonical`, if the persona sees it
+    /// under the name this scope gives it (what `tools` lists).
+    pub async fn tool_by_canonical(
+        &self,
+        upstreams: &Upstreams,
+        connection: &str,
+        canonical: &str,
+    ) -> Option<ExposedTool> {
+        let offered_by = self.connections.iter().find(|c| c.name == connection)?;
+        let upstream_name = canonical.strip_prefix(offered_by.prefix.as_str())?.strip_prefix('.')?;
+        let tool = self.tool(upstreams, &self.name(offered_by, upstream_name)).await?;
+        (tool.connection == connection && tool.canonical == canonical).then_some(tool)
+    }
+
     /// Prompts visible to the persona, sorted by name.
     pub async fn prompts(&self, upstreams: &Upstreams) -> Vec<ExposedPrompt> {
         self.collect(

@@ -133,7 +133,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     .await;
 
     let (audit, writer) = AuditLog::start(AuditStore::Postgres(pool.clone()), args.audit_buffer);
-    let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build()?;
+    let http = crate::connectors::http_client()?;
     let oidc = crate::oidc::OidcVerifier::from_args(&args.oidc, http.clone())?.map(std::sync::Arc::new);
     let rest_keys =
         std::sync::Arc::new(crate::rest_keys::RestKeys::new(crate::rest_keys::KeyDb::Postgres(pool.clone())));

@@ -47,7 +47,27 @@ pub async fn check_tool_rate(
     }
 }
 
-fn error_result(text: String) -> Value {
+/// The size of `value` as compact JSON, counted without building the text (results can be
+/// large, and are serialised again for the response).
+pub fn json_size(value: &Value) -> u64 {
+    struct Count(u64);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len() as u64;
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing a `Value` to a sink that never fails cannot fail.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
+}
+
+/// A tool result the model reads as a failure.
+pub(crate) fn error_result(text: String) -> Value {
     json!({ "content": [{ "type": "text", "text": text }], "isError": true })
 }
 
@@ -70,7 +90,7 @@ pub async fn call(
     let timeout = Duration::from_secs(u64::from(persona.limits.tool_timeout_seconds));
     match tool.upstream.call(&tool.upstream_name, arguments, extra, caller, timeout).await {
         Ok(value) => {
-            let size = value.to_string().len() as u64;
+            let size = json_size(&value);
             if size > persona.limits.max_result_bytes {
                 event.status = Status::Error;
                 event.error_code = Some("result_too_large".into());
@@ -104,6 +124,20 @@ pub async fn call(
             event.status = Status::Error;
             event.error_code = Some(error.code.0.to_string());
             Err(error)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn json_size_is_the_length_of_the_compact_text() {
+        for value in [
+            serde_json::json!({"content": [{"type": "text", "text": "héllo \"quoted\" \n line"}], "isError": false}),
+            serde_json::json!(null),
+            serde_json::json!([1, 2.5, "x", {"a": {"b": []}}]),
+        ] {
+            assert_eq!(super::json_size(&value), value.to_string().len() as u64, "{value}");
         }
     }
 }

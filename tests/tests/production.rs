@@ -343,19 +343,29 @@ async fn tool_list_changes_reach_listen_streams_on_every_replica_through_redis()
     wait_until(Duration::from_secs(5), || async { stream.count("notifications/tools/list_changed") > before }).await;
 }
 
-#[tokio::test]
-async fn a_2025_clients_answer_and_cancellation_reach_the_replica_that_holds_its_request() {
-    // The reference upstream (2026-07-28) asks for sampling with input_required; Portcullis asks
-    // the 2025 client on its request stream, held by A. The client's answer arrives at B.
-    let upstream = Upstream::start_binary("mcp-reference-server", "both", &[]).await;
+/// Two `serve` replicas on fresh backends with the quickstart manifests in front of `upstream`,
+/// both ready and listing its tools.
+async fn two_replicas_in_front_of(
+    upstream: &Upstream,
+) -> (Shared, Cluster, support::cluster::Replica, support::cluster::Replica) {
     let backends = Shared::start().await;
     let cluster =
         Cluster::new(&backends.database_url, &backends.redis_url, &backends.redis_prefix, &quickstart(&upstream.url()));
     cluster.publish();
     let (a, b) = tokio::join!(cluster.replica(), cluster.replica());
-    a.wait_ready().await;
-    b.wait_ready().await;
-    wait_until(Duration::from_secs(10), || async { !a.tool_names(ANALYST_KEY).await.is_empty() }).await;
+    for replica in [&a, &b] {
+        replica.wait_ready().await;
+        wait_until(Duration::from_secs(10), || async { !replica.tool_names(ANALYST_KEY).await.is_empty() }).await;
+    }
+    (backends, cluster, a, b)
+}
+
+#[tokio::test]
+async fn a_2025_clients_answer_and_cancellation_reach_the_replica_that_holds_its_request() {
+    // The reference upstream (2026-07-28) asks for sampling with input_required; Portcullis asks
+    // the 2025 client on its request stream, held by A. The client's answer arrives at B.
+    let upstream = Upstream::start_binary("mcp-reference-server", "both", &[]).await;
+    let (_backends, _cluster, a, b) = two_replicas_in_front_of(&upstream).await;
     let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{"sampling":{}},"clientInfo":{"name":"sampler","version":"1"}}}"#;
     let session = a.mcp_raw(ANALYST_KEY, &[], init).await.headers()["mcp-session-id"].to_str().unwrap().to_string();
     let headers = [("Mcp-Session-Id", session.as_str()), ("MCP-Protocol-Version", "2025-11-25")];
@@ -390,4 +400,39 @@ async fn a_2025_clients_answer_and_cancellation_reach_the_replica_that_holds_its
         rest.push_str(&String::from_utf8_lossy(&chunk));
     }
     assert!(rest.contains("Request cancelled by the client"), "{rest}");
+}
+
+/// A 2026-07-28 client in front of a 2025-only upstream: the upstream's call that asks for input
+/// is held on the replica that started it; the client's retry, reaching the other replica, is
+/// handed to the holder over Redis and completes the call there.
+#[tokio::test]
+async fn a_retry_of_a_call_held_on_one_replica_completes_it_from_the_other() {
+    let upstream = Upstream::start_binary("mcp-reference-server", "legacy", &[]).await;
+    let (_backends, _cluster, a, b) = two_replicas_in_front_of(&upstream).await;
+    let capabilities = json!({"io.modelcontextprotocol/clientCapabilities": {"elicitation": {}}});
+    let call =
+        json!({"name": "notes.test_elicitation", "arguments": {"message": "Who are you?"}, "_meta": capabilities});
+    let (code, asked) = a.mcp_modern(ANALYST_KEY, 1, "tools/call", call.clone()).await;
+    assert_eq!(code, 200, "{asked}");
+    assert_eq!(asked["result"]["resultType"], "input_required", "{asked}");
+    let input = &asked["result"]["inputRequests"]["input"];
+    assert_eq!(input["method"], "elicitation/create", "{asked}");
+    let state = asked["result"]["requestState"].as_str().expect("requestState").to_string();
+
+    let mut retry = call.clone();
+    retry["requestState"] = json!(state);
+    retry["inputResponses"] =
+        json!({"input": {"action": "accept", "content": {"username": "ana", "email": "ana@example.com"}}});
+    let (code, done) = b.mcp_modern(ANALYST_KEY, 2, "tools/call", retry).await;
+    assert_eq!(code, 200, "{done}");
+    assert_eq!(done["result"]["resultType"], "complete", "{done}");
+    let text = done["result"]["content"][0]["text"].as_str().unwrap_or_default();
+    assert!(text.contains("action=accept") && text.contains("ana@example.com"), "{done}");
+
+    // The call has ended: its state no longer names anything, on either replica.
+    let mut again = call;
+    again["requestState"] = json!(state);
+    again["inputResponses"] = json!({"input": {"action": "accept", "content": {}}});
+    let (_, ended) = a.mcp_modern(ANALYST_KEY, 3, "tools/call", again).await;
+    assert_eq!(ended["error"]["code"], -32602, "{ended}");
 }

@@ -1,36 +1,46 @@
 //! The audit log in Postgres: `audit_events` is range-partitioned by month (see the
-//! migrations); events are written in multi-row inserts and read with a keyset cursor.
+//! migrations); events are written in batches (one INSERT … SELECT FROM UNNEST per batch) and read with a
+//! keyset cursor.
 
 use super::{AuditEvent, AuditFilter, AuditPage, Latency, Stats, Status, ToolStats, decode_cursor, encode_cursor};
 use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::PgPool;
 
 pub(super) async fn insert(pool: &PgPool, events: &[AuditEvent]) -> Result<(), sqlx::Error> {
-    let mut builder = sqlx::QueryBuilder::new(
-        "INSERT INTO audit_events (id, tenant, time, subject, persona, auth_method, client_name, channel, operation, endpoint, tool, connection, status, error_code, detail, latency_ms, request_id) ",
-    );
-    builder.push_values(events, |mut b, e| {
-        b.push_bind(uuid::Uuid::parse_str(&e.id).unwrap_or_else(|_| uuid::Uuid::now_v7()))
-            .push_bind(&e.tenant)
-            .push_bind(e.time)
-            .push_bind(&e.subject)
-            .push_bind(&e.persona)
-            .push_bind(&e.auth_method)
-            .push_bind(&e.client_name)
-            .push_bind(&e.channel)
-            .push_bind(&e.operation)
-            .push_bind(&e.endpoint)
-            .push_bind(&e.tool)
-            .push_bind(&e.connection)
-            .push_bind(e.status.as_str())
-            .push_bind(&e.error_code)
-            .push_bind(&e.detail)
-            .push_bind(e.latency_ms)
-            .push_bind(&e.request_id);
-    });
-    // A retried batch must not be written twice.
-    builder.push(" ON CONFLICT DO NOTHING");
-    builder.build().execute(pool).await.map(|_| ())
+    // One statement for every batch size: the columns travel as arrays and are unnested, so
+    // Postgres parses and plans it once, instead of a VALUES list of up to 256 × 17 parameters
+    // whose text changes with the batch size.
+    fn column<'e, T>(events: &'e [AuditEvent], field: impl Fn(&'e AuditEvent) -> T) -> Vec<T> {
+        events.iter().map(field).collect()
+    }
+    sqlx::query(
+        "INSERT INTO audit_events (id, tenant, time, subject, persona, auth_method, client_name, channel, operation, \
+         endpoint, tool, connection, status, error_code, detail, latency_ms, request_id) \
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::text[], \
+         $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], \
+         $15::text[], $16::float8[], $17::text[]) \
+         ON CONFLICT DO NOTHING", // a retried batch must not be written twice
+    )
+    .bind(column(events, |e| uuid::Uuid::parse_str(&e.id).unwrap_or_else(|_| uuid::Uuid::now_v7())))
+    .bind(column(events, |e| e.tenant.as_str()))
+    .bind(column(events, |e| e.time))
+    .bind(column(events, |e| e.subject.as_deref()))
+    .bind(column(events, |e| e.persona.as_deref()))
+    .bind(column(events, |e| e.auth_method.as_deref()))
+    .bind(column(events, |e| e.client_name.as_deref()))
+    .bind(column(events, |e| e.channel.as_str()))
+    .bind(column(events, |e| e.operation.as_str()))
+    .bind(column(events, |e| e.endpoint.as_deref()))
+    .bind(column(events, |e| e.tool.as_deref()))
+    .bind(column(events, |e| e.connection.as_deref()))
+    .bind(column(events, |e| e.status.as_str()))
+    .bind(column(events, |e| e.error_code.as_deref()))
+    .bind(column(events, |e| e.detail.as_deref()))
+    .bind(column(events, |e| e.latency_ms))
+    .bind(column(events, |e| e.request_id.as_str()))
+    .execute(pool)
+    .await
+    .map(|_| ())
 }
 
 fn push_filters(q: &mut sqlx::QueryBuilder<sqlx::Postgres>, tenant: &str, filter: &AuditFilter) {

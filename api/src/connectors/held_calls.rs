@@ -6,9 +6,10 @@
 //! it), and its retry's answer is posted to the upstream, which then finishes the call or asks
 //! again.
 //!
-//! Held calls live in the process that started them: a retry reaching another replica finds
-//! nothing and is refused. They end with the call, or after `HOLD_LIMIT` without a retry
-//! (then the upstream is sent `notifications/cancelled`).
+//! Held calls live in the process that started them; a retry reaching another replica is
+//! handed to the holder over the change bus (`McpUpstream` does that), and the holder's outcome
+//! comes back the same way. They end with the call, or after `HOLD_LIMIT` without a retry (then
+//! the upstream is sent `notifications/cancelled`).
 
 use super::legacy_calls::{AskClient, Refused};
 use futures::future::BoxFuture;
@@ -44,12 +45,7 @@ pub struct ForwardNeeds {
 impl AskClient for ForwardNeeds {
     fn ask<'a>(&'a self, method: &'a str, params: Value) -> BoxFuture<'a, Result<Value, Refused>> {
         Box::pin(async move {
-            if !super::legacy_calls::declares(&self.declared, method) {
-                return Err(Refused {
-                    code: -32601,
-                    message: format!("the client did not declare support for {method}"),
-                });
-            }
+            super::legacy_calls::require_declared(&self.declared, method)?;
             let (answer, answered) = oneshot::channel();
             let need = Need { method: method.to_string(), params, answer };
             if self.needs.send(need).is_err() {
@@ -86,6 +82,32 @@ pub enum Outcome {
     Waiting,
 }
 
+impl Outcome {
+    /// The outcome as JSON, to send to another replica.
+    pub fn to_json(&self) -> Value {
+        match self {
+            Outcome::Answered(Ok(answer)) => json!({ "answered": answer }),
+            Outcome::Answered(Err(error)) => json!({ "failed": error }),
+            Outcome::InputRequired(result) => json!({ "inputRequired": result }),
+            Outcome::Waiting => json!({ "waiting": true }),
+        }
+    }
+
+    /// An outcome sent by another replica; `None` when it says the call is gone.
+    pub fn from_json(value: &Value) -> Option<Outcome> {
+        if let Some(answer) = value.get("answered") {
+            return Some(Outcome::Answered(Ok(answer.clone())));
+        }
+        if let Some(error) = value.get("failed") {
+            return Some(Outcome::Answered(Err(error.as_str().unwrap_or("the call failed").to_string())));
+        }
+        if let Some(result) = value.get("inputRequired") {
+            return Some(Outcome::InputRequired(result.clone()));
+        }
+        value.get("waiting").map(|_| Outcome::Waiting)
+    }
+}
+
 /// The held calls of one upstream connection.
 #[derive(Clone, Default)]
 pub struct HeldCalls(Arc<Mutex<HashMap<String, Held>>>);
@@ -106,6 +128,11 @@ impl HeldCalls {
             deadline: tokio::time::Instant::now(),
         };
         self.wait(held, limit).await
+    }
+
+    /// Whether this process holds the call `handle`.
+    pub fn holds(&self, handle: &str) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).contains_key(handle)
     }
 
     /// Whether `state` names a held call; its handle.
@@ -181,4 +208,24 @@ fn input_required(need: &Need, handle: &str) -> Value {
         "inputRequests": { INPUT_KEY: { "method": need.method, "params": need.params } },
         "requestState": format!("{STATE_PREFIX}{handle}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_cross_replicas_unchanged() {
+        let outcomes = [
+            Outcome::Answered(Ok(json!({"jsonrpc": "2.0", "id": 1, "result": {"content": []}}))),
+            Outcome::Answered(Err("HTTP status 500".into())),
+            Outcome::InputRequired(json!({"resultType": "input_required", "requestState": "held:x"})),
+            Outcome::Waiting,
+        ];
+        for outcome in outcomes {
+            let back = Outcome::from_json(&outcome.to_json()).expect("an outcome");
+            assert_eq!(back.to_json(), outcome.to_json());
+        }
+        assert!(Outcome::from_json(&json!({"gone": true})).is_none());
+    }
 }

@@ -49,6 +49,14 @@ pub fn declares(declared: &Value, method: &str) -> bool {
     capability_for(method).is_some_and(|capability| declared.get(capability).is_some())
 }
 
+/// Refuses to the upstream (-32601) what the client did not declare it can answer.
+pub fn require_declared(declared: &Value, method: &str) -> Result<(), Refused> {
+    if declares(declared, method) {
+        return Ok(());
+    }
+    Err(Refused { code: -32601, message: format!("the client did not declare support for {method}") })
+}
+
 impl std::fmt::Debug for dyn AskClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("AskClient")
@@ -88,6 +96,8 @@ pub struct Announcements {
 pub struct LegacyCalls {
     http: reqwest::Client,
     upstream: Upstream,
+    // The upstream's URL, parsed once (`None` if it does not parse: requests then fail at send).
+    parsed_url: Option<reqwest::Url>,
     next_id: AtomicU64,
     session: tokio::sync::Mutex<Option<Arc<Session>>>,
     announcements: Announcements,
@@ -122,11 +132,17 @@ impl Drop for CancelUnlessAnswered {
 }
 
 impl LegacyCalls {
-    /// Requests to `upstream` through `http`.
-    pub fn new(http: reqwest::Client, upstream: Upstream, announcements: Announcements) -> Arc<Self> {
+    /// Requests to `upstream` (at `parsed_url`) through `http`.
+    pub fn new(
+        http: reqwest::Client,
+        upstream: Upstream,
+        parsed_url: Option<reqwest::Url>,
+        announcements: Announcements,
+    ) -> Arc<Self> {
         Arc::new(Self {
             http,
             upstream,
+            parsed_url,
             next_id: AtomicU64::new(1),
             session: tokio::sync::Mutex::default(),
             announcements,
@@ -138,21 +154,28 @@ impl LegacyCalls {
         *self.session.lock().await = None;
     }
 
-    fn post(&self, session: &Session, body: &Value) -> reqwest::RequestBuilder {
+    /// A request on `session`: its version and id, and the connection's own headers.
+    fn on_session(&self, method: reqwest::Method, session: &Session) -> reqwest::RequestBuilder {
         let Upstream::Mcp { url, headers, .. } = &self.upstream;
-        let mut request = self
-            .http
-            .post(url.as_str())
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(reqwest::header::ACCEPT, "application/json, text/event-stream")
-            .header("MCP-Protocol-Version", session.version.as_str());
+        let request = match &self.parsed_url {
+            Some(parsed) => self.http.request(method, parsed.clone()),
+            None => self.http.request(method, url.as_str()),
+        };
+        let mut request = request.header("MCP-Protocol-Version", session.version.as_str());
         if let Some(id) = &session.id {
             request = request.header("Mcp-Session-Id", id.as_str());
         }
         for (name, value) in headers {
             request = request.header(name.as_str(), value.expose());
         }
-        request.body(body.to_string())
+        request
+    }
+
+    fn post(&self, session: &Session, body: &Value) -> reqwest::RequestBuilder {
+        self.on_session(reqwest::Method::POST, session)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::ACCEPT, "application/json, text/event-stream")
+            .body(body.to_string())
     }
 
     /// The current session, starting one (initialize, then `notifications/initialized`) when
@@ -295,9 +318,21 @@ impl LegacyCalls {
                 _ => Err(Failure::SessionGone),
             };
         }
-        let answer = read_answer(response, id, caller, |request| self.answer_server_request(session, request, caller))
-            .await
-            .map_err(Failure::Other)?;
+        let answer =
+            match read_answer(response, id, caller, |request| self.answer_server_request(session, request, caller))
+                .await
+            {
+                Ok(answer) => answer,
+                // A proxy in front of it saying it is gone.
+                Err(error) if matches!(status.as_u16(), 502..=504) => return Err(Failure::Other(error)),
+                // The upstream is there but failed this request: the caller gets an error; the
+                // session and the connection's health stay (one tool's fault must not reset
+                // every caller's session). The guard still tells the upstream to stop.
+                Err(error) => {
+                    return Ok(json!({ "jsonrpc": "2.0", "id": id, "error": {
+                        "code": -32603, "message": format!("the upstream failed this request: {error}") } }));
+                }
+            };
         guard.answered = true;
         Ok(answer)
     }
@@ -364,18 +399,8 @@ async fn listen(calls: std::sync::Weak<LegacyCalls>, session: Arc<Session>) {
         if !this.is_current(&session).await {
             return;
         }
-        let Upstream::Mcp { url, headers, .. } = &this.upstream;
-        let mut request = this
-            .http
-            .get(url.as_str())
-            .header(reqwest::header::ACCEPT, "text/event-stream")
-            .header("MCP-Protocol-Version", session.version.as_str());
-        if let Some(id) = &session.id {
-            request = request.header("Mcp-Session-Id", id.as_str());
-        }
-        for (name, value) in headers {
-            request = request.header(name.as_str(), value.expose());
-        }
+        let request =
+            this.on_session(reqwest::Method::GET, &session).header(reqwest::header::ACCEPT, "text/event-stream");
         let response = match request.send().await {
             Ok(response) if response.status().is_success() => response,
             Ok(_) => return,

@@ -67,6 +67,14 @@ pub struct CallerMeta {
     pub ask_client: Option<Arc<dyn super::legacy_calls::AskClient>>,
 }
 
+/// How one request to a 2026-07-28 upstream broke.
+enum Broken {
+    /// The upstream could not be reached (or a proxy says it is gone).
+    Unreachable(String),
+    /// The upstream answered this request with something that is no answer.
+    Failed(String),
+}
+
 /// Why a tool call did not produce an upstream result.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
@@ -131,6 +139,8 @@ pub struct Catalog {
     pub completions: bool,
     /// Whether the upstream offers resource subscriptions.
     pub subscribe: bool,
+    /// Whether the upstream offers the tasks extension (only over 2026-07-28).
+    pub tasks: bool,
 }
 
 struct State {
@@ -148,6 +158,8 @@ pub struct McpUpstream {
     /// Connection name.
     pub name: String,
     upstream: Upstream,
+    // Parsed once: parsing (with IDNA) on every request showed in profiles.
+    parsed_url: Option<reqwest::Url>,
     http: reqwest::Client,
     changes: crate::changes::Changes,
     next_id: std::sync::atomic::AtomicU64,
@@ -158,6 +170,8 @@ pub struct McpUpstream {
     legacy: Arc<super::legacy_calls::LegacyCalls>,
     // Calls to a 2025 upstream waiting for a 2026-07-28 client's input.
     held: HeldCalls,
+    // Retries of calls held on other replicas, waiting for the holder's messages.
+    exchanges: Arc<std::sync::Mutex<HashMap<String, tokio::sync::mpsc::UnboundedSender<serde_json::Value>>>>,
     // Upstream URIs callers subscribed to, each with its number of subscriptions.
     subscriptions: std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
     tasks: RwLock<Vec<tokio::task::AbortHandle>>,
@@ -186,9 +200,12 @@ impl McpUpstream {
         changes: crate::changes::Changes,
     ) -> Arc<Self> {
         let catalog_changed = Arc::new(Notify::new());
+        let Upstream::Mcp { url, .. } = &upstream;
+        let parsed_url = reqwest::Url::parse(url).ok();
         let legacy = super::legacy_calls::LegacyCalls::new(
             http.clone(),
             upstream.clone(),
+            parsed_url.clone(),
             super::legacy_calls::Announcements {
                 catalog_changed: catalog_changed.clone(),
                 changes: changes.clone(),
@@ -200,6 +217,7 @@ impl McpUpstream {
             tenant,
             name,
             upstream,
+            parsed_url,
             http,
             changes,
             next_id: std::sync::atomic::AtomicU64::new(1),
@@ -214,6 +232,7 @@ impl McpUpstream {
             catalog_changed,
             legacy,
             held: HeldCalls::default(),
+            exchanges: Arc::default(),
             subscriptions: std::sync::Mutex::default(),
             tasks: RwLock::new(Vec::new()),
             change_listener: std::sync::Mutex::new(None),
@@ -222,7 +241,8 @@ impl McpUpstream {
         // The task holds only a weak reference, so dropping the connection ends it.
         let refresher = tokio::spawn(refresh_loop(Arc::downgrade(&this))).abort_handle();
         let keepalive = tokio::spawn(keepalive_loop(Arc::downgrade(&this))).abort_handle();
-        *this.tasks.write().unwrap_or_else(|e| e.into_inner()) = vec![refresher, keepalive];
+        let held_relay = tokio::spawn(held_relay_loop(Arc::downgrade(&this), this.changes.subscribe())).abort_handle();
+        *this.tasks.write().unwrap_or_else(|e| e.into_inner()) = vec![refresher, keepalive, held_relay];
         this
     }
 
@@ -268,9 +288,15 @@ impl McpUpstream {
         self.state.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn url(&self) -> &str {
+    /// The upstream's URL.
+    pub fn url(&self) -> &str {
         let Upstream::Mcp { url, .. } = &self.upstream;
         url
+    }
+
+    /// Whether the upstream is spoken to in 2026-07-28 (as far as this process knows now).
+    pub fn speaks_modern(&self) -> bool {
+        self.read_state().protocol_version.as_deref() == Some(MODERN_VERSION)
     }
 
     fn refresh_interval(&self) -> Duration {
@@ -496,8 +522,12 @@ impl McpUpstream {
     /// catalog would make things vanish from lists.
     pub async fn refresh(&self) -> Result<(), String> {
         let service = self.live().await?;
-        let capabilities = service.peer().peer_info().map(|info| info.capabilities.clone()).unwrap_or_default();
-        let result = tokio::time::timeout(LIST_TIMEOUT, fetch_catalog(service.peer(), &capabilities)).await;
+        let (capabilities, version) = service
+            .peer()
+            .peer_info()
+            .map(|info| (info.capabilities.clone(), info.protocol_version.clone()))
+            .unwrap_or_default();
+        let result = tokio::time::timeout(LIST_TIMEOUT, fetch_catalog(service.peer(), &capabilities, &version)).await;
         let catalog = match result {
             Ok(Ok(catalog)) => catalog,
             Ok(Err(error)) => {
@@ -560,10 +590,9 @@ impl McpUpstream {
         caller: &CallerMeta,
         timeout: Duration,
     ) -> Result<serde_json::Value, CallError> {
-        let modern = self.read_state().protocol_version.as_deref() == Some(MODERN_VERSION);
         // A 2026-07-28 upstream needs no session: one plain POST, its JSON relayed as is
         // (no decoding into typed results and re-encoding on the hot path).
-        if modern {
+        if self.speaks_modern() {
             return self.request_direct(method, params, caller, timeout).await;
         }
         // A 2025 session has neither request state nor input responses: a retry continues a
@@ -575,9 +604,14 @@ impl McpUpstream {
         if let Some(handle) =
             state.as_ref().and_then(serde_json::Value::as_str).and_then(HeldCalls::handle).filter(|_| multi_round)
         {
-            let outcome = self.held.resume(handle, responses.as_ref(), timeout).await.ok_or_else(|| {
+            let outcome = match self.held.resume(handle, responses.as_ref(), timeout).await {
+                Some(outcome) => Some(outcome),
+                // Another replica may hold it.
+                None => self.resume_elsewhere(handle, responses.as_ref(), timeout).await,
+            };
+            let outcome = outcome.ok_or_else(|| {
                 CallError::Rpc(rmcp::ErrorData::invalid_params(
-                    "requestState names a call that has ended or is held by another replica; call again",
+                    "requestState names a call that has ended; call again",
                     None,
                 ))
             })?;
@@ -586,10 +620,10 @@ impl McpUpstream {
         let preferred = self.read_state().protocol_version.clone();
         // A 2026-07-28 caller (it declares its capabilities per request, and has no stream to be
         // asked on) gets the upstream's requests for input as input_required.
-        if caller.ask_client.is_none()
-            && let Some(declared) = caller.client_capabilities.clone()
-        {
+        if caller.ask_client.is_none() && caller.client_capabilities.is_some() {
             let (legacy, method, mut caller) = (self.legacy.clone(), method.to_string(), caller.clone());
+            // The 2025 session never reads them: the held call's asker checks them.
+            let declared = caller.client_capabilities.take().unwrap_or_default();
             let outcome = self
                 .held
                 .start(
@@ -617,6 +651,43 @@ impl McpUpstream {
                 answer_of(message)
             }
         }
+    }
+
+    /// Hands a retry of a call held on another replica to that replica over the change bus, and
+    /// waits for its outcome; `None` when no replica holds the call.
+    async fn resume_elsewhere(
+        &self,
+        handle: &str,
+        responses: Option<&serde_json::Value>,
+        limit: Duration,
+    ) -> Option<held_calls::Outcome> {
+        struct Forget<'a>(&'a McpUpstream, String);
+        impl Drop for Forget<'_> {
+            fn drop(&mut self) {
+                self.0.exchanges.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
+            }
+        }
+        let exchange = uuid::Uuid::new_v4().simple().to_string();
+        let (sender, mut received) = tokio::sync::mpsc::unbounded_channel();
+        self.exchanges.lock().unwrap_or_else(|e| e.into_inner()).insert(exchange.clone(), sender);
+        let _forget = Forget(self, exchange.clone());
+        self.changes.send_held(
+            &self.tenant,
+            crate::changes::HeldMessage::Retry {
+                connection: self.name.clone(),
+                exchange,
+                handle: handle.to_string(),
+                responses: responses.cloned(),
+                limit_ms: u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
+            },
+        );
+        let first = tokio::time::timeout(HOLDER_ANSWERS_WITHIN, received.recv()).await.ok()??;
+        let outcome = if first.get("accepted").is_some() {
+            tokio::time::timeout(limit + HOLDER_ANSWERS_WITHIN, received.recv()).await.ok()??
+        } else {
+            first
+        };
+        held_calls::Outcome::from_json(&outcome)
     }
 
     async fn held_outcome(
@@ -733,6 +804,7 @@ impl McpUpstream {
         let name = match method {
             "tools/call" | "prompts/get" => params.get("name").and_then(serde_json::Value::as_str),
             "resources/read" => params.get("uri").and_then(serde_json::Value::as_str),
+            "tasks/get" | "tasks/update" | "tasks/cancel" => params.get("taskId").and_then(serde_json::Value::as_str),
             _ => None,
         }
         .map(encode_header_value);
@@ -751,9 +823,11 @@ impl McpUpstream {
         }
         params.insert("_meta".into(), meta);
         let body = serde_json::json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params });
-        let mut request = self
-            .http
-            .post(url.as_str())
+        let target = match &self.parsed_url {
+            Some(parsed) => self.http.post(parsed.clone()),
+            None => self.http.post(url.as_str()),
+        };
+        let mut request = target
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header(reqwest::header::ACCEPT, "application/json, text/event-stream")
             .header("MCP-Protocol-Version", MODERN_VERSION)
@@ -774,8 +848,11 @@ impl McpUpstream {
         for (name, value) in headers {
             request = request.header(name.as_str(), value.expose());
         }
+        // Only a failure to reach the upstream marks it down; a bad answer to one request
+        // fails that request (one tool's fault must not take the whole connection down).
         let exchange = async {
-            let response = request.body(body.to_string()).send().await.map_err(|e| root_cause(&e))?;
+            let response =
+                request.body(body.to_string()).send().await.map_err(|e| Broken::Unreachable(root_cause(&e)))?;
             let status = response.status();
             let event_stream = is_event_stream(&response);
             if !status.is_success() && !event_stream {
@@ -786,20 +863,32 @@ impl McpUpstream {
                 {
                     return Ok(message);
                 }
-                return Err(format!("HTTP status {status}"));
+                // A proxy in front of it saying it is gone.
+                if matches!(status.as_u16(), 502..=504) {
+                    return Err(Broken::Unreachable(format!("HTTP status {status}")));
+                }
+                return Err(Broken::Failed(format!("HTTP status {status}")));
             }
             if !event_stream {
-                let bytes = response.bytes().await.map_err(|e| e.to_string())?;
-                return serde_json::from_slice(&bytes).map_err(|e| format!("unreadable answer: {e}"));
+                let bytes = response.bytes().await.map_err(|e| Broken::Unreachable(e.to_string()))?;
+                return serde_json::from_slice(&bytes).map_err(|e| Broken::Failed(format!("unreadable answer: {e}")));
             }
             // 2026-07-28 servers send no requests on a response stream.
-            read_event_stream(response, id, caller.notifications.as_ref(), |_| async { None }).await
+            read_event_stream(response, id, caller.notifications.as_ref(), |_| async { None })
+                .await
+                .map_err(Broken::Failed)
         };
         let message = match tokio::time::timeout(timeout, exchange).await {
             Err(_) => return Err(CallError::Timeout(timeout)),
-            Ok(Err(error)) => {
+            Ok(Err(Broken::Unreachable(error))) => {
                 self.unreachable(error.clone()).await;
                 return Err(CallError::Unavailable(error));
+            }
+            Ok(Err(Broken::Failed(error))) => {
+                return Err(CallError::Rpc(rmcp::ErrorData::internal_error(
+                    format!("the upstream failed this request: {error}"),
+                    None,
+                )));
             }
             Ok(Ok(message)) => message,
         };
@@ -811,10 +900,12 @@ impl McpUpstream {
 async fn fetch_catalog(
     peer: &rmcp::service::Peer<RoleClient>,
     capabilities: &ServerCapabilities,
+    protocol_version: &ProtocolVersion,
 ) -> Result<Catalog, String> {
     let mut catalog = Catalog {
         completions: capabilities.completions.is_some(),
         subscribe: capabilities.resources.as_ref().and_then(|r| r.subscribe) == Some(true),
+        tasks: capabilities.supports_tasks() && !protocol_version.has_initialize(),
         ..Catalog::default()
     };
     match peer.list_all_tools().await {
@@ -928,6 +1019,52 @@ pub(super) fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
         cause = source;
     }
     cause.to_string()
+}
+
+/// How long a replica waits for another to say it holds a call a retry names.
+const HOLDER_ANSWERS_WITHIN: Duration = Duration::from_secs(2);
+
+/// Serves retries of this connection's held calls that reached other replicas, and delivers the
+/// holders' messages to the retries waiting here.
+async fn held_relay_loop(
+    connection: std::sync::Weak<McpUpstream>,
+    mut changes: tokio::sync::broadcast::Receiver<crate::changes::Change>,
+) {
+    use crate::changes::HeldMessage;
+    loop {
+        let change = match changes.recv().await {
+            Ok(change) => change,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
+        let Some(message) = change.held else { continue };
+        let Some(this) = connection.upgrade() else { return };
+        if change.tenant != this.tenant {
+            continue;
+        }
+        let deliver = |exchange: &str, value: serde_json::Value| {
+            if let Some(waiting) = this.exchanges.lock().unwrap_or_else(|e| e.into_inner()).get(exchange) {
+                let _ = waiting.send(value);
+            }
+        };
+        match message {
+            HeldMessage::Retry { connection, exchange, handle, responses, limit_ms }
+                if connection == this.name && this.held.holds(&handle) =>
+            {
+                this.changes.send_held(&this.tenant, HeldMessage::Accepted { exchange: exchange.clone() });
+                let (held, changes, tenant) = (this.held.clone(), this.changes.clone(), this.tenant.clone());
+                tokio::spawn(async move {
+                    let limit = Duration::from_millis(limit_ms);
+                    let outcome = held.resume(&handle, responses.as_ref(), limit).await;
+                    let outcome = outcome.map_or_else(|| serde_json::json!({ "gone": true }), |o| o.to_json());
+                    changes.send_held(&tenant, HeldMessage::Outcome { exchange, outcome });
+                });
+            }
+            HeldMessage::Accepted { exchange } => deliver(&exchange, serde_json::json!({ "accepted": true })),
+            HeldMessage::Outcome { exchange, outcome } => deliver(&exchange, outcome),
+            HeldMessage::Retry { .. } => {}
+        }
+    }
 }
 
 async fn keepalive_loop(connection: std::sync::Weak<McpUpstream>) {

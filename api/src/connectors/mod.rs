@@ -58,3 +58,13 @@ impl Upstreams {
         connections.get(&(tenant.to_string(), name.to_string())).cloned()
     }
 }
+
+/// The HTTP client for upstreams (and the identity provider). No automatic retries: reqwest
+/// would otherwise copy every request's headers in case it must replay it, and a tool call is
+/// not something to replay behind the caller's back.
+pub fn http_client() -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .retry(reqwest::retry::never().max_retries_per_request(0))
+        .build()
+}

@@ -4,7 +4,7 @@
 //! or above the level it asked for, and not at all when it asked for none (2026-07-28 rule).
 
 use serde_json::Value;
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::Sender;
 
 /// The syslog severities MCP uses, least severe first.
 const LEVELS: [&str; 8] = ["debug", "info", "notice", "warning", "error", "critical", "alert", "emergency"];
@@ -17,7 +17,7 @@ pub fn level_rank(level: &str) -> Option<usize> {
 /// Where the notifications of one caller's request go.
 #[derive(Clone, Debug)]
 pub struct NotificationSink {
-    messages: UnboundedSender<Value>,
+    messages: Sender<Value>,
     progress_token: Option<Value>,
     log_level: Option<usize>,
 }
@@ -25,7 +25,7 @@ pub struct NotificationSink {
 impl NotificationSink {
     /// Notifications for a request that asked for progress with `progress_token` (if any) and
     /// for log messages from `log_level` up (if any).
-    pub fn new(messages: UnboundedSender<Value>, progress_token: Option<Value>, log_level: Option<&str>) -> Self {
+    pub fn new(messages: Sender<Value>, progress_token: Option<Value>, log_level: Option<&str>) -> Self {
         Self { messages, progress_token, log_level: log_level.and_then(level_rank) }
     }
 
@@ -54,9 +54,10 @@ impl NotificationSink {
             }
             _ => false,
         };
-        if wanted {
-            // The caller may have gone; then there is nobody to tell.
-            let _ = self.messages.send(notification);
+        // The caller may have gone (nobody to tell), or read so slowly that its stream's buffer
+        // is full: notifications are then dropped rather than held in memory without bound.
+        if wanted && let Err(tokio::sync::mpsc::error::TrySendError::Full(_)) = self.messages.try_send(notification) {
+            tracing::debug!("A caller's stream is full; a notification was dropped");
         }
     }
 }
@@ -66,11 +67,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn sink(
-        token: Option<Value>,
-        level: Option<&str>,
-    ) -> (NotificationSink, tokio::sync::mpsc::UnboundedReceiver<Value>) {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    fn sink(token: Option<Value>, level: Option<&str>) -> (NotificationSink, tokio::sync::mpsc::Receiver<Value>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
         (NotificationSink::new(tx, token, level), rx)
     }
 
@@ -113,5 +111,19 @@ mod tests {
         let (quiet, mut rx) = super::tests::sink(None, None);
         quiet.forward(json!({"method": "notifications/message", "params": {"level": "emergency", "data": 1}}));
         assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_full_stream_drops_notifications_instead_of_growing() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        let sink = NotificationSink::new(tx, Some(json!("t")), None);
+        for progress in 0..5 {
+            sink.forward(
+                json!({"method": "notifications/progress", "params": {"progressToken": "pc1", "progress": progress}}),
+            );
+        }
+        let relayed: Vec<Value> =
+            std::iter::from_fn(|| rx.try_recv().ok()).map(|m| m["params"]["progress"].clone()).collect();
+        assert_eq!(relayed, vec![json!(0), json!(1)], "the first two fit, the rest are dropped");
     }
 }

@@ -63,8 +63,9 @@ impl<'a> CallContext<'a> {
         if let Some(relay) = &relay {
             self.caller_meta.notifications = Some(relay.sink(params, self.caller_meta.log_level.as_deref()));
             if let Some(session) = &self.session {
-                // What the session's client declared it can answer, upstreams may ask for.
-                self.caller_meta.client_capabilities = session.client_capabilities.clone();
+                // What the session's client declared it can answer, upstreams may ask for; it
+                // cannot follow tasks.
+                self.caller_meta.client_capabilities = super::tasks::without_tasks(session.client_capabilities.clone());
                 self.caller_meta.ask_client = Some(std::sync::Arc::new(super::relay::SessionClient {
                     relay: relay.clone(),
                     pending: self.app.client_replies.clone(),
@@ -148,6 +149,74 @@ impl<'a> CallContext<'a> {
         self.modern
     }
 
+    /// What upstream requests carry of the caller's request metadata.
+    pub fn caller_meta(&self) -> &CallerMeta {
+        &self.caller_meta
+    }
+
+    /// Whether this request declared the tasks extension (2026-07-28 callers only).
+    pub fn takes_tasks(&self) -> bool {
+        self.modern && super::tasks::declared(self.caller_meta.client_capabilities.as_ref())
+    }
+
+    /// Whether a connection of this endpoint offers the tasks extension.
+    pub fn offers_tasks(&self) -> bool {
+        self.endpoint
+            .connections
+            .iter()
+            .any(|name| self.app.upstreams.get(&self.identity.tenant, name).is_some_and(|u| u.catalog().tasks))
+    }
+
+    /// The caller's tenant.
+    pub fn tenant_name(&self) -> &str {
+        &self.identity.tenant
+    }
+
+    /// The caller's subject.
+    pub fn subject(&self) -> &str {
+        &self.identity.subject
+    }
+
+    /// The endpoint's name.
+    pub fn endpoint_name(&self) -> &str {
+        &self.endpoint.name
+    }
+
+    /// Whether a task handle was issued to this caller on this endpoint.
+    pub fn owns(&self, handle: &super::tasks::Handle) -> bool {
+        handle.tenant == self.identity.tenant
+            && handle.subject == self.identity.subject
+            && handle.endpoint == self.endpoint.name
+    }
+
+    /// The tool with canonical name `canonical` on `connection`, if the persona still sees it.
+    pub async fn visible_tool(&self, canonical: &str, connection: &str) -> Option<ExposedTool> {
+        self.scope().tool_by_canonical(&self.app.upstreams, connection, canonical).await
+    }
+
+    /// A `tasks/get` answer over the persona's size cap: an inlined result becomes a tool error,
+    /// as a `tools/call` result would; an answer still over the cap (a long error, input
+    /// requests, status message) is refused.
+    pub fn cap_task_answer(&self, task: &mut Value, tool: &str, event: &mut AuditEvent) -> Result<(), RpcError> {
+        let limit = self.persona.limits.max_result_bytes;
+        let size = crate::tool_call::json_size(task);
+        if size <= limit {
+            return Ok(());
+        }
+        event.status = crate::audit::Status::Error;
+        event.error_code = Some("result_too_large".into());
+        let message = format!(
+            "The answer of {tool}'s task is {size} bytes, over this persona's limit of {limit} bytes (maxResultBytes)."
+        );
+        if task.get("result").is_some() {
+            task["result"] = crate::tool_call::error_result(message.clone());
+            if crate::tool_call::json_size(task) <= limit {
+                return Ok(());
+            }
+        }
+        Err(RpcError::internal(message))
+    }
+
     fn scope(&self) -> Scope<'a> {
         Scope::endpoint(&self.identity.tenant, self.tenant, self.endpoint, self.persona)
     }
@@ -189,7 +258,8 @@ impl<'a> CallContext<'a> {
     }
 }
 
-fn server_info() -> Value {
+/// Who answers: `_meta["io.modelcontextprotocol/serverInfo"]` on 2026-07-28 results.
+pub(super) fn server_info() -> Value {
     json!({ "name": "portcullis", "version": env!("CARGO_PKG_VERSION") })
 }
 
@@ -207,11 +277,16 @@ fn capabilities() -> Value {
     })
 }
 
-/// `server/discover` (2026-07-28).
+/// `server/discover` (2026-07-28): the tasks extension is announced when a connection of the
+/// endpoint offers it.
 pub fn discover(ctx: &CallContext<'_>) -> Value {
+    let mut capabilities = capabilities();
+    if ctx.offers_tasks() {
+        capabilities["extensions"] = json!({ super::tasks::EXTENSION: {} });
+    }
     let mut result = json!({
         "supportedVersions": protocol::supported_versions(),
-        "capabilities": capabilities(),
+        "capabilities": capabilities,
     });
     if let Some(instructions) = &ctx.endpoint.instructions {
         result["instructions"] = json!(instructions);
@@ -344,11 +419,25 @@ impl CallContext<'_> {
     }
 }
 
+/// Whether an upstream answered with a task.
+fn is_task(result: &Value) -> bool {
+    result.get("resultType").and_then(Value::as_str) == Some("task")
+}
+
+/// Only `tools/call` may become a task; an upstream's task for anything else is an invalid
+/// answer (its id is not handed out).
+fn task_refused(method: &str, event: &mut AuditEvent) -> RpcError {
+    event.status = crate::audit::Status::Error;
+    event.error_code = Some("unexpected_task".into());
+    RpcError::internal(format!("The upstream answered {method} with a task, which only tools/call may"))
+}
+
 /// `resources/read`, routed by URI to the connection that serves it. A URI the persona may not
 /// read answers exactly like one that does not exist.
 pub async fn resources_read(ctx: &CallContext<'_>, params: &Value, event: &mut AuditEvent) -> Result<Value, RpcError> {
     let uri = required_str(params, "uri")?;
     match catalog_calls::read_resource(&ctx.catalog_caller(), uri, params, event).await {
+        Ok(result) if is_task(&result) => Err(task_refused("resources/read", event)),
         Ok(result) => Ok(ctx.complete(result, true)),
         Err(failure) => Err(ctx.failure(failure, uri)),
     }
@@ -358,6 +447,7 @@ pub async fn resources_read(ctx: &CallContext<'_>, params: &Value, event: &mut A
 pub async fn prompts_get(ctx: &CallContext<'_>, params: &Value, event: &mut AuditEvent) -> Result<Value, RpcError> {
     let name = required_str(params, "name")?;
     match catalog_calls::get_prompt(&ctx.catalog_caller(), name, params, event).await {
+        Ok(result) if is_task(&result) => Err(task_refused("prompts/get", event)),
         Ok(result) => Ok(ctx.complete(result, false)),
         Err(failure) => Err(ctx.failure(failure, name)),
     }
@@ -371,6 +461,7 @@ pub async fn completion_complete(
     event: &mut AuditEvent,
 ) -> Result<Value, RpcError> {
     match catalog_calls::complete(&ctx.catalog_caller(), params, event).await {
+        Ok(result) if is_task(&result) => Err(task_refused("completion/complete", event)),
         Ok(result) => Ok(ctx.complete(result, false)),
         Err(failure) => Err(ctx.failure(failure, "completion/complete")),
     }
@@ -428,6 +519,20 @@ pub async fn resource_subscription(
     }
 }
 
+/// `tasks/get`, `tasks/update`, `tasks/cancel`: the answer of the upstream that runs the task,
+/// whose `ttlMs` (how long the task lives) is not a cache hint.
+pub async fn task_request(
+    ctx: &CallContext<'_>,
+    method: &str,
+    params: &Value,
+    event: &mut AuditEvent,
+) -> Result<Value, RpcError> {
+    let mut result = super::tasks::request(ctx, method, params, event).await?;
+    result["resultType"] = json!("complete");
+    protocol::set_meta(&mut result, protocol::META_SERVER_INFO, server_info());
+    Ok(result)
+}
+
 /// `tools/call`, routed to the connection that serves the tool.
 pub async fn tools_call(ctx: &CallContext<'_>, params: &Value, event: &mut AuditEvent) -> Result<Value, RpcError> {
     let Some(name) = params.get("name").and_then(Value::as_str) else {
@@ -440,7 +545,7 @@ pub async fn tools_call(ctx: &CallContext<'_>, params: &Value, event: &mut Audit
         Some(_) => return Err(RpcError::invalid_params("params.arguments must be an object")),
     };
     // Hidden and non-existent tools are one and the same answer.
-    let Some(tool) = ctx.tools().await.into_iter().find(|t| t.name == name) else {
+    let Some(tool) = ctx.scope().tool(&ctx.app.upstreams, name).await else {
         return Err(RpcError::unknown_tool(name));
     };
     if let Some(headers) = ctx.headers {
@@ -460,12 +565,19 @@ pub async fn tools_call(ctx: &CallContext<'_>, params: &Value, event: &mut Audit
         .as_object()
         .map(|all| {
             all.iter()
-                .filter(|(key, _)| !matches!(key.as_str(), "name" | "arguments" | "_meta"))
+                // `task` is 2025-11-25's task request, which Portcullis does not pass on.
+                .filter(|(key, _)| !matches!(key.as_str(), "name" | "arguments" | "_meta" | "task"))
                 .map(|(key, value)| (key.clone(), value.clone()))
                 .collect()
         })
         .unwrap_or_default();
     match tool_call::call(ctx.persona, &tool, arguments, extra, &ctx.caller_meta, event).await {
+        Ok(result) if is_task(&result) => {
+            let mut task = super::tasks::handed_out(ctx, &tool, result, event).await?;
+            // Its ttlMs is how long the task lives, not a cache hint.
+            protocol::set_meta(&mut task, protocol::META_SERVER_INFO, server_info());
+            Ok(task)
+        }
         Ok(result) => Ok(ctx.complete(result, false)),
         Err(error) => Err(RpcError::from_upstream(i64::from(error.code.0), error.message.to_string(), error.data)),
     }

@@ -6,6 +6,7 @@ pub mod methods;
 pub mod mrtr;
 pub mod protocol;
 pub mod relay;
+pub mod tasks;
 
 use crate::audit::{AuditEvent, Status};
 use crate::identity::{self, Identity};
@@ -207,7 +208,7 @@ async fn post_message(
 /// asks for progress or log messages; a 2025 one whenever it reaches an upstream (the session's
 /// log level and the upstream's requests for input are known only later).
 fn may_stream(body: &[u8]) -> bool {
-    let contains = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+    let contains = |needle: &[u8]| memchr::memmem::find(body, needle).is_some();
     if contains(b"progressToken") || contains(protocol::META_LOG_LEVEL.as_bytes()) {
         return true;
     }
@@ -229,7 +230,7 @@ async fn serve_post(
     let started = Instant::now();
     let request_id = crate::http_context::request_id();
     let mut unfinished = Unfinished {
-        audit: app.audit.clone(),
+        audit: &app.audit,
         event: Some(AuditEvent::new(&tenant, "mcp", "POST", &request_id, Utc::now())),
         started,
     };
@@ -264,18 +265,24 @@ async fn serve_post(
 /// The audit event of a request in progress. A request whose client goes away before the
 /// answer is dropped mid-way (which cancels its upstream call); the event is then recorded as
 /// cancelled, so no request goes unaudited.
-struct Unfinished {
-    audit: crate::audit::AuditLog,
+struct Unfinished<'a> {
+    audit: &'a crate::audit::AuditLog,
     event: Option<AuditEvent>,
     started: Instant,
 }
 
-impl Drop for Unfinished {
+impl Drop for Unfinished<'_> {
     fn drop(&mut self) {
         let Some(mut event) = self.event.take() else { return };
         event.status = Status::Error;
-        event.error_code = Some("cancelled".into());
-        event.detail = Some("the client went away before the answer".into());
+        if std::thread::panicking() {
+            // A bug, not the client: recorded as what it is.
+            event.error_code = Some("internal".into());
+            event.detail = Some("the request failed inside the gateway".into());
+        } else {
+            event.error_code = Some("cancelled".into());
+            event.detail = Some("the client went away before the answer".into());
+        }
         event.latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         let audit = self.audit.clone();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -326,7 +333,7 @@ async fn handle_message(
         e.status = StatusCode::NOT_ACCEPTABLE;
         return rpc_error_response(&Value::Null, e, event);
     };
-    let message: Value = match serde_json::from_slice(&body) {
+    let mut message: Value = match serde_json::from_slice(&body) {
         Ok(message) => message,
         Err(e) => return rpc_error_response(&Value::Null, RpcError::parse_error(e), event),
     };
@@ -347,7 +354,8 @@ async fn handle_message(
             event,
         );
     }
-    let params = message.get("params").cloned().unwrap_or(Value::Null);
+    // Taken, not copied: the rest of the message is only needed when it is a response.
+    let params = message.as_object_mut().and_then(|m| m.remove("params")).unwrap_or(Value::Null);
     if !(params.is_null() || params.is_object()) {
         return rpc_error_response(
             &id.unwrap_or(Value::Null),
@@ -421,6 +429,9 @@ async fn dispatch(
         "resources/templates/list" => methods::resource_templates_list(ctx, params).await,
         "prompts/list" => methods::prompts_list(ctx, params).await,
         "completion/complete" => methods::completion_complete(ctx, params, event).await,
+        "tasks/get" | "tasks/update" | "tasks/cancel" if ctx.modern() => {
+            methods::task_request(ctx, method, params, event).await
+        }
         other => Err(RpcError::method_not_found(other, ctx.modern())),
     }
 }
@@ -480,6 +491,7 @@ async fn modern(
     let name_field = match method {
         "tools/call" | "prompts/get" => Some("name"),
         "resources/read" => Some("uri"),
+        "tasks/get" | "tasks/update" | "tasks/cancel" => Some("taskId"),
         _ => None,
     };
     if let Some(field) = name_field {
@@ -542,6 +554,12 @@ async fn listen(
     let requested = params.get("notifications").cloned().unwrap_or(Value::Null);
     if !requested.is_object() {
         return rpc_error_response(&id, RpcError::invalid_params("params.notifications must be an object"), event);
+    }
+    // Task status notifications belong to the tasks extension, which the request must declare
+    // (they are not relayed: callers poll tasks/get).
+    let capabilities = params.get("_meta").and_then(|m| m.get(protocol::META_CLIENT_CAPABILITIES));
+    if requested.get("taskIds").is_some() && !tasks::declared(capabilities) {
+        return rpc_error_response(&id, tasks::missing_extension(), event);
     }
     // Each list Portcullis serves can change (configuration, upstream catalogs); resource
     // update subscriptions are not offered, so they are left out of the honoured subset.
@@ -707,7 +725,7 @@ fn notification_stream(
             loop {
                 tokio::select! {
                     change = receiver.recv() => match (change, &changed) {
-                        (Ok(c), _) if c.tenant != tenant || c.client.is_some() => continue,
+                        (Ok(c), _) if c.tenant != tenant || c.client.is_some() || c.held.is_some() => continue,
                         (Ok(crate::changes::Change { updated: Some(update), .. }), _) => {
                             let events = match &followed {
                                 Followed::Nothing => continue,
@@ -895,7 +913,7 @@ async fn legacy(
     }
     if let Some(reply) = reply {
         // The client's answer to a request Portcullis sent on one of this session's streams.
-        if !app.client_replies.deliver(&session.id, reply.clone()) {
+        if let Err(reply) = app.client_replies.deliver(&session.id, reply) {
             // The request it answers waits on another replica's stream.
             let message = crate::changes::ClientMessage {
                 session: session.id.clone(),

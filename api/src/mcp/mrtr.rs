@@ -27,15 +27,14 @@ pub async fn round(
     event: &mut AuditEvent,
 ) -> Result<Value, RpcError> {
     let field = if method == "resources/read" { "uri" } else { "name" };
-    let name = params.get(field).and_then(Value::as_str).unwrap_or_default().to_string();
-    let binding = ctx.binding(method, &name);
+    let name = params.get(field).and_then(Value::as_str).unwrap_or_default();
     // Copied only when a retry's state is opened or a 2025 client's answers are added.
     let mut params = std::borrow::Cow::Borrowed(params);
     let opened = params.get("requestState").map(|token| {
         token
             .as_str()
             .ok_or(request_state::Refused)
-            .and_then(|t| request_state::open(ctx.request_state_key(), &binding, t, Utc::now()))
+            .and_then(|t| request_state::open(ctx.request_state_key(), &ctx.binding(method, name), t, Utc::now()))
     });
     match opened {
         None => {}
@@ -69,7 +68,7 @@ pub async fn round(
                 "{name} kept asking for input after {MAX_BRIDGED_ROUNDS} rounds; giving up"
             )));
         }
-        let answers = ask_client(ctx, &name, &result).await.inspect_err(|_| {
+        let answers = ask_client(ctx, name, &result).await.inspect_err(|_| {
             event.status = Status::Error;
             event.error_code = Some("input_required".into());
         })?;
@@ -85,13 +84,13 @@ pub async fn round(
         return Ok(result);
     }
     let upstream = result.get("requestState").and_then(Value::as_str).map(str::to_string);
-    result["requestState"] =
-        json!(request_state::seal(ctx.request_state_key(), &binding, upstream.as_deref(), Utc::now()));
-    super::protocol::set_meta(
-        &mut result,
-        super::protocol::META_SERVER_INFO,
-        json!({ "name": "portcullis", "version": env!("CARGO_PKG_VERSION") }),
-    );
+    result["requestState"] = json!(request_state::seal(
+        ctx.request_state_key(),
+        &ctx.binding(method, name),
+        upstream.as_deref(),
+        Utc::now()
+    ));
+    super::protocol::set_meta(&mut result, super::protocol::META_SERVER_INFO, methods::server_info());
     Ok(result)
 }
 

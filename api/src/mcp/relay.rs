@@ -32,16 +32,19 @@ pub struct PendingReplies(Arc<Mutex<HashMap<ReplyKey, oneshot::Sender<Value>>>>)
 type ReplyKey = (String, String);
 
 impl PendingReplies {
-    /// Delivers a client's answer (a JSON-RPC response POSTed on `session`); false when no
-    /// request of that session waits for it here.
-    pub fn deliver(&self, session: &str, reply: Value) -> bool {
+    /// Delivers a client's answer (a JSON-RPC response POSTed on `session`); the answer comes
+    /// back when no request of that session waits for it here.
+    pub fn deliver(&self, session: &str, reply: Value) -> Result<(), Value> {
         let id = match reply.get("id") {
             Some(Value::String(s)) => s.clone(),
             Some(other) => other.to_string(),
-            None => return false,
+            None => return Err(reply),
         };
         let waiting = self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&(session.to_string(), id));
-        waiting.is_some_and(|w| w.send(reply).is_ok())
+        match waiting {
+            Some(waiting) => waiting.send(reply),
+            None => Err(reply),
+        }
     }
 }
 
@@ -92,10 +95,14 @@ impl InFlight {
     }
 }
 
+/// Messages a request's stream holds for a client that reads slowly; notifications beyond it
+/// are dropped (requests to the client wait for room).
+const STREAM_BUFFER: usize = 256;
+
 /// The sending side of one request's stream.
 #[derive(Clone)]
 pub struct Relay {
-    messages: mpsc::UnboundedSender<Value>,
+    messages: mpsc::Sender<Value>,
 }
 
 impl Relay {
@@ -126,7 +133,7 @@ impl Relay {
         pending.0.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), answer);
         let _waiting = Waiting { pending, key };
         let request = json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params });
-        if self.messages.send(request).is_err() {
+        if self.messages.send(request).await.is_err() {
             return Err(RpcError::internal("the client's stream closed"));
         }
         let reply = match tokio::time::timeout(timeout, answered).await {
@@ -169,12 +176,7 @@ impl crate::connectors::AskClient for SessionClient {
         params: Value,
     ) -> futures::future::BoxFuture<'a, Result<Value, crate::connectors::Refused>> {
         Box::pin(async move {
-            if !crate::connectors::legacy_calls::declares(&self.declared, method) {
-                return Err(crate::connectors::Refused {
-                    code: -32601,
-                    message: format!("the client did not declare support for {method}"),
-                });
-            }
+            crate::connectors::legacy_calls::require_declared(&self.declared, method)?;
             self.relay
                 .ask(&self.pending, &self.session, method, params, self.timeout)
                 .await
@@ -189,7 +191,7 @@ pub async fn run<W>(work: W) -> Response
 where
     W: FnOnce(Relay, oneshot::Receiver<()>) -> futures::future::BoxFuture<'static, Response>,
 {
-    let (messages, mut relayed) = mpsc::unbounded_channel();
+    let (messages, mut relayed) = mpsc::channel(STREAM_BUFFER);
     let (client_gone, gone) = oneshot::channel::<()>();
     let mut task = tokio::spawn(work(Relay { messages }, gone));
     let first = tokio::select! {
@@ -213,13 +215,13 @@ where
 /// connection) drops `client_gone`, which cancels the request.
 fn stream(
     first: Option<Value>,
-    relayed: mpsc::UnboundedReceiver<Value>,
+    relayed: mpsc::Receiver<Value>,
     answer: futures::future::BoxFuture<'static, Response>,
     client_gone: oneshot::Sender<()>,
 ) -> Response {
     struct State {
         first: Option<Value>,
-        relayed: mpsc::UnboundedReceiver<Value>,
+        relayed: mpsc::Receiver<Value>,
         answer: Option<futures::future::BoxFuture<'static, Response>>,
         _client_gone: oneshot::Sender<()>,
     }
@@ -286,12 +288,13 @@ pub async fn deliver_forwarded(app: std::sync::Weak<crate::state::Inner>) {
         match changes.recv().await {
             Ok(change) => {
                 let Some(app) = app.upgrade() else { return };
-                let Some(client) = change.client.clone().filter(|_| !app.changes.is_local(&change)) else {
+                if app.changes.is_local(&change) {
                     continue;
-                };
+                }
+                let Some(client) = change.client else { continue };
                 match client.kind {
                     crate::changes::ClientMessageKind::Reply => {
-                        app.client_replies.deliver(&client.session, client.message);
+                        let _ = app.client_replies.deliver(&client.session, client.message);
                     }
                     crate::changes::ClientMessageKind::Cancel => {
                         app.in_flight.cancel(&client.session, &client.message);
@@ -311,7 +314,7 @@ mod tests {
     #[tokio::test]
     async fn an_answer_reaches_only_the_request_waiting_for_it() {
         let pending = PendingReplies::default();
-        let (messages, mut sent) = mpsc::unbounded_channel();
+        let (messages, mut sent) = mpsc::channel(16);
         let relay = Relay { messages };
         let asking = {
             let pending = pending.clone();
@@ -323,19 +326,19 @@ mod tests {
         assert_eq!(request["method"], json!("roots/list"));
         let id = request["id"].clone();
         // Another session's answer with the same id, and an unknown id, reach nothing.
-        assert!(!pending.deliver("s2", json!({"id": id, "result": {"roots": []}})));
-        assert!(!pending.deliver("s1", json!({"id": "other", "result": {}})));
-        assert!(pending.deliver("s1", json!({"id": id, "result": {"roots": [{"uri": "file:///x"}]}})));
+        assert!(pending.deliver("s2", json!({"id": id, "result": {"roots": []}})).is_err());
+        assert!(pending.deliver("s1", json!({"id": "other", "result": {}})).is_err());
+        assert!(pending.deliver("s1", json!({"id": id, "result": {"roots": [{"uri": "file:///x"}]}})).is_ok());
         let result = asking.await.unwrap().unwrap();
         assert_eq!(result["roots"][0]["uri"], json!("file:///x"));
         // Answered once; a second answer finds nobody waiting.
-        assert!(!pending.deliver("s1", json!({"id": id, "result": {}})));
+        assert!(pending.deliver("s1", json!({"id": id, "result": {}})).is_err());
     }
 
     #[tokio::test]
     async fn a_refusal_and_a_silent_client_are_errors() {
         let pending = PendingReplies::default();
-        let (messages, mut sent) = mpsc::unbounded_channel();
+        let (messages, mut sent) = mpsc::channel(16);
         let relay = Relay { messages };
         let waiting = pending.clone();
         let refused = tokio::spawn({
@@ -343,7 +346,7 @@ mod tests {
             async move { relay.ask(&waiting, "s", "elicitation/create", json!({}), Duration::from_secs(5)).await }
         });
         let id = sent.recv().await.unwrap()["id"].clone();
-        pending.deliver("s", json!({"id": id, "error": {"code": -1, "message": "user declined"}}));
+        let _ = pending.deliver("s", json!({"id": id, "error": {"code": -1, "message": "user declined"}}));
         let error = refused.await.unwrap().unwrap_err();
         assert!(error.message.contains("user declined"), "{}", error.message);
         let silent = relay.ask(&pending, "s", "roots/list", json!({}), Duration::from_millis(50)).await.unwrap_err();

@@ -4,12 +4,11 @@
 //! base64url, since URIs do not fit in one path segment.
 
 use super::Caller;
-use super::handlers::{Page, Paging, note_of, query, scope, with_note};
+use super::handlers::{Page, Paging, note_of, query, scope, tenant_scope, with_note};
 use super::problem::Problem;
 use crate::audit::AuditEvent;
 use crate::catalog_calls::{self, Failure, NotFound};
 use crate::connectors::CallError;
-use crate::policy::Scope;
 use crate::state::AppState;
 use axum::Json;
 use axum::body::Bytes;
@@ -33,11 +32,6 @@ fn resource_uri(id: &str) -> Result<String, Problem> {
         .ok()
         .and_then(|bytes| String::from_utf8(bytes).ok())
         .ok_or_else(|| Problem::not_found(format!("there is no resource with id {id:?}")))
-}
-
-fn tenant_scope(caller: &Caller) -> Scope<'_> {
-    let (tenant, persona) = scope(caller);
-    Scope::tenant(&caller.identity.tenant, tenant, persona)
 }
 
 fn catalog_caller<'a>(app: &'a AppState, caller: &'a Caller) -> catalog_calls::Caller<'a> {

@@ -43,15 +43,15 @@ pub(super) fn scope(caller: &Caller) -> (&Tenant, &CompiledPersona) {
     (tenant, &tenant.personas[&caller.identity.persona])
 }
 
-/// The persona's tools, those of unreachable upstreams included (calls to them fail clearly).
-async fn visible_tools(app: &AppState, caller: &Caller) -> Vec<ExposedTool> {
+/// Every connection the caller's persona reaches, by canonical names.
+pub(super) fn tenant_scope(caller: &Caller) -> policy::Scope<'_> {
     let (tenant, persona) = scope(caller);
-    policy::Scope::tenant(&caller.identity.tenant, tenant, persona).tools(&app.upstreams).await
+    policy::Scope::tenant(&caller.identity.tenant, tenant, persona)
 }
 
 /// The persona's tools as lists show them: without those of unreachable upstreams.
 async fn listed_tools(app: &AppState, caller: &Caller) -> Vec<ExposedTool> {
-    policy::available(visible_tools(app, caller).await)
+    policy::available(tenant_scope(caller).tools(&app.upstreams).await)
 }
 
 /// An MCP endpoint the caller may use.
@@ -375,8 +375,8 @@ async fn execute_call(app: &AppState, caller: &Caller, body: &[u8]) -> Response 
         Ok(request) => request,
         Err(e) => return Problem::bad_request(format!("invalid request body: {e}")).into_response(),
     };
-    let (_, persona) = scope(caller);
-    let Some(tool) = visible_tools(app, caller).await.into_iter().find(|t| t.canonical == request.name) else {
+    let persona = scope(caller).1;
+    let Some(tool) = tenant_scope(caller).tool(&app.upstreams, &request.name).await else {
         let note = AuditNote { tool: Some(request.name.clone()), ..Default::default() };
         return with_note(
             Problem::not_found(format!("there is no tool named {:?}", request.name)).into_response(),

@@ -7,6 +7,8 @@
 //! server-initiated requests on the request's own stream for 2025 sessions, and
 //! `input_required` results (multi round-trip requests) for 2026-07-28 callers.
 //! `--protocol legacy` or `--protocol modern` restricts it to one generation, to test bridging.
+//! Where it speaks 2026-07-28 it also offers the tasks extension (`io.modelcontextprotocol/tasks`)
+//! with the suite's task fixtures, run by rmcp's `TaskManager`.
 
 // Logging, sampling and roots are deprecated in 2026-07-28 yet still part of the suite.
 #![allow(deprecated)]
@@ -20,7 +22,12 @@ use rmcp::model::{
     ServerCapabilities, ServerConfig, ServerRequest, SetLevelRequestParams, SubscribeRequestParams, SubscriptionFilter,
     UnsubscribeRequestParams,
 };
+use rmcp::model::{
+    CallToolResult, CancelTaskParams, ClientCapabilities, ContentBlock, CreateTaskResult, GetTaskParams, GetTaskResult,
+    UpdateTaskParams,
+};
 use rmcp::service::{RequestContext, SubscriptionContext};
+use rmcp::task_manager::{TaskExit, TaskManager, TaskOptions};
 use rmcp::transport::streamable_http_server::{
     StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
 };
@@ -71,6 +78,8 @@ struct Reference {
     extra_prompt: Arc<std::sync::atomic::AtomicBool>,
     // Keys the request-state checksums of this process.
     state_key: std::collections::hash_map::RandomState,
+    // Tasks of every caller (the service is cloned per session and per request).
+    tasks: TaskManager,
 }
 
 fn decode<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ErrorData> {
@@ -171,13 +180,170 @@ fn tools() -> Vec<Value> {
             ("test_logging_tool", "Logs only when the request asks for a level", none.clone()),
         ]);
     }
+    tools.extend(task_tools(&none));
     tools
         .into_iter()
         .map(|(name, description, schema)| json!({"name": name, "description": description, "inputSchema": schema}))
         .collect()
 }
 
+/// The tasks extension's fixtures (SEP-2663).
+fn task_tools(none: &Value) -> Vec<(&'static str, &'static str, Value)> {
+    vec![
+        (
+            "greet",
+            "Greets by name; never runs as a task",
+            object_schema(json!({"name": {"type": "string"}}), &["name"]),
+        ),
+        (
+            "slow_compute",
+            "Sleeps `seconds`; a task when the client takes tasks",
+            object_schema(json!({"seconds": {"type": "number"}, "label": {"type": "string"}}), &[]),
+        ),
+        ("failing_job", "Runs only as a task, which ends in a tool error", none.clone()),
+        ("protocol_error_job", "Fails with a protocol error; a task when the client takes tasks", none.clone()),
+        (
+            "confirm_delete",
+            "Asks the user to confirm: inside a task, or with input_required without one",
+            object_schema(json!({"filename": {"type": "string"}}), &[]),
+        ),
+        ("multi_input", "Runs only as a task, which asks two questions at once", none.clone()),
+        ("test_tool_with_task", "Asks for a name (input_required), then runs as a task", none.clone()),
+    ]
+}
+
+/// Task fixtures that cannot run without becoming a task.
+const TASK_ONLY: [&str; 3] = ["failing_job", "multi_input", "test_tool_with_task"];
+
+fn tool_text(t: impl Into<String>) -> CallToolResult {
+    CallToolResult::success(vec![ContentBlock::text(t)])
+}
+
+/// A form elicitation asking for `properties`, all required.
+fn elicitation(message: &str, properties: Value) -> Result<rmcp::model::InputRequest, ErrorData> {
+    let required: Vec<&String> = properties.as_object().map(|p| p.keys().collect()).unwrap_or_default();
+    decode(json!({"method": "elicitation/create", "params": {"mode": "form", "message": message,
+        "requestedSchema": {"type": "object", "properties": properties, "required": required}}}))
+}
+
 impl Reference {
+    /// The task fixtures: a task when the request declared the tasks extension (and the tool
+    /// may be one), else synchronous, or refused with -32021 for tools that only run as tasks.
+    async fn call_task_fixture(
+        &self,
+        name: &str,
+        params: &Value,
+        context: &RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let takes_tasks = self.protocol != Protocol::Legacy
+            && Self::modern(context)
+            && context.client_capabilities().is_some_and(|c| c.supports_tasks());
+        if TASK_ONLY.contains(&name) && !takes_tasks {
+            return Err(ErrorData::missing_required_client_capability(
+                ClientCapabilities::builder().enable_tasks().build(),
+            ));
+        }
+        let arguments = params.get("arguments").cloned().unwrap_or(json!({}));
+        let spawn = |future: rmcp::task_manager::TaskFuture| -> CallToolResponse {
+            CreateTaskResult::new(self.tasks.spawn(TaskOptions::default(), move |_| future)).into()
+        };
+        match name {
+            "greet" => Ok(tool_text(format!("Hello, {}!", arguments["name"].as_str().unwrap_or("friend"))).into()),
+            "slow_compute" => {
+                let seconds = arguments["seconds"].as_f64().unwrap_or(1.0).clamp(0.0, 600.0);
+                let done = tool_text(format!(
+                    "slow_compute({}) done after {seconds}s",
+                    arguments["label"].as_str().unwrap_or("compute")
+                ));
+                let sleep = tokio::time::sleep(Duration::from_secs_f64(seconds));
+                if !takes_tasks {
+                    sleep.await;
+                    return Ok(done.into());
+                }
+                // Cancellation is cooperative: this one stops when asked.
+                let task = self.tasks.spawn(TaskOptions::default(), move |task| {
+                    Box::pin(async move {
+                        tokio::select! {
+                            _ = task.cancelled() => Err(TaskExit::Cancelled),
+                            _ = sleep => Ok(done),
+                        }
+                    })
+                });
+                Ok(CreateTaskResult::new(task).into())
+            }
+            "failing_job" => Ok(spawn(Box::pin(async {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                Ok(CallToolResult::error(vec![ContentBlock::text("failing_job failed on purpose")]))
+            }))),
+            "protocol_error_job" => {
+                let error = ErrorData::internal_error("protocol_error_job failed on purpose", None);
+                if !takes_tasks {
+                    return Err(error);
+                }
+                Ok(spawn(Box::pin(async move {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Err(TaskExit::Error(error))
+                })))
+            }
+            "confirm_delete" => {
+                let filename = arguments["filename"].as_str().unwrap_or("file.txt").to_string();
+                let ask = elicitation(&format!("Delete {filename}?"), json!({"confirm": {"type": "boolean"}}))?;
+                if !takes_tasks {
+                    // Without tasks it asks the way any request can (input_required, or a
+                    // server request on a 2025 session).
+                    let answers = match self.inputs(context, params, json!({"confirm": ask})).await? {
+                        Ok(answers) => answers,
+                        Err(input_required) => return Ok(input_required),
+                    };
+                    let confirmed = answers["confirm"]["content"]["confirm"].as_bool().unwrap_or(false);
+                    return Ok(tool_text(format!("confirm_delete({filename}): confirmed = {confirmed}")).into());
+                }
+                let task = self.tasks.spawn(TaskOptions::default(), move |task| {
+                    Box::pin(async move {
+                        let answer = task.request_input("confirm", ask).await?;
+                        let confirmed = answer["content"]["confirm"].as_bool().unwrap_or(false);
+                        Ok(tool_text(format!("confirm_delete({filename}): confirmed = {confirmed}")))
+                    })
+                });
+                Ok(CreateTaskResult::new(task).into())
+            }
+            "multi_input" => {
+                let (ask_a, ask_b) = (
+                    elicitation("Provide value A", json!({"value": {"type": "string"}}))?,
+                    elicitation("Provide value B", json!({"value": {"type": "string"}}))?,
+                );
+                let task = self.tasks.spawn(TaskOptions::default(), move |task| {
+                    Box::pin(async move {
+                        // Both asked at once, so both are pending together.
+                        let (a, b) =
+                            tokio::join!(task.request_input("input-a", ask_a), task.request_input("input-b", ask_b));
+                        let (a, b) = (a?, b?);
+                        let value = |v: &Value| v["content"]["value"].as_str().unwrap_or("(none)").to_string();
+                        Ok(tool_text(format!("multi_input: a = {}, b = {}", value(&a), value(&b))))
+                    })
+                });
+                Ok(CreateTaskResult::new(task).into())
+            }
+            "test_tool_with_task" => {
+                // Round 1 asks for a name (input_required); the retry with it becomes a task.
+                let name = &params["inputResponses"]["user_name"];
+                if !name.is_object() {
+                    let ask = elicitation("What is your name?", json!({"name": {"type": "string"}}))?;
+                    return Ok(CallToolResponse::InputRequired(decode(json!({
+                        "resultType": "input_required", "inputRequests": {"user_name": ask},
+                    }))?));
+                }
+                let done =
+                    tool_text(format!("Hello, {}! (async)", name["content"]["name"].as_str().unwrap_or("friend")));
+                Ok(spawn(Box::pin(async move {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Ok(done)
+                })))
+            }
+            other => Err(ErrorData::invalid_params(format!("Unknown tool: {other}"), None)),
+        }
+    }
+
     /// What the client declared: per request in 2026-07-28, at initialize in 2025.
     fn client_capabilities(context: &RequestContext<RoleServer>) -> Value {
         let declared = if Self::modern(context) {
@@ -256,6 +422,9 @@ impl Reference {
         params: &Value,
         context: &RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
+        if task_tools(&Value::Null).iter().any(|(tool, _, _)| *tool == name) {
+            return self.call_task_fixture(name, params, context).await;
+        }
         let arguments = params.get("arguments").cloned().unwrap_or(json!({}));
         match name {
             "test_simple_text" => complete(vec![text("This is a simple text response for testing.")]),
@@ -681,21 +850,46 @@ impl ServerHandler for Reference {
         result(json!({ "completion": { "values": values, "total": values.len(), "hasMore": false } }))
     }
 
+    async fn get_task(
+        &self,
+        request: GetTaskParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<GetTaskResult, ErrorData> {
+        Ok(GetTaskResult::new(self.tasks.get_task(&request.task_id)?))
+    }
+
+    async fn update_task(
+        &self,
+        request: UpdateTaskParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        self.tasks.update_task(&request.task_id, request.input_responses)
+    }
+
+    async fn cancel_task(
+        &self,
+        request: CancelTaskParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        self.tasks.cancel_task(&request.task_id)
+    }
+
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(
-            ServerCapabilities::builder()
-                .enable_tools()
-                .enable_tool_list_changed()
-                .enable_resources()
-                .enable_resources_subscribe()
-                .enable_resources_list_changed()
-                .enable_prompts()
-                .enable_prompts_list_changed()
-                .enable_logging()
-                .enable_completions()
-                .build(),
-        )
-        .with_server_info(Implementation::new("mcp-reference-server", env!("CARGO_PKG_VERSION")))
+        let capabilities = ServerCapabilities::builder()
+            .enable_tools()
+            .enable_tool_list_changed()
+            .enable_resources()
+            .enable_resources_subscribe()
+            .enable_resources_list_changed()
+            .enable_prompts()
+            .enable_prompts_list_changed()
+            .enable_logging()
+            .enable_completions();
+        // Tasks are a 2026-07-28 extension.
+        let capabilities =
+            if self.protocol == Protocol::Legacy { capabilities.build() } else { capabilities.enable_tasks().build() };
+        ServerConfig::new(capabilities)
+            .with_server_info(Implementation::new("mcp-reference-server", env!("CARGO_PKG_VERSION")))
     }
 
     fn accepted_subscription_filter(&self, requested: &SubscriptionFilter) -> Option<SubscriptionFilter> {
@@ -743,6 +937,7 @@ async fn main() -> anyhow::Result<()> {
         extra_tool: Arc::default(),
         extra_prompt: Arc::default(),
         state_key: std::collections::hash_map::RandomState::new(),
+        tasks: TaskManager::new(),
     };
     let service: StreamableHttpService<Reference, LocalSessionManager> = StreamableHttpService::new(
         move || Ok(reference.clone()),

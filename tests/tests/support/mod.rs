@@ -440,7 +440,12 @@ impl Api {
             meta[key] = value;
         }
         params["_meta"] = meta;
-        let name = params.get("name").or_else(|| params.get("uri")).and_then(Value::as_str).map(str::to_string);
+        let name = params
+            .get("name")
+            .or_else(|| params.get("uri"))
+            .or_else(|| params.get("taskId"))
+            .and_then(Value::as_str)
+            .map(str::to_string);
         let mut headers = vec![("MCP-Protocol-Version", "2026-07-28"), ("Mcp-Method", method)];
         if let Some(name) = name.as_deref() {
             headers.push(("Mcp-Name", name));
