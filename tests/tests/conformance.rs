@@ -30,7 +30,7 @@ const GATEWAY_GAPS_2026: [(&str, &str); 0] = [];
 /// front of the upstream restricted to 2025. Portcullis holds the 2025 upstream's call open and
 /// hands its requests for input to the client as `input_required`; what a 2025 upstream cannot
 /// express stays out of reach.
-const BRIDGE_GAPS_2026_CLIENT: [(&str, &str); 12] = [
+const BRIDGE_GAPS_2026_CLIENT: [(&str, &str); 10] = [
     ("tasks-capability-negotiation", NO_TASKS_IN_2025),
     ("tasks-dispatch-and-envelope", NO_TASKS_IN_2025),
     ("tasks-lifecycle", NO_TASKS_IN_2025),
@@ -46,14 +46,6 @@ const BRIDGE_GAPS_2026_CLIENT: [(&str, &str); 12] = [
     (
         "input-required-result-ignore-extra-params",
         "the scenario answers before being asked (a first call with inputResponses), which a 2025 upstream cannot take",
-    ),
-    (
-        "input-required-result-multiple-input-requests",
-        "a 2025 upstream asks one request at a time, waiting for each answer; the scenario expects three at once",
-    ),
-    (
-        "server-stateless",
-        "the 2025 upstream checks the capabilities of Portcullis's session (all of them), not the client's per-request ones",
     ),
 ];
 

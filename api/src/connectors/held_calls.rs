@@ -6,12 +6,17 @@
 //! it), and its retry's answer is posted to the upstream, which then finishes the call or asks
 //! again.
 //!
+//! A server may ask several things at once (its requests arrive together): they are handed to
+//! the client in one `input_required`, keyed `input`, `input-2`, …, and each answer goes back to
+//! its request. A request for something the client did not declare it can answer ends the call
+//! with -32021 (missing required client capability), as a 2026-07-28 server answers.
+//!
 //! Held calls live in the process that started them; a retry reaching another replica is
 //! handed to the holder over the change bus (`McpUpstream` does that), and the holder's outcome
 //! comes back the same way. They end with the call, or after `HOLD_LIMIT` without a retry (then
 //! the upstream is sent `notifications/cancelled`).
 
-use super::legacy_calls::{AskClient, Refused};
+use super::legacy_calls::{AskClient, Refused, capability_for, declares};
 use futures::future::BoxFuture;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -22,8 +27,15 @@ use tokio::sync::{mpsc, oneshot};
 /// How long a held call waits for the client's retry.
 pub const HOLD_LIMIT: Duration = Duration::from_secs(600);
 
-/// The key of the one input request a held call asks at a time.
-const INPUT_KEY: &str = "input";
+/// How long after a first request for input others are taken as sent with it. Requests sent
+/// together arrive within microseconds; this only delays an `input_required`, which waits on a
+/// person anyway.
+const GATHER_WITHIN: Duration = Duration::from_millis(50);
+
+/// The key of the `index`th request asked at once: `input`, `input-2`, …
+fn input_key(index: usize) -> String {
+    if index == 0 { "input".to_string() } else { format!("input-{}", index + 1) }
+}
 
 /// Prefix of the (upstream-side) request state that names a held call.
 const STATE_PREFIX: &str = "held:";
@@ -35,17 +47,15 @@ struct Need {
     answer: oneshot::Sender<Result<Value, Refused>>,
 }
 
-/// Turns an upstream's requests for input into `Need`s for the held-call machinery, within what
-/// the client declared it can answer.
+/// Turns an upstream's requests for input into `Need`s for the held-call machinery (which
+/// checks them against what the client declared).
 pub struct ForwardNeeds {
     needs: mpsc::UnboundedSender<Need>,
-    declared: Value,
 }
 
 impl AskClient for ForwardNeeds {
     fn ask<'a>(&'a self, method: &'a str, params: Value) -> BoxFuture<'a, Result<Value, Refused>> {
         Box::pin(async move {
-            super::legacy_calls::require_declared(&self.declared, method)?;
             let (answer, answered) = oneshot::channel();
             let need = Need { method: method.to_string(), params, answer };
             if self.needs.send(need).is_err() {
@@ -56,11 +66,14 @@ impl AskClient for ForwardNeeds {
     }
 }
 
-/// A call running in the background, with the upstream's pending request for input.
+/// A call running in the background, with the upstream's pending requests for input.
 struct Held {
     call: tokio::task::JoinHandle<Result<Value, String>>,
     needs: mpsc::UnboundedReceiver<Need>,
-    asked: Option<Need>,
+    // Asked and not yet answered, by their keys.
+    asked: Vec<(String, Need)>,
+    // What the client declared it can be asked.
+    declared: Value,
     // When it is let go without a retry; each wait for the client starts a new one.
     deadline: tokio::time::Instant,
 }
@@ -80,6 +93,9 @@ pub enum Outcome {
     InputRequired(Value),
     /// The call neither finished nor asked within the time given; it was cancelled.
     Waiting,
+    /// The upstream asked for something the client did not declare (this capability); the
+    /// call was cancelled.
+    Missing(String),
 }
 
 impl Outcome {
@@ -90,6 +106,7 @@ impl Outcome {
             Outcome::Answered(Err(error)) => json!({ "failed": error }),
             Outcome::InputRequired(result) => json!({ "inputRequired": result }),
             Outcome::Waiting => json!({ "waiting": true }),
+            Outcome::Missing(capability) => json!({ "missing": capability }),
         }
     }
 
@@ -103,6 +120,9 @@ impl Outcome {
         }
         if let Some(result) = value.get("inputRequired") {
             return Some(Outcome::InputRequired(result.clone()));
+        }
+        if let Some(capability) = value.get("missing") {
+            return Some(Outcome::Missing(capability.as_str().unwrap_or_default().to_string()));
         }
         value.get("waiting").map(|_| Outcome::Waiting)
     }
@@ -120,11 +140,12 @@ impl HeldCalls {
         F: FnOnce(Arc<dyn AskClient>) -> BoxFuture<'static, Result<Value, String>>,
     {
         let (needs, receiver) = mpsc::unbounded_channel();
-        let asker: Arc<dyn AskClient> = Arc::new(ForwardNeeds { needs, declared });
+        let asker: Arc<dyn AskClient> = Arc::new(ForwardNeeds { needs });
         let held = Held {
             call: tokio::spawn(call(asker)),
             needs: receiver,
-            asked: None,
+            asked: Vec::new(),
+            declared,
             deadline: tokio::time::Instant::now(),
         };
         self.wait(held, limit).await
@@ -140,23 +161,25 @@ impl HeldCalls {
         state.strip_prefix(STATE_PREFIX)
     }
 
-    /// Continues the held call `handle` with the client's `responses`. A retry without the
-    /// answer is asked again; an unknown handle is `None`.
+    /// Continues the held call `handle` with the client's `responses`: each answer goes to
+    /// the request it answers; what is still unanswered is asked again (as the specification
+    /// recommends); keys that answer nothing are ignored. An unknown handle is `None`.
     pub async fn resume(&self, handle: &str, responses: Option<&Value>, limit: Duration) -> Option<Outcome> {
         let mut held = self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(handle)?;
-        let answer = responses.and_then(|r| r.get(INPUT_KEY)).cloned();
-        match (answer, held.asked.take()) {
-            (Some(answer), Some(asked)) => {
-                let _ = asked.answer.send(Ok(answer));
+        let mut unanswered = Vec::new();
+        for (key, need) in std::mem::take(&mut held.asked) {
+            match responses.and_then(|r| r.get(&key)) {
+                Some(answer) => {
+                    let _ = need.answer.send(Ok(answer.clone()));
+                }
+                None => unanswered.push((key, need)),
             }
-            (None, Some(asked)) => {
-                // Missing the answer: ask again, as the specification recommends.
-                let result = input_required(&asked, handle);
-                held.asked = Some(asked);
-                self.keep(handle.to_string(), held);
-                return Some(Outcome::InputRequired(result));
-            }
-            (_, None) => {}
+        }
+        if !unanswered.is_empty() {
+            let result = input_required(&unanswered, handle);
+            held.asked = unanswered;
+            self.keep(handle.to_string(), held);
+            return Some(Outcome::InputRequired(result));
         }
         Some(self.wait(held, limit).await)
     }
@@ -176,10 +199,20 @@ impl HeldCalls {
             Ok(Err(None)) => {
                 Outcome::Answered((&mut held.call).await.unwrap_or_else(|e| Err(format!("the call failed: {e}"))))
             }
-            Ok(Err(Some(need))) => {
+            Ok(Err(Some(first))) => {
+                let mut needs = vec![first];
+                while let Ok(Some(need)) = tokio::time::timeout(GATHER_WITHIN, held.needs.recv()).await {
+                    needs.push(need);
+                }
+                if let Some(missing) =
+                    needs.iter().find(|n| !declares(&held.declared, &n.method)).and_then(|n| capability_for(&n.method))
+                {
+                    // Dropping the held call cancels it upstream.
+                    return Outcome::Missing(missing.to_string());
+                }
                 let handle = uuid::Uuid::new_v4().simple().to_string();
-                let result = input_required(&need, &handle);
-                held.asked = Some(need);
+                held.asked = needs.into_iter().enumerate().map(|(i, need)| (input_key(i), need)).collect();
+                let result = input_required(&held.asked, &handle);
                 self.keep(handle, held);
                 Outcome::InputRequired(result)
             }
@@ -202,10 +235,14 @@ impl HeldCalls {
     }
 }
 
-fn input_required(need: &Need, handle: &str) -> Value {
+fn input_required(asked: &[(String, Need)], handle: &str) -> Value {
+    let requests: serde_json::Map<String, Value> = asked
+        .iter()
+        .map(|(key, need)| (key.clone(), json!({ "method": need.method, "params": need.params })))
+        .collect();
     json!({
         "resultType": "input_required",
-        "inputRequests": { INPUT_KEY: { "method": need.method, "params": need.params } },
+        "inputRequests": requests,
         "requestState": format!("{STATE_PREFIX}{handle}"),
     })
 }
@@ -221,11 +258,87 @@ mod tests {
             Outcome::Answered(Err("HTTP status 500".into())),
             Outcome::InputRequired(json!({"resultType": "input_required", "requestState": "held:x"})),
             Outcome::Waiting,
+            Outcome::Missing("sampling".into()),
         ];
         for outcome in outcomes {
             let back = Outcome::from_json(&outcome.to_json()).expect("an outcome");
             assert_eq!(back.to_json(), outcome.to_json());
         }
         assert!(Outcome::from_json(&json!({"gone": true})).is_none());
+    }
+
+    fn all_declared() -> Value {
+        json!({"sampling": {}, "elicitation": {}, "roots": {}})
+    }
+
+    #[tokio::test]
+    async fn requests_sent_together_are_asked_together_and_each_answer_reaches_its_request() {
+        let calls = HeldCalls::default();
+        let limit = Duration::from_secs(5);
+        let outcome = calls
+            .start(
+                all_declared(),
+                |asker| {
+                    Box::pin(async move {
+                        let (name, roots) = tokio::join!(
+                            asker.ask("elicitation/create", json!({"message": "Your name?"})),
+                            asker.ask("roots/list", json!({}))
+                        );
+                        Ok(json!({"name": name.map_err(|e| e.message)?, "roots": roots.map_err(|e| e.message)?}))
+                    })
+                },
+                limit,
+            )
+            .await;
+        let Outcome::InputRequired(first) = outcome else { panic!("expected input_required") };
+        let requests = first["inputRequests"].as_object().expect("input requests").clone();
+        assert_eq!(requests.len(), 2, "both requests in one input_required: {first}");
+        let key_of =
+            |method: &str| requests.iter().find(|(_, r)| r["method"] == method).map(|(k, _)| k.clone()).expect("asked");
+        let (elicit, roots) = (key_of("elicitation/create"), key_of("roots/list"));
+        assert_ne!(elicit, roots);
+        let handle =
+            HeldCalls::handle(first["requestState"].as_str().expect("state")).expect("a held call").to_string();
+
+        // One answer (and a stray key): the other request is asked again, alone.
+        let partial = json!({ roots.as_str(): {"roots": []}, "stray": {"action": "accept"} });
+        let Some(Outcome::InputRequired(again)) = calls.resume(&handle, Some(&partial), limit).await else {
+            panic!("expected the unanswered request again")
+        };
+        let again_keys: Vec<&String> = again["inputRequests"].as_object().expect("requests").keys().collect();
+        assert_eq!(again_keys, vec![&elicit]);
+
+        let rest = json!({ elicit.as_str(): {"action": "accept", "content": {"name": "Ada"}} });
+        let Some(Outcome::Answered(Ok(answer))) = calls.resume(&handle, Some(&rest), limit).await else {
+            panic!("expected the call's answer")
+        };
+        assert_eq!(answer, json!({"name": {"action": "accept", "content": {"name": "Ada"}}, "roots": {"roots": []}}));
+        assert!(!calls.holds(&handle), "an answered call is no longer held");
+    }
+
+    #[tokio::test]
+    async fn a_request_for_what_the_client_did_not_declare_cancels_the_call_as_missing() {
+        let calls = HeldCalls::default();
+        let (running, cancelled) = oneshot::channel::<()>();
+        let outcome = calls
+            .start(
+                json!({"elicitation": {}}),
+                move |asker| {
+                    Box::pin(async move {
+                        let _running = running;
+                        asker.ask("sampling/createMessage", json!({})).await.map_err(|e| e.message)?;
+                        Ok(json!({}))
+                    })
+                },
+                Duration::from_secs(5),
+            )
+            .await;
+        assert!(
+            matches!(&outcome, Outcome::Missing(capability) if capability == "sampling"),
+            "{:?}",
+            outcome.to_json()
+        );
+        let ended = tokio::time::timeout(Duration::from_secs(5), cancelled).await.expect("the call is dropped");
+        assert!(ended.is_err(), "the call never finished: it was cancelled");
     }
 }

@@ -4,7 +4,14 @@
 //! rmcp's client merges all streams of a session and cannot tell which caller they belong to.
 //! Here each request reads its own stream, so those messages go to the caller who asked.
 //!
-//! The catalog and subscriptions stay on the rmcp session of `mcp`. The session's own GET
+//! A 2025 server learns what its client can be asked (sampling, elicitation, roots) once, at
+//! initialize, and well-written servers check it before asking. Callers differ: a 2025 client
+//! declared its own capabilities, a 2026-07-28 client declares them per request, a REST caller
+//! can be asked nothing. So Portcullis keeps one session per set of askable capabilities
+//! (`Asks`: a handful at most), and each request goes on the session that declares exactly what
+//! its caller can answer.
+//!
+//! The catalog and subscriptions stay on the rmcp session of `mcp`. Each session's own GET
 //! stream is read too: servers announce list changes caused by a request to the session that
 //! made it.
 
@@ -13,6 +20,7 @@ use crate::mcp::protocol::LEGACY_VERSIONS;
 use futures::future::BoxFuture;
 use portcullis_crds::snapshot::Upstream;
 use serde_json::{Value, json};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -57,6 +65,52 @@ pub fn require_declared(declared: &Value, method: &str) -> Result<(), Refused> {
     Err(Refused { code: -32601, message: format!("the client did not declare support for {method}") })
 }
 
+/// What a caller can be asked, as the client capabilities a session declares: the three
+/// capabilities servers use to ask, with the sub-capabilities the 2025 revisions define. A bit
+/// set, so the sessions stay few whatever callers put in their capabilities.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Asks(u8);
+
+/// (capability, sub-capability or "" for the capability itself), one bit each.
+const ASKABLE: [(&str, &str); 8] = [
+    ("sampling", ""),
+    ("sampling", "tools"),
+    ("sampling", "context"),
+    ("elicitation", ""),
+    ("elicitation", "form"),
+    ("elicitation", "url"),
+    ("roots", ""),
+    ("roots", "listChanged"),
+];
+
+impl Asks {
+    /// What a client that declared `declared` can be asked.
+    pub fn of(declared: Option<&Value>) -> Self {
+        let Some(declared) = declared else { return Self::default() };
+        let bits = ASKABLE.iter().enumerate().fold(0u8, |bits, (bit, (capability, sub))| {
+            let present = declared.get(capability).is_some_and(|c| sub.is_empty() || c.get(sub).is_some());
+            if present { bits | 1 << bit } else { bits }
+        });
+        Self(bits)
+    }
+
+    /// The client capabilities a session for these callers declares.
+    pub fn capabilities(self) -> Value {
+        let mut capabilities = serde_json::Map::new();
+        for (bit, (capability, sub)) in ASKABLE.iter().enumerate() {
+            if self.0 & 1 << bit == 0 {
+                continue;
+            }
+            let entry = capabilities.entry(*capability).or_insert_with(|| json!({}));
+            if !sub.is_empty() {
+                // `roots.listChanged` is a flag; the others are objects.
+                entry[*sub] = if *sub == "listChanged" { json!(true) } else { json!({}) };
+            }
+        }
+        Value::Object(capabilities)
+    }
+}
+
 impl std::fmt::Debug for dyn AskClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("AskClient")
@@ -66,6 +120,8 @@ impl std::fmt::Debug for dyn AskClient {
 /// A 2025 session of Portcullis's own with the upstream.
 #[derive(Debug)]
 struct Session {
+    /// What it declared its client can be asked.
+    asks: Asks,
     /// `Mcp-Session-Id`, when the server issued one.
     id: Option<String>,
     /// The negotiated protocol version.
@@ -99,7 +155,7 @@ pub struct LegacyCalls {
     // The upstream's URL, parsed once (`None` if it does not parse: requests then fail at send).
     parsed_url: Option<reqwest::Url>,
     next_id: AtomicU64,
-    session: tokio::sync::Mutex<Option<Arc<Session>>>,
+    sessions: tokio::sync::Mutex<HashMap<Asks, Arc<Session>>>,
     announcements: Announcements,
 }
 
@@ -144,14 +200,14 @@ impl LegacyCalls {
             upstream,
             parsed_url,
             next_id: AtomicU64::new(1),
-            session: tokio::sync::Mutex::default(),
+            sessions: tokio::sync::Mutex::default(),
             announcements,
         })
     }
 
-    /// Forgets the session (the upstream went away; the next request starts a new one).
+    /// Forgets the sessions (the upstream went away; the next request starts a new one).
     pub async fn reset(&self) {
-        *self.session.lock().await = None;
+        self.sessions.lock().await.clear();
     }
 
     /// A request on `session`: its version and id, and the connection's own headers.
@@ -178,11 +234,12 @@ impl LegacyCalls {
             .body(body.to_string())
     }
 
-    /// The current session, starting one (initialize, then `notifications/initialized`) when
-    /// there is none. `preferred` is the version to offer.
-    async fn session(self: &Arc<Self>, preferred: Option<&str>) -> Result<Arc<Session>, String> {
-        let mut current = self.session.lock().await;
-        if let Some(session) = current.as_ref() {
+    /// The current session for callers who can be asked `asks`, starting one (initialize,
+    /// then `notifications/initialized`) when there is none. `preferred` is the version to
+    /// offer.
+    async fn session(self: &Arc<Self>, asks: Asks, preferred: Option<&str>) -> Result<Arc<Session>, String> {
+        let mut sessions = self.sessions.lock().await;
+        if let Some(session) = sessions.get(&asks) {
             return Ok(session.clone());
         }
         let offered = preferred.filter(|v| LEGACY_VERSIONS.contains(v)).unwrap_or(LEGACY_VERSIONS[0]);
@@ -193,13 +250,12 @@ impl LegacyCalls {
             "method": "initialize",
             "params": {
                 "protocolVersion": offered,
-                // What callers' clients can be asked for; when the caller of a request cannot,
-                // the upstream's request is refused.
-                "capabilities": { "sampling": {}, "elicitation": {}, "roots": {} },
+                // Exactly what this session's callers can be asked.
+                "capabilities": asks.capabilities(),
                 "clientInfo": { "name": "portcullis", "version": env!("CARGO_PKG_VERSION") },
             },
         });
-        let unversioned = Session { id: None, version: offered.to_string() };
+        let unversioned = Session { asks, id: None, version: offered.to_string() };
         let response = self.post(&unversioned, &initialize).send().await.map_err(|e| root_cause(&e))?;
         if !response.status().is_success() {
             return Err(format!("initialize answered HTTP status {}", response.status()));
@@ -214,7 +270,7 @@ impl LegacyCalls {
             .ok_or_else(|| format!("initialize was not answered with a 2025 protocol version: {answer}"))?
             .to_string();
         let logging = answer.get("result").and_then(|r| r.get("capabilities")).and_then(|c| c.get("logging")).is_some();
-        let session = Arc::new(Session { id: session_id, version });
+        let session = Arc::new(Session { asks, id: session_id, version });
         let initialized = json!({ "jsonrpc": "2.0", "method": "notifications/initialized" });
         self.post(&session, &initialized).send().await.map_err(|e| root_cause(&e))?;
         if logging {
@@ -226,14 +282,14 @@ impl LegacyCalls {
                 let _ = read_answer(response, id, &CallerMeta::default(), |_| async { None }).await;
             }
         }
-        *current = Some(session.clone());
+        sessions.insert(asks, session.clone());
         tokio::spawn(listen(Arc::downgrade(self), session.clone()));
         Ok(session)
     }
 
-    /// Whether `session` is still the current one.
+    /// Whether `session` is still the current one for its callers.
     async fn is_current(&self, session: &Arc<Session>) -> bool {
-        self.session.lock().await.as_ref().is_some_and(|current| Arc::ptr_eq(current, session))
+        self.sessions.lock().await.get(&session.asks).is_some_and(|current| Arc::ptr_eq(current, session))
     }
 
     /// What arrives on the session's GET stream: list changes and resource updates are
@@ -276,14 +332,17 @@ impl LegacyCalls {
         caller: &CallerMeta,
         preferred: Option<&str>,
     ) -> Result<Value, String> {
+        // Only a caller with a client to ask can be asked anything.
+        let asks =
+            if caller.ask_client.is_some() { Asks::of(caller.client_capabilities.as_ref()) } else { Asks::default() };
         for _ in 0..2 {
-            let session = self.session(preferred).await?;
+            let session = self.session(asks, preferred).await?;
             match self.request_on(&session, method, params.clone(), caller).await {
                 Ok(answer) => return Ok(answer),
                 Err(Failure::SessionGone) => {
-                    let mut current = self.session.lock().await;
-                    if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &session)) {
-                        *current = None;
+                    let mut sessions = self.sessions.lock().await;
+                    if sessions.get(&asks).is_some_and(|c| Arc::ptr_eq(c, &session)) {
+                        sessions.remove(&asks);
                     }
                 }
                 Err(Failure::Other(error)) => return Err(error),
@@ -421,5 +480,23 @@ async fn listen(calls: std::sync::Weak<LegacyCalls>, session: Arc<Session>) {
         })
         .await;
         tokio::time::sleep(backoff).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_declare_exactly_what_their_callers_can_be_asked() {
+        assert_eq!(Asks::of(None).capabilities(), json!({}));
+        assert_eq!(Asks::of(Some(&json!({"experimental": {"x": {}}}))), Asks::default());
+        let declared =
+            json!({"sampling": {"tools": {}, "unknown": {}}, "roots": {"listChanged": true}, "extensions": {}});
+        let asks = Asks::of(Some(&declared));
+        assert_eq!(asks.capabilities(), json!({"sampling": {"tools": {}}, "roots": {"listChanged": true}}));
+        // The declared capabilities of a session choose the same session again.
+        assert_eq!(Asks::of(Some(&asks.capabilities())), asks);
+        assert_ne!(Asks::of(Some(&json!({"elicitation": {}}))), Asks::of(Some(&json!({"elicitation": {"url": {}}}))));
     }
 }

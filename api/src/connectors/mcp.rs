@@ -622,8 +622,9 @@ impl McpUpstream {
         // asked on) gets the upstream's requests for input as input_required.
         if caller.ask_client.is_none() && caller.client_capabilities.is_some() {
             let (legacy, method, mut caller) = (self.legacy.clone(), method.to_string(), caller.clone());
-            // The 2025 session never reads them: the held call's asker checks them.
-            let declared = caller.client_capabilities.take().unwrap_or_default();
+            // They choose the upstream session (one declaring what this client can answer) and
+            // are checked against each request for input.
+            let declared = caller.client_capabilities.clone().unwrap_or_default();
             let outcome = self
                 .held
                 .start(
@@ -697,6 +698,11 @@ impl McpUpstream {
     ) -> Result<serde_json::Value, CallError> {
         match outcome {
             held_calls::Outcome::Waiting => Err(CallError::Timeout(timeout)),
+            held_calls::Outcome::Missing(capability) => Err(CallError::Rpc(rmcp::ErrorData::new(
+                rmcp::model::ErrorCode(-32021),
+                "Missing required client capability",
+                Some(serde_json::json!({ "requiredCapabilities": { capability: {} } })),
+            ))),
             held_calls::Outcome::InputRequired(result) => Ok(result),
             held_calls::Outcome::Answered(Err(error)) => {
                 self.unreachable(error.clone()).await;
@@ -950,8 +956,8 @@ fn answer_of(message: serde_json::Value) -> Result<serde_json::Value, CallError>
 }
 
 /// The response to request `id` on an event stream. Progress and log messages before it go to
-/// `sink`; the server's other messages (requests, other notifications) go to `on_message`,
-/// which is awaited before reading on.
+/// `sink`; the server's other messages (requests, other notifications) go to `on_message`, whose
+/// futures run while reading on: a server may send several requests and wait for all of them.
 pub(super) async fn read_event_stream<F, Fut>(
     mut response: reqwest::Response,
     id: u64,
@@ -962,9 +968,15 @@ where
     F: FnMut(serde_json::Value) -> Fut,
     Fut: std::future::Future<Output = Option<()>>,
 {
+    use futures::StreamExt;
     let mut buffer: Vec<u8> = Vec::new();
+    let mut handling = futures::stream::FuturesUnordered::new();
     loop {
-        let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? else {
+        let chunk = tokio::select! {
+            chunk = response.chunk() => chunk.map_err(|e| e.to_string())?,
+            Some(_) = handling.next(), if !handling.is_empty() => continue,
+        };
+        let Some(chunk) = chunk else {
             return Err("the event stream ended without an answer".into());
         };
         buffer.extend_from_slice(&chunk);
@@ -992,9 +1004,7 @@ where
                 );
             match sink {
                 Some(sink) if about_request => sink.forward(message),
-                _ if message.get("method").is_some() => {
-                    on_message(message).await;
-                }
+                _ if message.get("method").is_some() => handling.push(on_message(message)),
                 _ => {}
             }
         }

@@ -401,12 +401,23 @@ impl Reference {
                 "resultType": "input_required", "inputRequests": requests,
             }))?)));
         }
-        let mut answers = serde_json::Map::new();
-        for (key, request) in requests.as_object().cloned().unwrap_or_default() {
+        // 2025: server requests, sent together and awaited together.
+        Ok(Ok(Value::Object(self.ask_all(context, &requests).await?)))
+    }
+
+    /// Sends each of `requests` (key → method and params) to the client at once; the answers by
+    /// key.
+    async fn ask_all(
+        &self,
+        context: &RequestContext<RoleServer>,
+        requests: &Value,
+    ) -> Result<serde_json::Map<String, Value>, ErrorData> {
+        let requests = requests.as_object().cloned().unwrap_or_default();
+        let asked = requests.iter().map(|(key, request)| async move {
             let answer = self.ask(context, request["method"].as_str().unwrap_or(""), request["params"].clone()).await?;
-            answers.insert(key, answer);
-        }
-        Ok(Ok(Value::Object(answers)))
+            Ok::<_, ErrorData>((key.clone(), answer))
+        });
+        Ok(futures::future::try_join_all(asked).await?.into_iter().collect())
     }
 
     async fn log(&self, context: &RequestContext<RoleServer>, message: &str) {
@@ -618,11 +629,9 @@ impl Reference {
         rounds: u64,
     ) -> Result<CallToolResponse, ErrorData> {
         if !Self::modern(context) {
-            // 2025: each round asks with server requests and waits for the answers.
+            // 2025: each round asks with server requests, all at once, and waits for the answers.
             for _ in 0..rounds {
-                for (_, asked) in request.as_object().cloned().unwrap_or_default() {
-                    self.ask(context, asked["method"].as_str().unwrap_or(""), asked["params"].clone()).await?;
-                }
+                self.ask_all(context, &request).await?;
             }
             return complete(vec![text(format!("Completed after {rounds} round(s) of input"))]);
         }
