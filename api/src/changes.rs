@@ -51,6 +51,19 @@ pub enum HeldMessage {
         /// How long the holder may wait for the call's next step (ms).
         limit_ms: u64,
     },
+    /// `tasks/get`, `tasks/update` or `tasks/cancel` about a task Portcullis runs (see
+    /// `connectors::task_runs`), for whichever replica runs it; answered with an `Outcome`
+    /// (`{"answer": …}`).
+    Task {
+        /// The tenant's connection.
+        connection: String,
+        /// Names this exchange.
+        exchange: String,
+        /// The method.
+        method: String,
+        /// Its params (`taskId`, and for an update `inputResponses`).
+        params: serde_json::Map<String, serde_json::Value>,
+    },
     /// The holder has the call and is resuming it.
     Accepted {
         /// The exchange.

@@ -328,7 +328,15 @@ fn compile_connection(
                     }
                 }
             }
-            Upstream::Mcp { url: mcp.url.clone(), headers, refresh_interval_seconds: mcp.refresh_interval_seconds }
+            Upstream::Mcp {
+                url: mcp.url.clone(),
+                headers,
+                refresh_interval_seconds: mcp.refresh_interval_seconds,
+                run_as_tasks: crate::snapshot::TaskTools {
+                    optional: glob_list(r, "spec.mcp.runAsTasks.optional", &mcp.run_as_tasks.optional, problems),
+                    required: glob_list(r, "spec.mcp.runAsTasks.required", &mcp.run_as_tasks.required, problems),
+                },
+            }
         }
         other => {
             problems.push(Problem::error(

@@ -229,6 +229,29 @@ pub struct McpUpstream {
     #[serde(default = "default_refresh_seconds")]
     #[schemars(range(min = 5, max = 86400))]
     pub refresh_interval_seconds: u32,
+    /// Tools that Portcullis runs as tasks (the 2026-07-28 tasks extension) for clients that
+    /// take tasks, while the upstream speaks only 2025 and so has none: the call runs in the
+    /// background and the client polls it. Ignored while the upstream offers tasks itself.
+    #[serde(default, skip_serializing_if = "RunAsTasks::is_empty")]
+    pub run_as_tasks: RunAsTasks,
+}
+
+/// Upstream tool names (globs) run as tasks, by their task support (as 2025-11-25's
+/// `execution.taskSupport` names it).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, JsonSchema, PartialEq)]
+pub struct RunAsTasks {
+    /// A task for clients that take tasks, an ordinary call for the others.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub optional: Vec<String>,
+    /// Only ever a task: clients that do not take tasks are refused (-32021).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub required: Vec<String>,
+}
+
+impl RunAsTasks {
+    fn is_empty(&self) -> bool {
+        self.optional.is_empty() && self.required.is_empty()
+    }
 }
 
 /// Include and exclude globs over an upstream's own tool names.

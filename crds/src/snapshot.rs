@@ -111,7 +111,42 @@ pub enum Upstream {
         headers: Vec<(String, SecretValue)>,
         /// Seconds between catalog refreshes.
         refresh_interval_seconds: u32,
+        /// Upstream tool names Portcullis runs as tasks while the upstream has none.
+        #[serde(default)]
+        run_as_tasks: TaskTools,
     },
+}
+
+/// Upstream tool names Portcullis runs as tasks (`spec.mcp.runAsTasks`), compiled.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskTools {
+    /// A task for clients that take tasks.
+    pub optional: GlobList,
+    /// Only ever a task.
+    pub required: GlobList,
+}
+
+impl Default for TaskTools {
+    fn default() -> Self {
+        Self { optional: GlobList::empty(), required: GlobList::empty() }
+    }
+}
+
+impl TaskTools {
+    /// Whether the tool runs as a task for clients that take tasks.
+    pub fn runs(&self, tool: &str) -> bool {
+        self.optional.is_match(tool) || self.required.is_match(tool)
+    }
+
+    /// Whether the tool runs only as a task.
+    pub fn requires(&self, tool: &str) -> bool {
+        self.required.is_match(tool)
+    }
+
+    /// Whether no tool runs as a task.
+    pub fn is_empty(&self) -> bool {
+        self.optional.patterns().is_empty() && self.required.patterns().is_empty()
+    }
 }
 
 /// A connection with its filters compiled and its Secret references resolved.

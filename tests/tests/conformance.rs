@@ -28,17 +28,14 @@ const GATEWAY_GAPS_2026: [(&str, &str); 0] = [];
 
 /// Scenarios a 2026-07-28 client passes against the upstream but not through the gateway in
 /// front of the upstream restricted to 2025. Portcullis holds the 2025 upstream's call open and
-/// hands its requests for input to the client as `input_required`; what a 2025 upstream cannot
-/// express stays out of reach.
-const BRIDGE_GAPS_2026_CLIENT: [(&str, &str); 10] = [
-    ("tasks-capability-negotiation", NO_TASKS_IN_2025),
-    ("tasks-dispatch-and-envelope", NO_TASKS_IN_2025),
-    ("tasks-lifecycle", NO_TASKS_IN_2025),
-    ("tasks-mrtr-composition", NO_TASKS_IN_2025),
-    ("tasks-mrtr-input", NO_TASKS_IN_2025),
-    ("tasks-request-headers", NO_TASKS_IN_2025),
-    ("tasks-request-state-removal", NO_TASKS_IN_2025),
-    ("tasks-wire-fields", NO_TASKS_IN_2025),
+/// hands its requests for input to the client as `input_required`, and runs the tools the
+/// connection names in `runAsTasks` as tasks; what a 2025 upstream cannot express stays out of
+/// reach.
+const BRIDGE_GAPS_2026_CLIENT: [(&str, &str); 3] = [
+    (
+        "tasks-mrtr-composition",
+        "a 2025 tool that asks for input cannot say whether it wants the answer before its task (input_required, then a task) or inside it; Portcullis makes the task first, as tasks-mrtr-input expects",
+    ),
     (
         "input-required-result-basic-elicitation",
         "2025 server requests have no keys: Portcullis names the one it forwards \"input\", the scenario expects the 2026 tool's own key",
@@ -48,10 +45,6 @@ const BRIDGE_GAPS_2026_CLIENT: [(&str, &str); 10] = [
         "the scenario answers before being asked (a first call with inputResponses), which a 2025 upstream cannot take",
     ),
 ];
-
-/// Why the tasks scenarios fail in front of a 2025-only upstream.
-const NO_TASKS_IN_2025: &str =
-    "the tasks extension is 2026-07-28's: a 2025 upstream offers none, and Portcullis does not run tasks itself";
 
 /// Scenarios a 2025 client passes against the upstream but not through the gateway in front of
 /// the upstream restricted to 2025.
@@ -171,7 +164,15 @@ spec:
 apiVersion: portcullis.dev/v1alpha1
 kind: Connection
 metadata: {{name: reference, namespace: conformance}}
-spec: {{prefix: reference, mcp: {{url: "{upstream_url}"}}}}
+# In front of the upstream restricted to 2025 (which has no tasks), Portcullis runs the task
+# fixtures as tasks itself; the upstream's own tasks pass through otherwise.
+spec:
+  prefix: reference
+  mcp:
+    url: "{upstream_url}"
+    runAsTasks:
+      optional: [slow_compute, protocol_error_job, confirm_delete]
+      required: [failing_job, multi_input]
 ---
 # The suite calls the upstream's tools by their own names: no prefixes.
 apiVersion: portcullis.dev/v1alpha1

@@ -348,9 +348,14 @@ async fn tool_list_changes_reach_listen_streams_on_every_replica_through_redis()
 async fn two_replicas_in_front_of(
     upstream: &Upstream,
 ) -> (Shared, Cluster, support::cluster::Replica, support::cluster::Replica) {
+    two_replicas_serving(&quickstart(&upstream.url())).await
+}
+
+async fn two_replicas_serving(
+    files: &[(&str, String)],
+) -> (Shared, Cluster, support::cluster::Replica, support::cluster::Replica) {
     let backends = Shared::start().await;
-    let cluster =
-        Cluster::new(&backends.database_url, &backends.redis_url, &backends.redis_prefix, &quickstart(&upstream.url()));
+    let cluster = Cluster::new(&backends.database_url, &backends.redis_url, &backends.redis_prefix, files);
     cluster.publish();
     let (a, b) = tokio::join!(cluster.replica(), cluster.replica());
     for replica in [&a, &b] {
@@ -435,4 +440,86 @@ async fn a_retry_of_a_call_held_on_one_replica_completes_it_from_the_other() {
     again["inputResponses"] = json!({"input": {"action": "accept", "content": {}}});
     let (_, ended) = a.mcp_modern(ANALYST_KEY, 3, "tools/call", again).await;
     assert_eq!(ended["error"]["code"], -32602, "{ended}");
+}
+
+/// Polls `tasks/get` on `replica` until the task has `status`.
+async fn task_reaches(replica: &support::cluster::Replica, task_id: &str, status: &str) -> Value {
+    let mut last = Value::Null;
+    for attempt in 0..100 {
+        let params = json!({"taskId": task_id, "_meta": {"io.modelcontextprotocol/clientCapabilities": {
+            "extensions": {"io.modelcontextprotocol/tasks": {}}}}});
+        let (code, task) = replica.mcp_modern(ANALYST_KEY, 100 + attempt, "tasks/get", params).await;
+        assert_eq!(code, 200, "{task}");
+        last = task["result"].clone();
+        if last["status"] == status {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the task never became {status}: {last}");
+}
+
+#[tokio::test]
+async fn tasks_portcullis_runs_for_a_2025_upstream_are_served_by_every_replica() {
+    // The upstream speaks only 2025 (no tasks); the connection names tools Portcullis runs as
+    // tasks. A task started on A is polled, answered and cancelled through B.
+    let upstream = Upstream::start_binary("mcp-reference-server", "legacy", &[]).await;
+    let files: Vec<_> = quickstart(&upstream.url())
+        .into_iter()
+        .map(|(name, text)| {
+            let tasks = "refreshIntervalSeconds: 5, runAsTasks: {optional: [confirm_delete, slow_compute], required: [failing_job]}}}";
+            (name, text.replace("refreshIntervalSeconds: 5}}", tasks))
+        })
+        .collect();
+    let (_backends, _cluster, a, b) = two_replicas_serving(&files).await;
+    let tasks = json!({"elicitation": {}, "extensions": {"io.modelcontextprotocol/tasks": {}}});
+    let meta = json!({"io.modelcontextprotocol/clientCapabilities": tasks});
+
+    let (_, discovered) = a.mcp_modern(ANALYST_KEY, 1, "server/discover", json!({})).await;
+    assert!(
+        discovered["result"]["capabilities"]["extensions"]["io.modelcontextprotocol/tasks"].is_object(),
+        "announced while Portcullis runs tasks for the connection: {discovered}"
+    );
+
+    let call = json!({"name": "notes.confirm_delete", "arguments": {"filename": "a.txt"}, "_meta": meta});
+    let (code, created) = a.mcp_modern(ANALYST_KEY, 2, "tools/call", call).await;
+    assert_eq!(code, 200, "{created}");
+    assert_eq!(created["result"]["resultType"], "task", "{created}");
+    assert_eq!(created["result"]["status"], "working", "{created}");
+    let task_id = created["result"]["taskId"].as_str().expect("a task id").to_string();
+    assert!(task_id.starts_with("pct1.") && !created.to_string().contains("portcullis-run-"), "{created}");
+
+    let asking = task_reaches(&b, &task_id, "input_required").await;
+    let requests = asking["inputRequests"].as_object().expect("input requests");
+    assert_eq!(requests.len(), 1, "{asking}");
+    let (key, request) = requests.iter().next().expect("one request");
+    assert_eq!(request["method"], "elicitation/create", "{asking}");
+    assert!(asking.get("requestState").is_none(), "{asking}");
+    let answer = json!({"taskId": task_id, "_meta": meta,
+        "inputResponses": { key.as_str(): {"action": "accept", "content": {"confirm": true}}}});
+    let (code, ack) = b.mcp_modern(ANALYST_KEY, 3, "tasks/update", answer).await;
+    assert_eq!((code, ack["result"]["resultType"].as_str()), (200, Some("complete")), "{ack}");
+    let done = task_reaches(&b, &task_id, "completed").await;
+    let text = done["result"]["content"][0]["text"].as_str().unwrap_or_default();
+    assert!(text.contains("confirmed = true"), "{done}");
+
+    // Another caller cannot reach it.
+    let (_, other) = b.mcp_modern(ADMIN_KEY, 4, "tasks/get", json!({"taskId": task_id, "_meta": meta})).await;
+    assert_eq!(other["error"]["code"], -32602, "{other}");
+
+    // A tool that runs only as a task refuses a client that does not take tasks.
+    let (code, refused) = a.mcp_modern(ANALYST_KEY, 5, "tools/call", json!({"name": "notes.failing_job"})).await;
+    assert_eq!((code, refused["error"]["code"].as_i64()), (400, Some(-32021)), "{refused}");
+    // Other tools run as ordinary calls for it.
+    let sync = json!({"name": "notes.slow_compute", "arguments": {"seconds": 0}});
+    let (_, answered) = a.mcp_modern(ANALYST_KEY, 6, "tools/call", sync).await;
+    assert_eq!(answered["result"]["resultType"], "complete", "{answered}");
+
+    // A long task started on A, cancelled through B.
+    let call = json!({"name": "notes.slow_compute", "arguments": {"seconds": 60}, "_meta": meta});
+    let (_, created) = a.mcp_modern(ANALYST_KEY, 7, "tools/call", call).await;
+    let long_id = created["result"]["taskId"].as_str().expect("a task id").to_string();
+    let (code, ack) = b.mcp_modern(ANALYST_KEY, 8, "tasks/cancel", json!({"taskId": long_id, "_meta": meta})).await;
+    assert_eq!(code, 200, "{ack}");
+    assert_eq!(task_reaches(&a, &long_id, "cancelled").await["status"], "cancelled");
 }

@@ -41,10 +41,33 @@ fn input_key(index: usize) -> String {
 const STATE_PREFIX: &str = "held:";
 
 /// One request of the upstream for the client, with where its answer goes.
-struct Need {
-    method: String,
-    params: Value,
-    answer: oneshot::Sender<Result<Value, Refused>>,
+pub(super) struct Need {
+    /// `sampling/createMessage`, `elicitation/create` or `roots/list`.
+    pub method: String,
+    /// Its params, as the upstream sent them.
+    pub params: Value,
+    /// Takes the client's answer.
+    pub answer: oneshot::Sender<Result<Value, Refused>>,
+}
+
+/// An `AskClient` whose requests arrive as `Need`s on the receiver.
+pub(super) fn ask_through_channel() -> (Arc<dyn AskClient>, mpsc::UnboundedReceiver<Need>) {
+    let (needs, receiver) = mpsc::unbounded_channel();
+    (Arc::new(ForwardNeeds { needs }), receiver)
+}
+
+/// `first` and the requests sent with it (arriving within `GATHER_WITHIN` of each other).
+pub(super) async fn gather(first: Need, needs: &mut mpsc::UnboundedReceiver<Need>) -> Vec<Need> {
+    let mut gathered = vec![first];
+    while let Ok(Some(need)) = tokio::time::timeout(GATHER_WITHIN, needs.recv()).await {
+        gathered.push(need);
+    }
+    gathered
+}
+
+/// The capability the first of `needs` that the client did not declare needs, if any.
+pub(super) fn undeclared(needs: &[Need], declared: &Value) -> Option<&'static str> {
+    needs.iter().find(|n| !declares(declared, &n.method)).and_then(|n| capability_for(&n.method))
 }
 
 /// Turns an upstream's requests for input into `Need`s for the held-call machinery (which
@@ -139,8 +162,7 @@ impl HeldCalls {
     where
         F: FnOnce(Arc<dyn AskClient>) -> BoxFuture<'static, Result<Value, String>>,
     {
-        let (needs, receiver) = mpsc::unbounded_channel();
-        let asker: Arc<dyn AskClient> = Arc::new(ForwardNeeds { needs });
+        let (asker, receiver) = ask_through_channel();
         let held = Held {
             call: tokio::spawn(call(asker)),
             needs: receiver,
@@ -200,13 +222,8 @@ impl HeldCalls {
                 Outcome::Answered((&mut held.call).await.unwrap_or_else(|e| Err(format!("the call failed: {e}"))))
             }
             Ok(Err(Some(first))) => {
-                let mut needs = vec![first];
-                while let Ok(Some(need)) = tokio::time::timeout(GATHER_WITHIN, held.needs.recv()).await {
-                    needs.push(need);
-                }
-                if let Some(missing) =
-                    needs.iter().find(|n| !declares(&held.declared, &n.method)).and_then(|n| capability_for(&n.method))
-                {
+                let needs = gather(first, &mut held.needs).await;
+                if let Some(missing) = undeclared(&needs, &held.declared) {
                     // Dropping the held call cancels it upstream.
                     return Outcome::Missing(missing.to_string());
                 }

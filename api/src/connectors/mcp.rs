@@ -170,6 +170,8 @@ pub struct McpUpstream {
     legacy: Arc<super::legacy_calls::LegacyCalls>,
     // Calls to a 2025 upstream waiting for a 2026-07-28 client's input.
     held: HeldCalls,
+    // Calls to a 2025 upstream that Portcullis runs as tasks.
+    runs: super::task_runs::TaskRuns,
     // Retries of calls held on other replicas, waiting for the holder's messages.
     exchanges: Arc<std::sync::Mutex<HashMap<String, tokio::sync::mpsc::UnboundedSender<serde_json::Value>>>>,
     // Upstream URIs callers subscribed to, each with its number of subscriptions.
@@ -187,6 +189,7 @@ impl Drop for McpUpstream {
             task.abort();
         }
         self.stop_change_listener();
+        self.runs.stop_all();
     }
 }
 
@@ -232,6 +235,7 @@ impl McpUpstream {
             catalog_changed,
             legacy,
             held: HeldCalls::default(),
+            runs: super::task_runs::TaskRuns::default(),
             exchanges: Arc::default(),
             subscriptions: std::sync::Mutex::default(),
             tasks: RwLock::new(Vec::new()),
@@ -590,6 +594,11 @@ impl McpUpstream {
         caller: &CallerMeta,
         timeout: Duration,
     ) -> Result<serde_json::Value, CallError> {
+        if method.starts_with("tasks/")
+            && params.get("taskId").and_then(serde_json::Value::as_str).is_some_and(super::task_runs::is_run)
+        {
+            return self.run_request(method, params).await;
+        }
         // A 2026-07-28 upstream needs no session: one plain POST, its JSON relayed as is
         // (no decoding into typed results and re-encoding on the hot path).
         if self.speaks_modern() {
@@ -618,6 +627,38 @@ impl McpUpstream {
             return self.held_outcome(outcome, timeout).await;
         }
         let preferred = self.read_state().protocol_version.clone();
+        // A tool the connection runs as a task, for a caller that takes tasks; one that runs
+        // only as a task refuses the others.
+        let runs_as_task = method == "tools/call"
+            && params.get("name").and_then(serde_json::Value::as_str).is_some_and(|name| self.runs_as_task(name));
+        let takes_tasks =
+            caller.ask_client.is_none() && crate::mcp::tasks::declared(caller.client_capabilities.as_ref());
+        if runs_as_task && !takes_tasks {
+            let Upstream::Mcp { run_as_tasks, .. } = &self.upstream;
+            if params.get("name").and_then(serde_json::Value::as_str).is_some_and(|name| run_as_tasks.requires(name)) {
+                return Err(CallError::Rpc(rmcp::ErrorData::new(
+                    rmcp::model::ErrorCode(-32021),
+                    "This tool runs only as a task: declare the io.modelcontextprotocol/tasks extension",
+                    Some(
+                        serde_json::json!({ "requiredCapabilities": { "extensions": { crate::mcp::tasks::EXTENSION: {} } } }),
+                    ),
+                )));
+            }
+        }
+        if runs_as_task && takes_tasks {
+            let (legacy, mut caller, preferred) = (self.legacy.clone(), caller.clone(), preferred.clone());
+            let declared = caller.client_capabilities.clone().unwrap_or_default();
+            let params = params.clone();
+            let created = self.runs.start(declared, move |asker| {
+                Box::pin(async move {
+                    caller.ask_client = Some(asker);
+                    legacy.request("tools/call", params, &caller, preferred.as_deref()).await
+                })
+            });
+            if let Some(created) = created {
+                return Ok(created);
+            }
+        }
         // A 2026-07-28 caller (it declares its capabilities per request, and has no stream to be
         // asked on) gets the upstream's requests for input as input_required.
         if caller.ask_client.is_none() && caller.client_capabilities.is_some() {
@@ -654,6 +695,71 @@ impl McpUpstream {
         }
     }
 
+    /// Whether the upstream's tool `name` runs as a task Portcullis runs (the upstream speaks
+    /// 2025, which has no tasks, and the connection names the tool in `runAsTasks`).
+    fn runs_as_task(&self, name: &str) -> bool {
+        let Upstream::Mcp { run_as_tasks, .. } = &self.upstream;
+        !self.speaks_modern() && run_as_tasks.runs(name)
+    }
+
+    /// Whether callers may be offered the tasks extension for this connection: the upstream
+    /// offers it, or Portcullis runs some of its tools as tasks.
+    pub fn offers_tasks(&self) -> bool {
+        let Upstream::Mcp { run_as_tasks, .. } = &self.upstream;
+        self.catalog().tasks || (!self.speaks_modern() && !run_as_tasks.is_empty())
+    }
+
+    /// `tasks/get`, `tasks/update` or `tasks/cancel` about a run of Portcullis's: served here,
+    /// or by the replica that runs it; -32602 when none does (ended, expired or lost).
+    async fn run_request(
+        &self,
+        method: &str,
+        params: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<serde_json::Value, CallError> {
+        let answer = match self.runs.serve(method, &params) {
+            Some(answer) => Some(answer),
+            None => {
+                let exchange = uuid::Uuid::new_v4().simple().to_string();
+                let message = crate::changes::HeldMessage::Task {
+                    connection: self.name.clone(),
+                    exchange: exchange.clone(),
+                    method: method.to_string(),
+                    params,
+                };
+                self.ask_elsewhere(exchange, message, Duration::ZERO)
+                    .await
+                    .and_then(|mut outcome| outcome.get_mut("answer").map(serde_json::Value::take))
+            }
+        };
+        answer.ok_or_else(|| CallError::Rpc(rmcp::ErrorData::invalid_params("Unknown task", None)))
+    }
+
+    /// Sends `message` (about exchange `exchange`) to the other replicas and waits for the
+    /// answer of the one that has what it is about: at once, or after an `accepted` within
+    /// `limit`. `None` when no replica answers.
+    async fn ask_elsewhere(
+        &self,
+        exchange: String,
+        message: crate::changes::HeldMessage,
+        limit: Duration,
+    ) -> Option<serde_json::Value> {
+        struct Forget<'a>(&'a McpUpstream, String);
+        impl Drop for Forget<'_> {
+            fn drop(&mut self) {
+                self.0.exchanges.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
+            }
+        }
+        let (sender, mut received) = tokio::sync::mpsc::unbounded_channel();
+        self.exchanges.lock().unwrap_or_else(|e| e.into_inner()).insert(exchange.clone(), sender);
+        let _forget = Forget(self, exchange);
+        self.changes.send_held(&self.tenant, message);
+        let first = tokio::time::timeout(HOLDER_ANSWERS_WITHIN, received.recv()).await.ok()??;
+        if first.get("accepted").is_some() {
+            return tokio::time::timeout(limit + HOLDER_ANSWERS_WITHIN, received.recv()).await.ok()?;
+        }
+        Some(first)
+    }
+
     /// Hands a retry of a call held on another replica to that replica over the change bus, and
     /// waits for its outcome; `None` when no replica holds the call.
     async fn resume_elsewhere(
@@ -662,32 +768,15 @@ impl McpUpstream {
         responses: Option<&serde_json::Value>,
         limit: Duration,
     ) -> Option<held_calls::Outcome> {
-        struct Forget<'a>(&'a McpUpstream, String);
-        impl Drop for Forget<'_> {
-            fn drop(&mut self) {
-                self.0.exchanges.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
-            }
-        }
         let exchange = uuid::Uuid::new_v4().simple().to_string();
-        let (sender, mut received) = tokio::sync::mpsc::unbounded_channel();
-        self.exchanges.lock().unwrap_or_else(|e| e.into_inner()).insert(exchange.clone(), sender);
-        let _forget = Forget(self, exchange.clone());
-        self.changes.send_held(
-            &self.tenant,
-            crate::changes::HeldMessage::Retry {
-                connection: self.name.clone(),
-                exchange,
-                handle: handle.to_string(),
-                responses: responses.cloned(),
-                limit_ms: u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
-            },
-        );
-        let first = tokio::time::timeout(HOLDER_ANSWERS_WITHIN, received.recv()).await.ok()??;
-        let outcome = if first.get("accepted").is_some() {
-            tokio::time::timeout(limit + HOLDER_ANSWERS_WITHIN, received.recv()).await.ok()??
-        } else {
-            first
+        let message = crate::changes::HeldMessage::Retry {
+            connection: self.name.clone(),
+            exchange: exchange.clone(),
+            handle: handle.to_string(),
+            responses: responses.cloned(),
+            limit_ms: u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
         };
+        let outcome = self.ask_elsewhere(exchange, message, limit).await?;
         held_calls::Outcome::from_json(&outcome)
     }
 
@@ -956,8 +1045,9 @@ fn answer_of(message: serde_json::Value) -> Result<serde_json::Value, CallError>
 }
 
 /// The response to request `id` on an event stream. Progress and log messages before it go to
-/// `sink`; the server's other messages (requests, other notifications) go to `on_message`, whose
-/// futures run while reading on: a server may send several requests and wait for all of them.
+/// `sink`; the server's other messages (requests, other notifications) go to `on_message`. A
+/// request's future runs while reading on (a server may send several requests and wait for all
+/// of them); a notification's is awaited before reading on.
 pub(super) async fn read_event_stream<F, Fut>(
     mut response: reqwest::Response,
     id: u64,
@@ -1004,7 +1094,14 @@ where
                 );
             match sink {
                 Some(sink) if about_request => sink.forward(message),
-                _ if message.get("method").is_some() => handling.push(on_message(message)),
+                // A request waits for its answer while the stream goes on; a notification is
+                // handled at once, so none is lost when the answer follows in the same read.
+                _ if message.get("method").is_some() && message.get("id").is_some() => {
+                    handling.push(on_message(message));
+                }
+                _ if message.get("method").is_some() => {
+                    on_message(message).await;
+                }
                 _ => {}
             }
         }
@@ -1070,6 +1167,13 @@ async fn held_relay_loop(
                     changes.send_held(&tenant, HeldMessage::Outcome { exchange, outcome });
                 });
             }
+            HeldMessage::Task { connection, exchange, method, params } if connection == this.name => {
+                if let Some(answer) = this.runs.serve(&method, &params) {
+                    let outcome = serde_json::json!({ "answer": answer });
+                    this.changes.send_held(&this.tenant, HeldMessage::Outcome { exchange, outcome });
+                }
+            }
+            HeldMessage::Task { .. } => {}
             HeldMessage::Accepted { exchange } => deliver(&exchange, serde_json::json!({ "accepted": true })),
             HeldMessage::Outcome { exchange, outcome } => deliver(&exchange, outcome),
             HeldMessage::Retry { .. } => {}

@@ -5,6 +5,7 @@ pub mod held_calls;
 pub mod legacy_calls;
 pub mod mcp;
 pub mod notifications;
+pub mod task_runs;
 
 use portcullis_crds::Snapshot;
 use portcullis_crds::snapshot::Upstream;

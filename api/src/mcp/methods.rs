@@ -159,12 +159,13 @@ impl<'a> CallContext<'a> {
         self.modern && super::tasks::declared(self.caller_meta.client_capabilities.as_ref())
     }
 
-    /// Whether a connection of this endpoint offers the tasks extension.
+    /// Whether a connection of this endpoint offers the tasks extension (its upstream's, or
+    /// tasks Portcullis runs for it).
     pub fn offers_tasks(&self) -> bool {
         self.endpoint
             .connections
             .iter()
-            .any(|name| self.app.upstreams.get(&self.identity.tenant, name).is_some_and(|u| u.catalog().tasks))
+            .any(|name| self.app.upstreams.get(&self.identity.tenant, name).is_some_and(|u| u.offers_tasks()))
     }
 
     /// The caller's tenant.

@@ -13,6 +13,10 @@
 //! tool the persona may no longer see is an unknown task (`-32602`), exactly like one that never
 //! existed.
 //!
+//! For a 2025 upstream, which has no tasks, Portcullis runs the tools a connection names in
+//! `runAsTasks` as tasks itself (`connectors::task_runs`); their handles are made and served
+//! here the same way.
+//!
 //! 2025 clients never see tasks: the extension is not announced to them nor passed upstream on
 //! their behalf (2025-11-25's own tasks are a different, core design with no 1:1 mapping).
 
@@ -220,7 +224,8 @@ pub async fn request(
         event.detail = Some("unknown task".into());
         return Err(unknown_task(task_id));
     };
-    if !tool.upstream.speaks_modern() {
+    // A task Portcullis runs is served whatever the upstream speaks.
+    if !tool.upstream.speaks_modern() && !crate::connectors::task_runs::is_run(&handle.upstream) {
         event.status = Status::Error;
         event.detail = Some("the upstream does not speak 2026-07-28 right now".into());
         return Err(RpcError::internal(

@@ -252,3 +252,25 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn tools_run_as_tasks_compile_by_their_task_support_and_bad_globs_are_named() {
+    let extra = r#"
+apiVersion: portcullis.dev/v1alpha1
+kind: Connection
+metadata: {name: jobs, namespace: acme}
+spec:
+  prefix: jobs
+  mcp: {url: "http://127.0.0.1:9001/mcp", runAsTasks: {optional: ["report_*"], required: [rebuild_index]}}
+"#;
+    let snapshot = compile(&objects(extra), now()).expect("compiles");
+    let Upstream::Mcp { run_as_tasks, .. } = &snapshot.tenant("acme").expect("tenant").connections["jobs"].upstream;
+    assert!(run_as_tasks.runs("report_monthly") && !run_as_tasks.requires("report_monthly"));
+    assert!(run_as_tasks.runs("rebuild_index") && run_as_tasks.requires("rebuild_index"));
+    assert!(!run_as_tasks.runs("search"));
+    let Upstream::Mcp { run_as_tasks, .. } = &snapshot.tenant("acme").expect("tenant").connections["notes"].upstream;
+    assert!(run_as_tasks.is_empty(), "none unless named");
+
+    let e = errors(&extra.replace("[rebuild_index]", r#"["rebuild_[index"]"#));
+    assert!(e.iter().any(|m| m.contains("spec.mcp.runAsTasks.required[0]")), "{e:?}");
+}

@@ -238,6 +238,11 @@ impl Reference {
         let takes_tasks = self.protocol != Protocol::Legacy
             && Self::modern(context)
             && context.client_capabilities().is_some_and(|c| c.supports_tasks());
+        // A 2025 server has no tasks: its form of each fixture just runs (and asks with server
+        // requests on the call's stream).
+        if !Self::modern(context) {
+            return self.call_task_fixture_2025(name, params, context).await;
+        }
         if TASK_ONLY.contains(&name) && !takes_tasks {
             return Err(ErrorData::missing_required_client_capability(
                 ClientCapabilities::builder().enable_tasks().build(),
@@ -339,6 +344,63 @@ impl Reference {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     Ok(done)
                 })))
+            }
+            other => Err(ErrorData::invalid_params(format!("Unknown tool: {other}"), None)),
+        }
+    }
+
+    /// The task fixtures as a 2025 server has them: ordinary calls, which take as long as they
+    /// take and ask with server requests.
+    async fn call_task_fixture_2025(
+        &self,
+        name: &str,
+        params: &Value,
+        context: &RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let arguments = params.get("arguments").cloned().unwrap_or(json!({}));
+        let done = |text: String| Ok(tool_text(text).into());
+        match name {
+            "greet" => done(format!("Hello, {}!", arguments["name"].as_str().unwrap_or("friend"))),
+            "slow_compute" => {
+                let seconds = arguments["seconds"].as_f64().unwrap_or(1.0).clamp(0.0, 600.0);
+                tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+                done(format!(
+                    "slow_compute({}) done after {seconds}s",
+                    arguments["label"].as_str().unwrap_or("compute")
+                ))
+            }
+            "failing_job" => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                Ok(CallToolResult::error(vec![ContentBlock::text("failing_job failed on purpose")]).into())
+            }
+            "protocol_error_job" => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Err(ErrorData::internal_error("protocol_error_job failed on purpose", None))
+            }
+            "confirm_delete" => {
+                let filename = arguments["filename"].as_str().unwrap_or("file.txt").to_string();
+                let ask = elicitation(&format!("Delete {filename}?"), json!({"confirm": {"type": "boolean"}}))?;
+                let answers = self.ask_all(context, &json!({ "confirm": ask })).await?;
+                let confirmed = answers["confirm"]["content"]["confirm"].as_bool().unwrap_or(false);
+                done(format!("confirm_delete({filename}): confirmed = {confirmed}"))
+            }
+            "multi_input" => {
+                let asks = json!({
+                    "a": elicitation("Provide value A", json!({"value": {"type": "string"}}))?,
+                    "b": elicitation("Provide value B", json!({"value": {"type": "string"}}))?,
+                });
+                let answers = self.ask_all(context, &asks).await?;
+                let value = |key: &str| answers[key]["content"]["value"].as_str().unwrap_or("(none)").to_string();
+                done(format!("multi_input: a = {}, b = {}", value("a"), value("b")))
+            }
+            "test_tool_with_task" => {
+                let ask = elicitation("What is your name?", json!({"name": {"type": "string"}}))?;
+                let answers = self.ask_all(context, &json!({ "user_name": ask })).await?;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                done(format!(
+                    "Hello, {}! (async)",
+                    answers["user_name"]["content"]["name"].as_str().unwrap_or("friend")
+                ))
             }
             other => Err(ErrorData::invalid_params(format!("Unknown tool: {other}"), None)),
         }
