@@ -202,6 +202,19 @@ fn migrations_run_as_a_hook_and_the_ingress_sets_the_public_url() {
 }
 
 #[test]
+fn api_worker_threads_are_set_only_when_asked() {
+    let threads = |docs: &[Value]| {
+        let api = named(docs, "Deployment", "-api");
+        let env = api["spec"]["template"]["spec"]["containers"][0]["env"].as_sequence().unwrap().clone();
+        env.iter()
+            .find(|e| e["name"].as_str() == Some("TOKIO_WORKER_THREADS"))
+            .map(|e| e["value"].as_str().unwrap().to_string())
+    };
+    assert_eq!(threads(&render(&[])), None, "one per core by default");
+    assert_eq!(threads(&render(&["api.workerThreads=1"])), Some("1".to_string()));
+}
+
+#[test]
 fn the_values_schema_refuses_mistakes() {
     let chart = chart().display().to_string();
     for (set, expected) in [
@@ -209,6 +222,7 @@ fn the_values_schema_refuses_mistakes() {
         ("api.replicass=3", "additional properties"),
         ("secrets.existingSecret=Not_A_Name", "pattern"),
         ("api.service.type=Magic", "api/service/type"),
+        ("api.workerThreads=-1", "minimum"),
     ] {
         let (ok, text) = run_helm(&["template", "rel", &chart, "--set", set]);
         assert!(!ok, "{set} was accepted");

@@ -26,6 +26,9 @@ struct Args {
     /// Concurrency levels to run.
     #[arg(long, value_delimiter = ',', default_value = "16,32")]
     concurrency: Vec<usize>,
+    /// Worker threads of the gateway's runtime (`TOKIO_WORKER_THREADS`; default: one per core).
+    #[arg(long)]
+    gateway_worker_threads: Option<usize>,
 }
 
 const KEY: &str = "pcl_load_0123456789abcdefghijklmnopqrstu";
@@ -290,7 +293,12 @@ async fn main() -> anyhow::Result<()> {
         .output()?;
     anyhow::ensure!(publish.status.success(), "publish failed: {}", String::from_utf8_lossy(&publish.stdout));
     let port = free_port();
-    let gateway = start(portcullis, &["serve", "--listen", &format!("127.0.0.1:{port}")], &env)?;
+    let threads = args.gateway_worker_threads.map(|n| n.to_string());
+    let mut gateway_env = env.clone();
+    if let Some(threads) = &threads {
+        gateway_env.push(("TOKIO_WORKER_THREADS", threads.as_str()));
+    }
+    let gateway = start(portcullis, &["serve", "--listen", &format!("127.0.0.1:{port}")], &gateway_env)?;
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
     wait_until(Duration::from_secs(30), || async {
