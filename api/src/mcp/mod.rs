@@ -366,7 +366,19 @@ async fn handle_message(
     let meta_version = params.get("_meta").and_then(|m| m.get(protocol::META_PROTOCOL_VERSION)).cloned();
     let method_name = method.clone().unwrap_or_default();
     event.operation = if method_name.is_empty() { "response".into() } else { method_name.clone() };
-    if let Err(error) = limit(app, &admitted, method_name == "tools/call", event).await {
+    // A 2025 request's session is looked up while its rate limit is decided: both are Redis
+    // round trips, and sent together on the one multiplexed connection they cost one.
+    let session_id = (meta_version.is_none() && method_name != "initialize")
+        .then(|| headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()))
+        .flatten();
+    let lookup = async {
+        match session_id {
+            Some(session_id) => Some(app.sessions.touch(session_id).await),
+            None => None,
+        }
+    };
+    let (limited, looked_up) = tokio::join!(limit(app, &admitted, method_name == "tools/call", event), lookup);
+    if let Err(error) = limited {
         return respond(&id.unwrap_or(Value::Null), Err(error), Framing::Json, event);
     }
 
@@ -402,7 +414,8 @@ async fn handle_message(
         );
     }
     let reply = (method.is_none() && is_response(&message)).then_some(message);
-    legacy(app, &admitted, headers, framing, id, &method_name, params, event, relay, reply).await
+    let request = LegacyRequest { id, method: &method_name, params, reply, looked_up };
+    legacy(app, &admitted, headers, framing, request, event, relay).await
 }
 
 /// The methods both generations share.
@@ -820,19 +833,27 @@ fn respond(id: &Value, outcome: Result<Value, RpcError>, framing: Framing, event
     }
 }
 
-#[allow(clippy::too_many_arguments, reason = "one request's parts, passed once")]
+/// A 2025 request (or a client's response) as `serve_post` read it.
+struct LegacyRequest<'a> {
+    id: Option<Value>,
+    method: &'a str,
+    params: Value,
+    /// A response of the client to a request of Portcullis's.
+    reply: Option<Value>,
+    /// Its session, when already looked up (with the rate limit).
+    looked_up: Option<anyhow::Result<Option<Session>>>,
+}
+
 async fn legacy(
     app: &AppState,
     admitted: &Admitted,
     headers: &HeaderMap,
     framing: Framing,
-    id: Option<Value>,
-    method: &str,
-    params: Value,
+    request: LegacyRequest<'_>,
     event: &mut AuditEvent,
     relay: Option<Relay>,
-    reply: Option<Value>,
 ) -> Response {
+    let LegacyRequest { id, method, params, reply, looked_up } = request;
     let reply_id = id.clone().unwrap_or(Value::Null);
     let tenant = &admitted.identity.tenant;
     if method == "initialize" {
@@ -878,7 +899,11 @@ async fn legacy(
         return response;
     }
     let session_id = headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let session = match app.sessions.touch(session_id).await {
+    let looked_up = match looked_up {
+        Some(looked_up) => looked_up,
+        None => app.sessions.touch(session_id).await,
+    };
+    let session = match looked_up {
         Ok(session) => session,
         Err(error) => {
             tracing::error!(?error, "Session store failed");
