@@ -231,7 +231,8 @@ pub struct McpUpstream {
     pub refresh_interval_seconds: u32,
     /// Tools that Portcullis runs as tasks (the 2026-07-28 tasks extension) for clients that
     /// take tasks, while the upstream speaks only 2025 and so has none: the call runs in the
-    /// background and the client polls it. Ignored while the upstream offers tasks itself.
+    /// background and the client polls it. Ignored while the upstream speaks 2026-07-28 (its
+    /// own tasks, if it offers any, pass through).
     #[serde(default, skip_serializing_if = "RunAsTasks::is_empty")]
     pub run_as_tasks: RunAsTasks,
 }

@@ -56,11 +56,20 @@ pub(super) fn ask_through_channel() -> (Arc<dyn AskClient>, mpsc::UnboundedRecei
     (Arc::new(ForwardNeeds { needs }), receiver)
 }
 
-/// `first` and the requests sent with it (arriving within `GATHER_WITHIN` of each other).
+/// At most this many requests are taken as sent together.
+const GATHER_AT_MOST: usize = 16;
+
+/// `first` and the requests sent with it: those arriving within `GATHER_WITHIN` of the first,
+/// `GATHER_AT_MOST` at most (an upstream that keeps asking does not hold the caller forever;
+/// later requests wait for the next round).
 pub(super) async fn gather(first: Need, needs: &mut mpsc::UnboundedReceiver<Need>) -> Vec<Need> {
     let mut gathered = vec![first];
-    while let Ok(Some(need)) = tokio::time::timeout(GATHER_WITHIN, needs.recv()).await {
-        gathered.push(need);
+    let until = tokio::time::Instant::now() + GATHER_WITHIN;
+    while gathered.len() < GATHER_AT_MOST {
+        match tokio::time::timeout_at(until, needs.recv()).await {
+            Ok(Some(need)) => gathered.push(need),
+            _ => break,
+        }
     }
     gathered
 }
@@ -331,6 +340,36 @@ mod tests {
         };
         assert_eq!(answer, json!({"name": {"action": "accept", "content": {"name": "Ada"}}, "roots": {"roots": []}}));
         assert!(!calls.holds(&handle), "an answered call is no longer held");
+    }
+
+    #[tokio::test]
+    async fn at_most_sixteen_requests_are_asked_at_once_and_the_rest_next_round() {
+        let calls = HeldCalls::default();
+        let outcome = calls
+            .start(
+                all_declared(),
+                |asker| {
+                    Box::pin(async move {
+                        let asks = (0..20).map(|i| asker.ask("roots/list", json!({ "i": i })));
+                        let answers = futures::future::join_all(asks).await;
+                        Ok(json!({ "answered": answers.iter().filter(|a| a.is_ok()).count() }))
+                    })
+                },
+                Duration::from_secs(5),
+            )
+            .await;
+        let Outcome::InputRequired(first) = outcome else { panic!("expected input_required") };
+        let requests = first["inputRequests"].as_object().expect("requests").clone();
+        assert_eq!(requests.len(), 16, "{first}");
+        let handle = HeldCalls::handle(first["requestState"].as_str().expect("state")).expect("held").to_string();
+        let answers: serde_json::Map<String, Value> =
+            requests.keys().map(|k| (k.clone(), json!({"roots": []}))).collect();
+        let Some(Outcome::InputRequired(next)) =
+            calls.resume(&handle, Some(&Value::Object(answers)), Duration::from_secs(5)).await
+        else {
+            panic!("expected the other four")
+        };
+        assert_eq!(next["inputRequests"].as_object().expect("requests").len(), 4, "{next}");
     }
 
     #[tokio::test]

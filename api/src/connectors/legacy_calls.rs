@@ -8,8 +8,8 @@
 //! initialize, and well-written servers check it before asking. Callers differ: a 2025 client
 //! declared its own capabilities, a 2026-07-28 client declares them per request, a REST caller
 //! can be asked nothing. So Portcullis keeps one session per set of askable capabilities
-//! (`Asks`: a handful at most), and each request goes on the session that declares exactly what
-//! its caller can answer.
+//! (`Asks`: at most 50 sets, in practice a few) and each request goes on the session that
+//! declares exactly what its caller can answer.
 //!
 //! The catalog and subscriptions stay on the rmcp session of `mcp`. Each session's own GET
 //! stream is read too: servers announce list changes caused by a request to the session that
@@ -67,12 +67,14 @@ pub fn require_declared(declared: &Value, method: &str) -> Result<(), Refused> {
 
 /// What a caller can be asked, as the client capabilities a session declares: the three
 /// capabilities servers use to ask, with the sub-capabilities the 2025 revisions define. A bit
-/// set, so the sessions stay few whatever callers put in their capabilities.
+/// set, so the sessions stay few (at most 50) whatever callers put in their capabilities.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Asks(u8);
 
-/// (capability, sub-capability or "" for the capability itself), one bit each.
-const ASKABLE: [(&str, &str); 8] = [
+/// (capability, sub-capability or "" for the capability itself), one bit each. Not
+/// `roots.listChanged`: Portcullis does not pass clients' `notifications/roots/list_changed` on,
+/// so no session promises it (a server must ask for roots each time).
+const ASKABLE: [(&str, &str); 7] = [
     ("sampling", ""),
     ("sampling", "tools"),
     ("sampling", "context"),
@@ -80,7 +82,6 @@ const ASKABLE: [(&str, &str); 8] = [
     ("elicitation", "form"),
     ("elicitation", "url"),
     ("roots", ""),
-    ("roots", "listChanged"),
 ];
 
 impl Asks {
@@ -103,8 +104,7 @@ impl Asks {
             }
             let entry = capabilities.entry(*capability).or_insert_with(|| json!({}));
             if !sub.is_empty() {
-                // `roots.listChanged` is a flag; the others are objects.
-                entry[*sub] = if *sub == "listChanged" { json!(true) } else { json!({}) };
+                entry[*sub] = json!({});
             }
         }
         Value::Object(capabilities)
@@ -116,6 +116,9 @@ impl std::fmt::Debug for dyn AskClient {
         f.write_str("AskClient")
     }
 }
+
+/// How long starting a session may take.
+const INITIALIZE_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A 2025 session of Portcullis's own with the upstream.
 #[derive(Debug)]
@@ -242,6 +245,19 @@ impl LegacyCalls {
         if let Some(session) = sessions.get(&asks) {
             return Ok(session.clone());
         }
+        // Bounded: the lock is held meanwhile, and a half-open connection must not stall every
+        // caller of the connection.
+        let session = tokio::time::timeout(INITIALIZE_WITHIN, self.initialize(asks, preferred))
+            .await
+            .map_err(|_| format!("initialize was not answered within {} s", INITIALIZE_WITHIN.as_secs()))??;
+        sessions.insert(asks, session.clone());
+        tokio::spawn(listen(Arc::downgrade(self), session.clone()));
+        Ok(session)
+    }
+
+    /// Starts a session: initialize, then `notifications/initialized` (and the lowest log
+    /// level, when the server logs).
+    async fn initialize(&self, asks: Asks, preferred: Option<&str>) -> Result<Arc<Session>, String> {
         let offered = preferred.filter(|v| LEGACY_VERSIONS.contains(v)).unwrap_or(LEGACY_VERSIONS[0]);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let initialize = json!({
@@ -282,8 +298,6 @@ impl LegacyCalls {
                 let _ = read_answer(response, id, &CallerMeta::default(), |_| async { None }).await;
             }
         }
-        sessions.insert(asks, session.clone());
-        tokio::spawn(listen(Arc::downgrade(self), session.clone()));
         Ok(session)
     }
 
@@ -494,7 +508,7 @@ mod tests {
         let declared =
             json!({"sampling": {"tools": {}, "unknown": {}}, "roots": {"listChanged": true}, "extensions": {}});
         let asks = Asks::of(Some(&declared));
-        assert_eq!(asks.capabilities(), json!({"sampling": {"tools": {}}, "roots": {"listChanged": true}}));
+        assert_eq!(asks.capabilities(), json!({"sampling": {"tools": {}}, "roots": {}}));
         // The declared capabilities of a session choose the same session again.
         assert_eq!(Asks::of(Some(&asks.capabilities())), asks);
         assert_ne!(Asks::of(Some(&json!({"elicitation": {}}))), Asks::of(Some(&json!({"elicitation": {"url": {}}}))));

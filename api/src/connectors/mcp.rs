@@ -648,15 +648,21 @@ impl McpUpstream {
         if runs_as_task && takes_tasks {
             let (legacy, mut caller, preferred) = (self.legacy.clone(), caller.clone(), preferred.clone());
             let declared = caller.client_capabilities.clone().unwrap_or_default();
-            let params = params.clone();
+            let run_params = params.clone();
             let created = self.runs.start(declared, move |asker| {
                 Box::pin(async move {
                     caller.ask_client = Some(asker);
-                    legacy.request("tools/call", params, &caller, preferred.as_deref()).await
+                    legacy.request("tools/call", run_params, &caller, preferred.as_deref()).await
                 })
             });
             if let Some(created) = created {
                 return Ok(created);
+            }
+            // This replica runs as many as it keeps: others run as plain calls, except those
+            // that run only as tasks.
+            let Upstream::Mcp { run_as_tasks, .. } = &self.upstream;
+            if params.get("name").and_then(serde_json::Value::as_str).is_some_and(|name| run_as_tasks.requires(name)) {
+                return Err(CallError::Unavailable("too many tasks running on this replica".into()));
             }
         }
         // A 2026-07-28 caller (it declares its capabilities per request, and has no stream to be

@@ -271,6 +271,10 @@ async fn drive(
     if let Some(state) = ended {
         runs.end(&id, state);
     }
+    if !runs.runs().contains_key(&id) {
+        // Stopped with its connection: nothing to keep.
+        return;
+    }
     tokio::time::sleep_until(forget).await;
     runs.runs().remove(&id);
 }
@@ -289,7 +293,11 @@ fn outcome(answer: Result<Value, String>) -> Option<State> {
             }
         }
         Err(error) => {
-            State::Failed(json!({ "code": -32603, "message": format!("the upstream failed this task: {error}") }))
+            // The detail (connection errors, what the upstream answered) is for the operator.
+            tracing::warn!(%error, "A task Portcullis ran for a 2025 upstream failed");
+            State::Failed(
+                json!({ "code": -32603, "message": "The server behind this task failed or could not be reached" }),
+            )
         }
     })
 }
