@@ -57,6 +57,16 @@ pub fn declares(declared: &Value, method: &str) -> bool {
     capability_for(method).is_some_and(|capability| declared.get(capability).is_some())
 }
 
+/// -32021, as a 2026-07-28 server answers a request that needs what its client did not declare:
+/// `required` names it in client-capabilities form (`{"sampling": {}}`).
+pub fn missing_capability(required: Value) -> rmcp::ErrorData {
+    rmcp::ErrorData::new(
+        rmcp::model::ErrorCode(-32021),
+        "Missing required client capability",
+        Some(json!({ "requiredCapabilities": required })),
+    )
+}
+
 /// Refuses to the upstream (-32601) what the client did not declare it can answer.
 pub fn require_declared(declared: &Value, method: &str) -> Result<(), Refused> {
     if declares(declared, method) {

@@ -627,64 +627,44 @@ impl McpUpstream {
             return self.held_outcome(outcome, timeout).await;
         }
         let preferred = self.read_state().protocol_version.clone();
-        // A tool the connection runs as a task, for a caller that takes tasks; one that runs
-        // only as a task refuses the others.
-        let runs_as_task = method == "tools/call"
-            && params.get("name").and_then(serde_json::Value::as_str).is_some_and(|name| self.runs_as_task(name));
-        let takes_tasks =
-            caller.ask_client.is_none() && crate::mcp::tasks::declared(caller.client_capabilities.as_ref());
-        if runs_as_task && !takes_tasks {
-            let Upstream::Mcp { run_as_tasks, .. } = &self.upstream;
-            if params.get("name").and_then(serde_json::Value::as_str).is_some_and(|name| run_as_tasks.requires(name)) {
-                return Err(CallError::Rpc(rmcp::ErrorData::new(
-                    rmcp::model::ErrorCode(-32021),
-                    "This tool runs only as a task: declare the io.modelcontextprotocol/tasks extension",
-                    Some(
-                        serde_json::json!({ "requiredCapabilities": { "extensions": { crate::mcp::tasks::EXTENSION: {} } } }),
-                    ),
-                )));
+        // A 2026-07-28 caller declares its capabilities per request and has no stream to be asked
+        // on: the upstream's requests for input reach it through a held call or a task run. The
+        // capabilities choose the upstream session (one declaring what this client can answer)
+        // and are checked against each request for input.
+        let declared = caller.client_capabilities.as_ref().filter(|_| caller.ask_client.is_none());
+        // A tool the connection runs as a task: a task for a caller that takes tasks; one that
+        // runs only as a task refuses the others.
+        let Upstream::Mcp { run_as_tasks, .. } = &self.upstream;
+        let task_tool = params
+            .get("name")
+            .and_then(serde_json::Value::as_str)
+            .filter(|name| method == "tools/call" && !self.speaks_modern() && run_as_tasks.runs(name));
+        if let Some(tool) = task_tool {
+            let required = run_as_tasks.requires(tool);
+            match declared.filter(|d| crate::mcp::tasks::declared(Some(d))) {
+                None if required => {
+                    let mut refused = crate::mcp::tasks::missing_extension_error();
+                    refused.message =
+                        "This tool runs only as a task: declare the io.modelcontextprotocol/tasks extension".into();
+                    return Err(CallError::Rpc(refused));
+                }
+                None => {}
+                Some(declared) => {
+                    let call = self.asking_call("tools/call", params.clone(), caller, preferred.clone());
+                    if let Some(created) = self.runs.start(declared.clone(), call) {
+                        return Ok(created);
+                    }
+                    // This replica runs as many as it keeps: others run as plain calls, except
+                    // those that run only as tasks.
+                    if required {
+                        return Err(CallError::Unavailable("too many tasks running on this replica".into()));
+                    }
+                }
             }
         }
-        if runs_as_task && takes_tasks {
-            let (legacy, mut caller, preferred) = (self.legacy.clone(), caller.clone(), preferred.clone());
-            let declared = caller.client_capabilities.clone().unwrap_or_default();
-            let run_params = params.clone();
-            let created = self.runs.start(declared, move |asker| {
-                Box::pin(async move {
-                    caller.ask_client = Some(asker);
-                    legacy.request("tools/call", run_params, &caller, preferred.as_deref()).await
-                })
-            });
-            if let Some(created) = created {
-                return Ok(created);
-            }
-            // This replica runs as many as it keeps: others run as plain calls, except those
-            // that run only as tasks.
-            let Upstream::Mcp { run_as_tasks, .. } = &self.upstream;
-            if params.get("name").and_then(serde_json::Value::as_str).is_some_and(|name| run_as_tasks.requires(name)) {
-                return Err(CallError::Unavailable("too many tasks running on this replica".into()));
-            }
-        }
-        // A 2026-07-28 caller (it declares its capabilities per request, and has no stream to be
-        // asked on) gets the upstream's requests for input as input_required.
-        if caller.ask_client.is_none() && caller.client_capabilities.is_some() {
-            let (legacy, method, mut caller) = (self.legacy.clone(), method.to_string(), caller.clone());
-            // They choose the upstream session (one declaring what this client can answer) and
-            // are checked against each request for input.
-            let declared = caller.client_capabilities.clone().unwrap_or_default();
-            let outcome = self
-                .held
-                .start(
-                    declared,
-                    move |asker| {
-                        Box::pin(async move {
-                            caller.ask_client = Some(asker);
-                            legacy.request(&method, params, &caller, preferred.as_deref()).await
-                        })
-                    },
-                    timeout,
-                )
-                .await;
+        if let Some(declared) = declared {
+            let call = self.asking_call(method, params, caller, preferred);
+            let outcome = self.held.start(declared.clone(), call, timeout).await;
             return self.held_outcome(outcome, timeout).await;
         }
         match tokio::time::timeout(timeout, self.legacy.request(method, params, caller, preferred.as_deref())).await {
@@ -701,11 +681,24 @@ impl McpUpstream {
         }
     }
 
-    /// Whether the upstream's tool `name` runs as a task Portcullis runs (the upstream speaks
-    /// 2025, which has no tasks, and the connection names the tool in `runAsTasks`).
-    fn runs_as_task(&self, name: &str) -> bool {
-        let Upstream::Mcp { run_as_tasks, .. } = &self.upstream;
-        !self.speaks_modern() && run_as_tasks.runs(name)
+    /// The 2025 call of `method` for `caller`, who is asked for input through the `AskClient`
+    /// the call is given (a held call's or a task run's).
+    fn asking_call(
+        &self,
+        method: &str,
+        params: serde_json::Map<String, serde_json::Value>,
+        caller: &CallerMeta,
+        preferred: Option<String>,
+    ) -> impl FnOnce(
+        Arc<dyn super::legacy_calls::AskClient>,
+    ) -> futures::future::BoxFuture<'static, Result<serde_json::Value, String>> {
+        let (legacy, method, mut caller) = (self.legacy.clone(), method.to_string(), caller.clone());
+        move |asker| {
+            Box::pin(async move {
+                caller.ask_client = Some(asker);
+                legacy.request(&method, params, &caller, preferred.as_deref()).await
+            })
+        }
     }
 
     /// Whether callers may be offered the tasks extension for this connection: the upstream
@@ -793,11 +786,9 @@ impl McpUpstream {
     ) -> Result<serde_json::Value, CallError> {
         match outcome {
             held_calls::Outcome::Waiting => Err(CallError::Timeout(timeout)),
-            held_calls::Outcome::Missing(capability) => Err(CallError::Rpc(rmcp::ErrorData::new(
-                rmcp::model::ErrorCode(-32021),
-                "Missing required client capability",
-                Some(serde_json::json!({ "requiredCapabilities": { capability: {} } })),
-            ))),
+            held_calls::Outcome::Missing(capability) => {
+                Err(CallError::Rpc(super::legacy_calls::missing_capability(serde_json::json!({ capability: {} }))))
+            }
             held_calls::Outcome::InputRequired(result) => Ok(result),
             held_calls::Outcome::Answered(Err(error)) => {
                 self.unreachable(error.clone()).await;

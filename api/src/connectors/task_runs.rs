@@ -245,11 +245,8 @@ async fn drive(
             Some(first) = needs.recv() => {
                 let gathered = held_calls::gather(first, &mut needs).await;
                 if let Some(capability) = held_calls::undeclared(&gathered, &declared) {
-                    break Some(State::Failed(json!({
-                        "code": -32021,
-                        "message": "Missing required client capability",
-                        "data": { "requiredCapabilities": { capability: {} } },
-                    })));
+                    let error = super::legacy_calls::missing_capability(json!({ capability: {} }));
+                    break Some(State::Failed(serde_json::to_value(error).unwrap_or_default()));
                 }
                 let mut all = runs.runs();
                 let Some(run) = all.get_mut(&id) else { break None };
@@ -368,9 +365,8 @@ mod tests {
         assert!(runs.serve("tasks/get", &params("portcullis-run-unknown", json!({}))).is_none());
     }
 
-    #[tokio::test]
-    async fn a_cancelled_run_stops_its_call_and_errors_fail_it() {
-        let runs = TaskRuns::default();
+    /// A run whose call never ends by itself; the receiver hears when the call is dropped.
+    fn start_endless(runs: &TaskRuns) -> (Value, oneshot::Receiver<()>) {
         let (running, dropped) = oneshot::channel::<()>();
         let created = runs
             .start(json!({}), move |_| {
@@ -381,6 +377,13 @@ mod tests {
                 })
             })
             .expect("started");
+        (created, dropped)
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_run_stops_its_call_and_errors_fail_it() {
+        let runs = TaskRuns::default();
+        let (created, dropped) = start_endless(&runs);
         let id = created["taskId"].as_str().expect("an id");
         assert_eq!(runs.serve("tasks/cancel", &params(id, json!({}))), Some(json!({})));
         assert_eq!(runs.serve("tasks/get", &params(id, json!({}))).expect("the run")["status"], "cancelled");
@@ -395,16 +398,7 @@ mod tests {
         assert!(failed.get("result").is_none());
 
         // A connection going away stops its runs.
-        let (running, dropped) = oneshot::channel::<()>();
-        let _ = runs
-            .start(json!({}), move |_| {
-                Box::pin(async move {
-                    let _running = running;
-                    tokio::time::sleep(Duration::from_secs(60)).await;
-                    Ok(json!({"result": {}}))
-                })
-            })
-            .expect("started");
+        let (_, dropped) = start_endless(&runs);
         runs.stop_all();
         let ended = tokio::time::timeout(Duration::from_secs(5), dropped).await.expect("the call is dropped");
         assert!(ended.is_err(), "the call was stopped");

@@ -124,11 +124,13 @@ fn unknown_task(task_id: &str) -> RpcError {
 
 /// -32021: the request did not declare the extension it needs.
 pub fn missing_extension() -> RpcError {
-    RpcError::from_upstream(
-        -32021,
-        "Missing required client capability",
-        Some(json!({ "requiredCapabilities": { "extensions": { EXTENSION: {} } } })),
-    )
+    let error = missing_extension_error();
+    RpcError::from_upstream(i64::from(error.code.0), error.message, error.data)
+}
+
+/// The same, as connectors answer it.
+pub fn missing_extension_error() -> rmcp::ErrorData {
+    crate::connectors::legacy_calls::missing_capability(json!({ "extensions": { EXTENSION: {} } }))
 }
 
 /// A task status for the audit log: one of the extension's, never free text from an upstream.
