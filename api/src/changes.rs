@@ -30,6 +30,21 @@ pub struct Change {
     /// the holding replica's answer to one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held: Option<HeldMessage>,
+    /// Set when this is not a change but a message for one 2025 session's GET stream (from
+    /// the upstream session Portcullis keeps for it), or the news that the session ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<SessionMessage>,
+}
+
+/// A message for one 2025 client session, whichever replica holds its GET stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SessionMessage {
+    /// The session.
+    pub session: String,
+    /// A JSON-RPC notification for its GET stream; unset when the session ended (DELETE), so
+    /// that every replica lets go of what it kept for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<serde_json::Value>,
 }
 
 /// A retry of a held call (see `connectors::held_calls`) that reached a replica other than the
@@ -151,6 +166,7 @@ impl Changes {
             updated: None,
             client: None,
             held: None,
+            session: None,
         }
     }
 
@@ -172,6 +188,24 @@ impl Changes {
     /// Sends a message about a held call to the other replicas.
     pub fn send_held(&self, tenant: &str, message: HeldMessage) {
         let _ = self.sender.send(Change { held: Some(message), ..self.noticed_here(tenant) });
+    }
+
+    /// Sends `message` (a notification) to the GET stream of 2025 session `session`.
+    pub fn send_to_session(&self, tenant: &str, session: &str, message: serde_json::Value) {
+        let session = SessionMessage { session: session.to_string(), message: Some(message) };
+        let _ = self.sender.send(Change { session: Some(session), ..self.noticed_here(tenant) });
+    }
+
+    /// Tells every replica that 2025 session `session` ended.
+    pub fn end_session(&self, tenant: &str, session: &str) {
+        let session = SessionMessage { session: session.to_string(), message: None };
+        let _ = self.sender.send(Change { session: Some(session), ..self.noticed_here(tenant) });
+    }
+
+    /// Whether `change` says what a tenant's callers see may have changed (a configuration or
+    /// catalog change, or a resource update), rather than carrying a message for someone.
+    pub fn is_change(change: &Change) -> bool {
+        change.client.is_none() && change.held.is_none() && change.session.is_none()
     }
 
     /// Whether `change` was announced by this pod.

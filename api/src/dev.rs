@@ -233,7 +233,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let changes = crate::changes::Changes::new();
     let state = AppState::new(Inner {
         snapshot: tokio::sync::watch::channel(None).0,
-        upstreams: Upstreams::new(http.clone(), changes.clone()),
+        upstreams: Upstreams::new(http.clone(), changes.clone(), Duration::from_secs(args.session_idle_seconds)),
         changes: changes.clone(),
         sessions: Box::new(MemorySessions::new(Duration::from_secs(args.session_idle_seconds))),
         limits: Box::new(Limiter::default()),

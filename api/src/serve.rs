@@ -155,7 +155,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let changes = crate::changes::Changes::new();
     let state = AppState::new(Inner {
         snapshot: tokio::sync::watch::channel(None).0,
-        upstreams: Upstreams::new(http.clone(), changes.clone()),
+        upstreams: Upstreams::new(http.clone(), changes.clone(), Duration::from_secs(args.session_idle_seconds)),
         changes: changes.clone(),
         sessions: Box::new(RedisSessions::new(
             connection.clone(),

@@ -523,3 +523,98 @@ async fn tasks_portcullis_runs_for_a_2025_upstream_are_served_by_every_replica()
     assert_eq!(code, 200, "{ack}");
     assert_eq!(task_reaches(&a, &long_id, "cancelled").await["status"], "cancelled");
 }
+
+/// Opens a 2025 session on `replica` with its GET stream, at log level `debug`.
+async fn session_with_stream(replica: &support::cluster::Replica, client: &str) -> (String, reqwest::Response) {
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-11-25",
+        "capabilities": {}, "clientInfo": {"name": client, "version": "1"}}});
+    let response = replica.mcp_raw(ANALYST_KEY, &[], &init.to_string()).await;
+    let session = response.headers()["mcp-session-id"].to_str().unwrap().to_string();
+    let headers = [("Mcp-Session-Id", session.as_str()), ("MCP-Protocol-Version", "2025-11-25")];
+    let level = r#"{"jsonrpc":"2.0","id":2,"method":"logging/setLevel","params":{"level":"debug"}}"#;
+    assert_eq!(replica.mcp_raw(ANALYST_KEY, &headers, level).await.status(), 200);
+    let stream = reqwest::Client::new()
+        .get(replica.mcp_url("demo", "notes"))
+        .header("X-API-Key", ANALYST_KEY)
+        .header("accept", "text/event-stream")
+        .header("Mcp-Session-Id", &session)
+        .header("MCP-Protocol-Version", "2025-11-25")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    (session, stream)
+}
+
+/// What arrives on `stream` within `within`.
+async fn read_for(stream: &mut reqwest::Response, within: Duration, enough: impl Fn(&str) -> bool) -> String {
+    let mut text = String::new();
+    let _ = tokio::time::timeout(within, async {
+        while let Ok(Some(chunk)) = stream.chunk().await {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+            if enough(&text) {
+                return;
+            }
+        }
+    })
+    .await;
+    text
+}
+
+/// A 2025 client in front of a 2025-only upstream gets an upstream session of its own: what the
+/// upstream sends on that session's GET stream (rmcp sends a tool's log messages there) reaches
+/// that client's GET stream, here held by one replica while the call runs on the other, and no
+/// other client's.
+#[tokio::test]
+async fn a_2025_upstreams_session_messages_reach_only_their_own_clients_stream_on_any_replica() {
+    let upstream = Upstream::start_binary("mcp-reference-server", "legacy", &[]).await;
+    let (_backends, _cluster, a, b) = two_replicas_in_front_of(&upstream).await;
+    let (caller, mut caller_stream) = session_with_stream(&a, "caller").await;
+    let (bystander, mut bystander_stream) = session_with_stream(&a, "bystander").await;
+    let call = |id: u64, tool: &str| {
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": tool, "arguments": {}}})
+            .to_string()
+    };
+    // Both sessions have called, so both have upstream sessions on B.
+    for session in [&caller, &bystander] {
+        let headers = [("Mcp-Session-Id", session.as_str()), ("MCP-Protocol-Version", "2025-11-25")];
+        let answer = b.mcp_raw(ANALYST_KEY, &headers, &call(3, "notes.test_simple_text")).await.text().await.unwrap();
+        assert!(answer.contains("simple text response"), "{answer}");
+    }
+
+    let headers = [("Mcp-Session-Id", caller.as_str()), ("MCP-Protocol-Version", "2025-11-25")];
+    let answer = b.mcp_raw(ANALYST_KEY, &headers, &call(4, "notes.test_tool_with_logging")).await.text().await.unwrap();
+    assert!(answer.contains("Tool with logging executed successfully"), "{answer}");
+    let received =
+        read_for(&mut caller_stream, Duration::from_secs(10), |t| t.contains("Tool execution completed")).await;
+    for message in ["Tool execution started", "Tool processing data", "Tool execution completed"] {
+        assert!(received.contains(message), "{message} on the caller's GET stream: {received}");
+    }
+    assert!(received.contains("notifications/message"), "{received}");
+    let overheard =
+        read_for(&mut bystander_stream, Duration::from_millis(500), |t| t.contains("notifications/message")).await;
+    assert!(!overheard.contains("notifications/message"), "another session's log messages: {overheard}");
+
+    // Below the session's level: not relayed.
+    let level = r#"{"jsonrpc":"2.0","id":5,"method":"logging/setLevel","params":{"level":"error"}}"#;
+    assert_eq!(a.mcp_raw(ANALYST_KEY, &headers, level).await.status(), 200);
+    let answer = b.mcp_raw(ANALYST_KEY, &headers, &call(6, "notes.test_tool_with_logging")).await.text().await.unwrap();
+    assert!(answer.contains("executed successfully"), "{answer}");
+    let below = read_for(&mut caller_stream, Duration::from_millis(500), |t| t.contains("notifications/message")).await;
+    assert!(!below.contains("notifications/message"), "info messages below level error: {below}");
+
+    // The session's end (DELETE on B) ends its stream on A.
+    let deleted = reqwest::Client::new()
+        .delete(b.mcp_url("demo", "notes"))
+        .header("X-API-Key", ANALYST_KEY)
+        .header("Mcp-Session-Id", &caller)
+        .header("MCP-Protocol-Version", "2025-11-25")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    let ended =
+        tokio::time::timeout(Duration::from_secs(10), async { while let Ok(Some(_)) = caller_stream.chunk().await {} })
+            .await;
+    assert!(ended.is_ok(), "the deleted session's GET stream ended");
+}

@@ -4,12 +4,19 @@
 //! rmcp's client merges all streams of a session and cannot tell which caller they belong to.
 //! Here each request reads its own stream, so those messages go to the caller who asked.
 //!
-//! A 2025 server learns what its client can be asked (sampling, elicitation, roots) once, at
-//! initialize, and well-written servers check it before asking. Callers differ: a 2025 client
-//! declared its own capabilities, a 2026-07-28 client declares them per request, a REST caller
-//! can be asked nothing. So Portcullis keeps one session per set of askable capabilities
-//! (`Asks`: at most 50 sets, in practice a few) and each request goes on the session that
-//! declares exactly what its caller can answer.
+//! A 2025 client's session gets an upstream session of its own (per replica that serves it,
+//! started at its first request there): whatever the server keeps per session (state, the
+//! client's capabilities) is that client's alone, and what the server sends on the session's
+//! GET stream (log messages, above all) goes to that client's GET stream, on whichever replica
+//! holds it. Such sessions end with the client's (DELETE, on every replica), after the session
+//! idle time unused, or when a replica keeps too many (the least recently used goes).
+//!
+//! Callers without a session of their own (a 2026-07-28 client declares its capabilities per
+//! request, a REST caller can be asked nothing) share sessions: a 2025 server learns what its
+//! client can be asked (sampling, elicitation, roots) once, at initialize, and well-written
+//! servers check it before asking, so there is one shared session per set of askable
+//! capabilities (`Asks`: at most 50 sets, in practice a few) and each request goes on the one
+//! that declares exactly what its caller can answer.
 //!
 //! The catalog and subscriptions stay on the rmcp session of `mcp`. Each session's own GET
 //! stream is read too: servers announce list changes caused by a request to the session that
@@ -130,11 +137,38 @@ impl std::fmt::Debug for dyn AskClient {
 /// How long starting a session may take.
 const INITIALIZE_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long opening a session's GET stream may hold up its first request.
+const OPEN_STREAM_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How opening a session's GET stream went.
+enum Opened {
+    Stream(reqwest::Response),
+    /// The server has none for the session.
+    Refused,
+    /// Not at once: try again.
+    Failed,
+}
+
+/// How many 2025 client sessions one replica keeps an upstream session for, per connection.
+const CLIENT_SESSIONS: usize = 1024;
+
+/// How often unused client sessions are looked for.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Whose an upstream session is.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Owner {
+    /// Callers without a 2025 session (REST, 2026-07-28 clients) that can be asked `Asks`.
+    Shared(Asks),
+    /// One 2025 client session (its `Mcp-Session-Id` at Portcullis).
+    Client(String),
+}
+
 /// A 2025 session of Portcullis's own with the upstream.
 #[derive(Debug)]
 struct Session {
-    /// What it declared its client can be asked.
-    asks: Asks,
+    /// Whose it is.
+    owner: Owner,
     /// `Mcp-Session-Id`, when the server issued one.
     id: Option<String>,
     /// The negotiated protocol version.
@@ -147,6 +181,14 @@ enum Failure {
     SessionGone,
     /// Anything else, for the operator.
     Other(String),
+}
+
+/// Where an owner's session is kept: started once however many requests wait for it.
+#[derive(Default)]
+struct Slot {
+    session: tokio::sync::OnceCell<Arc<Session>>,
+    /// When a request last used it (ms since `LegacyCalls::epoch`).
+    last_used: AtomicU64,
 }
 
 /// Where what the upstream announces on the session's GET stream goes.
@@ -168,8 +210,11 @@ pub struct LegacyCalls {
     // The upstream's URL, parsed once (`None` if it does not parse: requests then fail at send).
     parsed_url: Option<reqwest::Url>,
     next_id: AtomicU64,
-    sessions: tokio::sync::Mutex<HashMap<Asks, Arc<Session>>>,
+    sessions: std::sync::Mutex<HashMap<Owner, Arc<Slot>>>,
     announcements: Announcements,
+    // A client's session unused this long is ended (the client session idle time).
+    idle: std::time::Duration,
+    epoch: std::time::Instant,
 }
 
 /// Sends `notifications/cancelled` for a request that is dropped before its answer: in the
@@ -201,26 +246,106 @@ impl Drop for CancelUnlessAnswered {
 }
 
 impl LegacyCalls {
-    /// Requests to `upstream` (at `parsed_url`) through `http`.
+    /// Requests to `upstream` (at `parsed_url`) through `http`; an upstream session kept for a
+    /// 2025 client ends after `idle` unused.
     pub fn new(
         http: reqwest::Client,
         upstream: Upstream,
         parsed_url: Option<reqwest::Url>,
         announcements: Announcements,
+        idle: std::time::Duration,
     ) -> Arc<Self> {
-        Arc::new(Self {
+        let this = Arc::new(Self {
             http,
             upstream,
             parsed_url,
             next_id: AtomicU64::new(1),
-            sessions: tokio::sync::Mutex::default(),
+            sessions: std::sync::Mutex::default(),
             announcements,
-        })
+            idle,
+            epoch: std::time::Instant::now(),
+        });
+        tokio::spawn(sweep(Arc::downgrade(&this)));
+        this
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<Owner, Arc<Slot>>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Forgets the sessions (the upstream went away; the next request starts a new one).
     pub async fn reset(&self) {
-        self.sessions.lock().await.clear();
+        self.slots().clear();
+    }
+
+    /// Ends the upstream session kept for 2025 client session `id`, if this replica keeps one.
+    pub fn end_client(&self, id: &str) {
+        let slot = self.slots().remove(&Owner::Client(id.to_string()));
+        if let Some(session) = slot.and_then(|slot| slot.session.get().cloned()) {
+            self.close(session);
+        }
+    }
+
+    /// Tells the upstream a session is over (DELETE; a server may refuse, which changes nothing).
+    fn close(&self, session: Arc<Session>) {
+        if session.id.is_none() {
+            return;
+        }
+        let request = self.on_session(reqwest::Method::DELETE, &session);
+        tokio::spawn(async move {
+            let _ = request.send().await;
+        });
+    }
+
+    /// Ends the client sessions unused for the idle time.
+    fn sweep_idle(&self) {
+        let now = self.now_ms();
+        let idle = u64::try_from(self.idle.as_millis()).unwrap_or(u64::MAX);
+        let mut ended = Vec::new();
+        self.slots().retain(|owner, slot| {
+            let keep =
+                matches!(owner, Owner::Shared(_)) || now.saturating_sub(slot.last_used.load(Ordering::Relaxed)) < idle;
+            if !keep && let Some(session) = slot.session.get() {
+                ended.push(session.clone());
+            }
+            keep
+        });
+        for session in ended {
+            self.close(session);
+        }
+    }
+
+    /// The slot of `owner`, made when there is none; a replica that keeps the most client
+    /// sessions ends the least recently used one first.
+    fn slot(&self, owner: &Owner) -> Arc<Slot> {
+        let now = self.now_ms();
+        let mut slots = self.slots();
+        if let Some(slot) = slots.get(owner) {
+            slot.last_used.store(now, Ordering::Relaxed);
+            return slot.clone();
+        }
+        let mut evicted = None;
+        if matches!(owner, Owner::Client(_))
+            && slots.keys().filter(|o| matches!(o, Owner::Client(_))).count() >= CLIENT_SESSIONS
+        {
+            let oldest = slots
+                .iter()
+                .filter(|(o, _)| matches!(o, Owner::Client(_)))
+                .min_by_key(|(_, slot)| slot.last_used.load(Ordering::Relaxed))
+                .map(|(o, _)| o.clone());
+            evicted = oldest.and_then(|o| slots.remove(&o)).and_then(|slot| slot.session.get().cloned());
+        }
+        let slot = Arc::new(Slot { session: tokio::sync::OnceCell::new(), last_used: AtomicU64::new(now) });
+        slots.insert(owner.clone(), slot.clone());
+        drop(slots);
+        if let Some(session) = evicted {
+            self.close(session);
+        }
+        slot
     }
 
     /// A request on `session`: its version and id, and the connection's own headers.
@@ -247,27 +372,64 @@ impl LegacyCalls {
             .body(body.to_string())
     }
 
-    /// The current session for callers who can be asked `asks`, starting one (initialize,
-    /// then `notifications/initialized`) when there is none. `preferred` is the version to
-    /// offer.
-    async fn session(self: &Arc<Self>, asks: Asks, preferred: Option<&str>) -> Result<Arc<Session>, String> {
-        let mut sessions = self.sessions.lock().await;
-        if let Some(session) = sessions.get(&asks) {
+    /// The current session of `owner`, who can be asked `asks`, starting one (initialize, then
+    /// `notifications/initialized`) when there is none; requests that arrive meanwhile wait for
+    /// the same start. `preferred` is the version to offer.
+    async fn session(
+        self: &Arc<Self>,
+        owner: &Owner,
+        asks: Asks,
+        preferred: Option<&str>,
+    ) -> Result<Arc<Session>, String> {
+        let slot = self.slot(owner);
+        if let Some(session) = slot.session.get() {
             return Ok(session.clone());
         }
-        // Bounded: the lock is held meanwhile, and a half-open connection must not stall every
-        // caller of the connection.
-        let session = tokio::time::timeout(INITIALIZE_WITHIN, self.initialize(asks, preferred))
-            .await
-            .map_err(|_| format!("initialize was not answered within {} s", INITIALIZE_WITHIN.as_secs()))??;
-        sessions.insert(asks, session.clone());
-        tokio::spawn(listen(Arc::downgrade(self), session.clone()));
+        let mut stream = None;
+        let opened = &mut stream;
+        let session = slot
+            .session
+            .get_or_try_init(|| async move {
+                // Bounded: every request of the owner waits for it, and a half-open connection
+                // must not stall them.
+                let session = tokio::time::timeout(INITIALIZE_WITHIN, self.initialize(owner.clone(), asks, preferred))
+                    .await
+                    .map_err(|_| format!("initialize was not answered within {} s", INITIALIZE_WITHIN.as_secs()))??;
+                // The GET stream is open before the session's first request: what the server
+                // sends there about it (log messages) is not sent before anyone listens.
+                *opened = Some(self.open_stream(&session).await);
+                Ok::<_, String>(session)
+            })
+            .await?
+            .clone();
+        match stream {
+            // A server without one (405) or that refused it.
+            Some(Opened::Refused) | None => {}
+            Some(Opened::Stream(response)) => {
+                tokio::spawn(listen(Arc::downgrade(self), session.clone(), Some(response)));
+            }
+            Some(Opened::Failed) => {
+                tokio::spawn(listen(Arc::downgrade(self), session.clone(), None));
+            }
+        }
         Ok(session)
+    }
+
+    /// Opens the GET stream of `session` (bounded: a server that does not answer at once is
+    /// tried again in the background).
+    async fn open_stream(&self, session: &Session) -> Opened {
+        let request =
+            self.on_session(reqwest::Method::GET, session).header(reqwest::header::ACCEPT, "text/event-stream");
+        match tokio::time::timeout(OPEN_STREAM_WITHIN, request.send()).await {
+            Ok(Ok(response)) if response.status().is_success() => Opened::Stream(response),
+            Ok(Ok(_)) => Opened::Refused,
+            Ok(Err(_)) | Err(_) => Opened::Failed,
+        }
     }
 
     /// Starts a session: initialize, then `notifications/initialized` (and the lowest log
     /// level, when the server logs).
-    async fn initialize(&self, asks: Asks, preferred: Option<&str>) -> Result<Arc<Session>, String> {
+    async fn initialize(&self, owner: Owner, asks: Asks, preferred: Option<&str>) -> Result<Arc<Session>, String> {
         let offered = preferred.filter(|v| LEGACY_VERSIONS.contains(v)).unwrap_or(LEGACY_VERSIONS[0]);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let initialize = json!({
@@ -281,7 +443,7 @@ impl LegacyCalls {
                 "clientInfo": { "name": "portcullis", "version": env!("CARGO_PKG_VERSION") },
             },
         });
-        let unversioned = Session { asks, id: None, version: offered.to_string() };
+        let unversioned = Session { owner: owner.clone(), id: None, version: offered.to_string() };
         let response = self.post(&unversioned, &initialize).send().await.map_err(|e| root_cause(&e))?;
         if !response.status().is_success() {
             return Err(format!("initialize answered HTTP status {}", response.status()));
@@ -296,7 +458,7 @@ impl LegacyCalls {
             .ok_or_else(|| format!("initialize was not answered with a 2025 protocol version: {answer}"))?
             .to_string();
         let logging = answer.get("result").and_then(|r| r.get("capabilities")).and_then(|c| c.get("logging")).is_some();
-        let session = Arc::new(Session { asks, id: session_id, version });
+        let session = Arc::new(Session { owner, id: session_id, version });
         let initialized = json!({ "jsonrpc": "2.0", "method": "notifications/initialized" });
         self.post(&session, &initialized).send().await.map_err(|e| root_cause(&e))?;
         if logging {
@@ -311,14 +473,29 @@ impl LegacyCalls {
         Ok(session)
     }
 
-    /// Whether `session` is still the current one for its callers.
-    async fn is_current(&self, session: &Arc<Session>) -> bool {
-        self.sessions.lock().await.get(&session.asks).is_some_and(|current| Arc::ptr_eq(current, session))
+    /// Whether `session` is still the current one of its owner.
+    fn is_current(&self, session: &Arc<Session>) -> bool {
+        self.slots()
+            .get(&session.owner)
+            .and_then(|slot| slot.session.get())
+            .is_some_and(|current| Arc::ptr_eq(current, session))
     }
 
-    /// What arrives on the session's GET stream: list changes and resource updates are
-    /// announced; pings are answered; other requests are refused (no caller to ask); log
-    /// messages are session-wide and cannot be told apart per caller, so they are dropped.
+    /// Forgets `session` (the server no longer knows it), unless another has replaced it.
+    fn forget(&self, session: &Arc<Session>) {
+        let mut slots = self.slots();
+        let current =
+            slots.get(&session.owner).and_then(|slot| slot.session.get()).is_some_and(|c| Arc::ptr_eq(c, session));
+        if current {
+            slots.remove(&session.owner);
+        }
+    }
+
+    /// What arrives on the session's GET stream (or on a request's stream but not about it):
+    /// list changes and resource updates are announced; pings are answered; other requests are
+    /// refused (no caller to ask). Other notifications (log messages above all) go to the GET
+    /// stream of the 2025 client whose session it is; a shared session's cannot be told apart
+    /// per caller, so they are dropped.
     async fn on_common(&self, session: &Session, message: Value) -> Option<()> {
         let method = message.get("method").and_then(Value::as_str)?;
         let announce = &self.announcements;
@@ -333,6 +510,14 @@ impl LegacyCalls {
                 let uri = message.get("params").and_then(|p| p.get("uri")).and_then(Value::as_str)?;
                 announce.changes.announce_updated(&announce.tenant, &announce.connection, uri);
             }
+            // Progress names Portcullis's own tokens, a cancellation its own requests: neither
+            // means anything to the client.
+            ("notifications/progress" | "notifications/cancelled", None) => {}
+            (_, None) => {
+                if let Owner::Client(client) = &session.owner {
+                    announce.changes.send_to_session(&announce.tenant, client, message);
+                }
+            }
             (_, Some(id)) => {
                 let reply = if method == "ping" {
                     json!({ "jsonrpc": "2.0", "id": id, "result": {} })
@@ -342,7 +527,6 @@ impl LegacyCalls {
                 };
                 let _ = self.post(session, &reply).send().await;
             }
-            _ => {}
         }
         Some(())
     }
@@ -356,19 +540,22 @@ impl LegacyCalls {
         caller: &CallerMeta,
         preferred: Option<&str>,
     ) -> Result<Value, String> {
-        // Only a caller with a client to ask can be asked anything.
-        let asks =
-            if caller.ask_client.is_some() { Asks::of(caller.client_capabilities.as_ref()) } else { Asks::default() };
+        let (owner, asks) = match &caller.client_session {
+            // The client's own: it declared once what it can be asked (requests without a stream
+            // to ask it on refuse the server's requests).
+            Some(client) => (Owner::Client(client.id.clone()), Asks::of(client.capabilities.as_ref())),
+            // Only a caller with a client to ask can be asked anything.
+            None if caller.ask_client.is_some() => {
+                let asks = Asks::of(caller.client_capabilities.as_ref());
+                (Owner::Shared(asks), asks)
+            }
+            None => (Owner::Shared(Asks::default()), Asks::default()),
+        };
         for _ in 0..2 {
-            let session = self.session(asks, preferred).await?;
+            let session = self.session(&owner, asks, preferred).await?;
             match self.request_on(&session, method, params.clone(), caller).await {
                 Ok(answer) => return Ok(answer),
-                Err(Failure::SessionGone) => {
-                    let mut sessions = self.sessions.lock().await;
-                    if sessions.get(&asks).is_some_and(|c| Arc::ptr_eq(c, &session)) {
-                        sessions.remove(&asks);
-                    }
-                }
+                Err(Failure::SessionGone) => self.forget(&session),
                 Err(Failure::Other(error)) => return Err(error),
             }
         }
@@ -473,26 +660,28 @@ where
     }
 }
 
-/// Reads the session's GET stream while the session is current, reopening it after a break;
-/// a server without one (405) or that forgot the session ends it.
-async fn listen(calls: std::sync::Weak<LegacyCalls>, session: Arc<Session>) {
+/// Reads the session's GET stream (from `opened`, when it is open already) while the session is
+/// current, reopening it after a break; a server without one (405) or that forgot the session
+/// ends it.
+async fn listen(calls: std::sync::Weak<LegacyCalls>, session: Arc<Session>, mut opened: Option<reqwest::Response>) {
     let mut backoff = std::time::Duration::from_secs(1);
     loop {
         let Some(this) = calls.upgrade() else { return };
-        if !this.is_current(&session).await {
+        if !this.is_current(&session) {
             return;
         }
-        let request =
-            this.on_session(reqwest::Method::GET, &session).header(reqwest::header::ACCEPT, "text/event-stream");
-        let response = match request.send().await {
-            Ok(response) if response.status().is_success() => response,
-            Ok(_) => return,
-            Err(_) => {
-                drop(this);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
-                continue;
-            }
+        let response = match opened.take() {
+            Some(response) => response,
+            None => match this.open_stream(&session).await {
+                Opened::Stream(response) => response,
+                Opened::Refused => return,
+                Opened::Failed => {
+                    drop(this);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
+                    continue;
+                }
+            },
         };
         backoff = std::time::Duration::from_secs(1);
         drop(this);
@@ -504,6 +693,16 @@ async fn listen(calls: std::sync::Weak<LegacyCalls>, session: Arc<Session>) {
         })
         .await;
         tokio::time::sleep(backoff).await;
+    }
+}
+
+/// Ends, now and then, the client sessions unused for the idle time, while the connection
+/// lives.
+async fn sweep(calls: std::sync::Weak<LegacyCalls>) {
+    loop {
+        tokio::time::sleep(SWEEP_EVERY).await;
+        let Some(this) = calls.upgrade() else { return };
+        this.sweep_idle();
     }
 }
 

@@ -65,6 +65,18 @@ pub struct CallerMeta {
     pub notifications: Option<NotificationSink>,
     /// Who answers a 2025 upstream's requests for client input during the request.
     pub ask_client: Option<Arc<dyn super::legacy_calls::AskClient>>,
+    /// The caller's 2025 session, when it has one: a 2025 upstream is asked on an upstream
+    /// session of that client's own.
+    pub client_session: Option<ClientSession>,
+}
+
+/// A 2025 client session, as far as upstream requests made for it need to know.
+#[derive(Clone, Debug)]
+pub struct ClientSession {
+    /// Its `Mcp-Session-Id` at Portcullis.
+    pub id: String,
+    /// What its client declared it can be asked, at initialize.
+    pub capabilities: Option<serde_json::Value>,
 }
 
 /// How one request to a 2026-07-28 upstream broke.
@@ -201,6 +213,7 @@ impl McpUpstream {
         upstream: Upstream,
         http: reqwest::Client,
         changes: crate::changes::Changes,
+        session_idle: Duration,
     ) -> Arc<Self> {
         let catalog_changed = Arc::new(Notify::new());
         let Upstream::Mcp { url, .. } = &upstream;
@@ -215,6 +228,7 @@ impl McpUpstream {
                 tenant: tenant.clone(),
                 connection: name.clone(),
             },
+            session_idle,
         );
         let this = Arc::new(Self {
             tenant,
@@ -1141,11 +1155,16 @@ async fn held_relay_loop(
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         };
-        let Some(message) = change.held else { continue };
         let Some(this) = connection.upgrade() else { return };
         if change.tenant != this.tenant {
             continue;
         }
+        if let Some(crate::changes::SessionMessage { session, message: None }) = &change.session {
+            // A 2025 client session ended: so does the upstream session kept for it.
+            this.legacy.end_client(session);
+            continue;
+        }
+        let Some(message) = change.held else { continue };
         let deliver = |exchange: &str, value: serde_json::Value| {
             if let Some(waiting) = this.exchanges.lock().unwrap_or_else(|e| e.into_inner()).get(exchange) {
                 let _ = waiting.send(value);

@@ -13,20 +13,23 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 pub use legacy_calls::{AskClient, Refused};
-pub use mcp::{CallError, CallerMeta, ConnectionHealth, McpUpstream};
+pub use mcp::{CallError, CallerMeta, ClientSession, ConnectionHealth, McpUpstream};
 pub use notifications::NotificationSink;
 
 /// All upstream connections, by (tenant, connection name).
 pub struct Upstreams {
     http: reqwest::Client,
     changes: crate::changes::Changes,
+    // How long a 2025 client session lives unused (its upstream sessions too).
+    session_idle: std::time::Duration,
     connections: RwLock<HashMap<(String, String), Arc<McpUpstream>>>,
 }
 
 impl Upstreams {
-    /// An empty registry; `sync` fills it from a snapshot.
-    pub fn new(http: reqwest::Client, changes: crate::changes::Changes) -> Self {
-        Self { http, changes, connections: RwLock::default() }
+    /// An empty registry; `sync` fills it from a snapshot. 2025 client sessions live
+    /// `session_idle` unused.
+    pub fn new(http: reqwest::Client, changes: crate::changes::Changes, session_idle: std::time::Duration) -> Self {
+        Self { http, changes, session_idle, connections: RwLock::default() }
     }
 
     /// Makes the live connections match the snapshot's.
@@ -42,7 +45,14 @@ impl Upstreams {
         for (key, upstream) in wanted {
             if let std::collections::hash_map::Entry::Vacant(slot) = connections.entry(key) {
                 let (tenant, name) = slot.key().clone();
-                slot.insert(McpUpstream::start(tenant, name, upstream, self.http.clone(), self.changes.clone()));
+                slot.insert(McpUpstream::start(
+                    tenant,
+                    name,
+                    upstream,
+                    self.http.clone(),
+                    self.changes.clone(),
+                    self.session_idle,
+                ));
             }
         }
     }

@@ -52,6 +52,10 @@ impl<'a> CallContext<'a> {
     /// The caller's 2025 session: its log level applies to this request.
     pub fn with_session(mut self, session: crate::sessions::Session) -> Self {
         self.caller_meta.log_level = session.log_level.clone();
+        self.caller_meta.client_session = Some(crate::connectors::ClientSession {
+            id: session.id.clone(),
+            capabilities: super::tasks::without_tasks(session.client_capabilities.clone()),
+        });
         self.session = Some(session);
         self
     }
@@ -107,6 +111,7 @@ impl<'a> CallContext<'a> {
             log_level: meta.get(protocol::META_LOG_LEVEL).and_then(Value::as_str).map(str::to_string),
             notifications: None,
             ask_client: None,
+            client_session: None,
         };
         self
     }

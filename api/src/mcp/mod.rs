@@ -738,7 +738,20 @@ fn notification_stream(
             loop {
                 tokio::select! {
                     change = receiver.recv() => match (change, &changed) {
-                        (Ok(c), _) if c.tenant != tenant || c.client.is_some() || c.held.is_some() => continue,
+                        (Ok(c), _) if c.tenant != tenant => continue,
+                        (Ok(crate::changes::Change { session: Some(message), .. }), _) => {
+                            let Followed::Session(id) = &followed else { continue };
+                            if message.session != *id {
+                                continue;
+                            }
+                            // The session ended: so does its stream.
+                            let message = message.message?;
+                            if !session_wants(&app, id, &message).await {
+                                continue;
+                            }
+                            return Some((Ok(protocol::sse_event(&message)), (receiver, None, keep_alive)));
+                        }
+                        (Ok(c), _) if !crate::changes::Changes::is_change(&c) => continue,
                         (Ok(crate::changes::Change { updated: Some(update), .. }), _) => {
                             let events = match &followed {
                                 Followed::Nothing => continue,
@@ -788,6 +801,19 @@ fn notification_stream(
     let mut response = axum::body::Body::from_stream(stream).into_response();
     protocol::event_stream_headers(&mut response);
     response
+}
+
+/// Whether 2025 session `id` is to be sent `message` from its upstream sessions: log messages
+/// only at or above the level it set with `logging/setLevel`, as on its requests' streams.
+async fn session_wants(app: &AppState, id: &str, message: &Value) -> bool {
+    if message.get("method").and_then(Value::as_str) != Some("notifications/message") {
+        return true;
+    }
+    let Ok(Some(session)) = app.sessions.touch(id).await else { return false };
+    let rank = |level: Option<&str>| level.and_then(crate::connectors::notifications::level_rank);
+    let level = message.get("params").and_then(|p| p.get("level")).and_then(Value::as_str);
+    // As on a request's stream: none until the session sets a level.
+    matches!((rank(level), rank(session.log_level.as_deref())), (Some(level), Some(wanted)) if level >= wanted)
 }
 
 /// `notifications/resources/updated` for each subscription that `update` concerns (none:
@@ -1096,6 +1122,8 @@ async fn delete_session(
                 if let Some(session) = owned
                     && app.sessions.delete(id).await.unwrap_or(false)
                 {
+                    // The upstream sessions kept for it end on every replica.
+                    app.changes.end_session(&tenant, id);
                     // Subscriptions end with the session.
                     for subscription in &session.subscriptions {
                         if let Some(upstream) = app.upstreams.get(&tenant, &subscription.connection) {
