@@ -710,6 +710,149 @@ async fn sweep(calls: std::sync::Weak<LegacyCalls>) {
 mod tests {
     use super::*;
 
+    /// A small 2025 server over HTTP: it numbers the sessions it starts, answers `tools/call`
+    /// with the session it was called on, has no GET stream, and records the sessions ended
+    /// with DELETE.
+    async fn session_numbering_server() -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+        use axum::routing::post;
+        let ended: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+        let started = Arc::new(AtomicU64::new(0));
+        let session_of = |headers: &http::HeaderMap| {
+            headers.get("mcp-session-id").and_then(|v| v.to_str().ok()).unwrap_or("none").to_string()
+        };
+        let app = axum::Router::new().route(
+            "/mcp",
+            post(move |headers: http::HeaderMap, body: String| {
+                let started = started.clone();
+                async move {
+                    use axum::response::IntoResponse;
+                    let message: Value = serde_json::from_str(&body).unwrap_or_default();
+                    let Some(id) = message.get("id").cloned() else {
+                        return http::StatusCode::ACCEPTED.into_response();
+                    };
+                    let (session, result) = match message["method"].as_str() {
+                        Some("initialize") => {
+                            let n = started.fetch_add(1, Ordering::Relaxed) + 1;
+                            let result = json!({"protocolVersion": "2025-06-18", "capabilities": {"tools": {}},
+                                "serverInfo": {"name": "numbering", "version": "1"}});
+                            (format!("upstream-{n}"), result)
+                        }
+                        _ => {
+                            let session = session_of(&headers);
+                            (session.clone(), json!({"content": [{"type": "text", "text": session}]}))
+                        }
+                    };
+                    let mut response =
+                        axum::Json(json!({"jsonrpc": "2.0", "id": id, "result": result})).into_response();
+                    response.headers_mut().insert("mcp-session-id", session.parse().expect("header value"));
+                    response
+                }
+            })
+            .get(|| async { http::StatusCode::METHOD_NOT_ALLOWED })
+            .delete({
+                let ended = ended.clone();
+                move |headers: http::HeaderMap| async move {
+                    ended.lock().expect("lock").push(session_of(&headers));
+                    http::StatusCode::OK
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/mcp", listener.local_addr().expect("address"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, ended)
+    }
+
+    fn calls_to(url: &str, idle: std::time::Duration) -> Arc<LegacyCalls> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let upstream = Upstream::Mcp {
+            url: url.to_string(),
+            headers: Vec::new(),
+            refresh_interval_seconds: 60,
+            run_as_tasks: Default::default(),
+        };
+        let announcements = Announcements {
+            catalog_changed: Arc::default(),
+            changes: crate::changes::Changes::new(),
+            tenant: "t".into(),
+            connection: "c".into(),
+        };
+        LegacyCalls::new(reqwest::Client::new(), upstream, reqwest::Url::parse(url).ok(), announcements, idle)
+    }
+
+    /// The upstream session a call of `client` (none: a REST caller) was served on.
+    async fn served_on(calls: &Arc<LegacyCalls>, client: Option<&str>) -> String {
+        let caller = CallerMeta {
+            client_session: client.map(|id| super::super::ClientSession { id: id.into(), capabilities: None }),
+            ..CallerMeta::default()
+        };
+        let params = json!({"name": "whoami", "arguments": {}}).as_object().cloned().unwrap_or_default();
+        let answer = calls.request("tools/call", params, &caller, None).await.expect("answered");
+        answer["result"]["content"][0]["text"].as_str().expect("text").to_string()
+    }
+
+    #[tokio::test]
+    async fn each_client_session_has_its_own_upstream_session_which_ends_with_it_or_unused() {
+        let (url, ended) = session_numbering_server().await;
+        let calls = calls_to(&url, std::time::Duration::from_millis(300));
+        let first = served_on(&calls, Some("client-1")).await;
+        let second = served_on(&calls, Some("client-2")).await;
+        let shared = served_on(&calls, None).await;
+        assert_ne!(first, second, "two clients, two upstream sessions");
+        assert_ne!(first, shared, "callers without a session share another");
+        assert_eq!(served_on(&calls, Some("client-1")).await, first, "a client keeps its session");
+        assert_eq!(served_on(&calls, None).await, shared);
+
+        // The client's session ends: so does its upstream session, and a later request of the
+        // same id starts another.
+        calls.end_client("client-1");
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while !ended.lock().expect("lock").contains(&first) {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("DELETE reached the upstream");
+        let again = served_on(&calls, Some("client-1")).await;
+        assert!(![first.as_str(), second.as_str(), shared.as_str()].contains(&again.as_str()), "{again}");
+
+        // Unused for the idle time: client sessions end, the shared one stays.
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        calls.sweep_idle();
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while !(ended.lock().expect("lock").contains(&second) && ended.lock().expect("lock").contains(&again)) {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("idle sessions were ended upstream");
+        assert!(!ended.lock().expect("lock").contains(&shared));
+        assert_eq!(served_on(&calls, None).await, shared);
+    }
+
+    #[tokio::test]
+    async fn a_replica_keeps_a_bounded_number_of_client_sessions_and_lets_the_least_recent_go() {
+        let calls = calls_to("http://127.0.0.1:9/mcp", std::time::Duration::from_secs(60));
+        let client = |n: usize| Owner::Client(format!("client-{n}"));
+        let later = || std::thread::sleep(std::time::Duration::from_millis(3));
+        calls.slot(&Owner::Shared(Asks::default()));
+        calls.slot(&client(0));
+        calls.slot(&client(1));
+        later();
+        for n in 2..CLIENT_SESSIONS {
+            calls.slot(&client(n));
+        }
+        // Client 0 used again: client 1 is now the least recent.
+        later();
+        calls.slot(&client(0));
+        calls.slot(&client(CLIENT_SESSIONS));
+        let slots = calls.slots();
+        assert_eq!(slots.len(), CLIENT_SESSIONS + 1, "the bound, and the shared session");
+        assert!(slots.contains_key(&client(0)) && slots.contains_key(&client(CLIENT_SESSIONS)));
+        assert!(!slots.contains_key(&client(1)));
+        assert!(slots.contains_key(&Owner::Shared(Asks::default())));
+    }
+
     #[test]
     fn sessions_declare_exactly_what_their_callers_can_be_asked() {
         assert_eq!(Asks::of(None).capabilities(), json!({}));
