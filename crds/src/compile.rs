@@ -335,6 +335,12 @@ fn compile_connection(
                 run_as_tasks: crate::snapshot::TaskTools {
                     optional: glob_list(r, "spec.mcp.runAsTasks.optional", &mcp.run_as_tasks.optional, problems),
                     required: glob_list(r, "spec.mcp.runAsTasks.required", &mcp.run_as_tasks.required, problems),
+                    input_first: glob_list(
+                        r,
+                        "spec.mcp.runAsTasks.inputFirst",
+                        &mcp.run_as_tasks.input_first,
+                        problems,
+                    ),
                 },
             }
         }

@@ -240,6 +240,7 @@ pub struct McpUpstream {
 /// Upstream tool names (globs) run as tasks, by their task support (as 2025-11-25's
 /// `execution.taskSupport` names it).
 #[derive(Deserialize, Serialize, Clone, Debug, Default, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
 pub struct RunAsTasks {
     /// A task for clients that take tasks, an ordinary call for the others.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -247,11 +248,18 @@ pub struct RunAsTasks {
     /// Only ever a task: clients that do not take tasks are refused (-32021).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub required: Vec<String>,
+    /// Of the tools above, those that ask for their input before their task: what such a tool
+    /// asks as soon as it starts (or as soon as it has an answer) goes to the client as
+    /// `input_required`, and the task is created once it works on without asking (the
+    /// input-then-task composition of the tasks extension). The others make their task at once
+    /// and ask inside it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub input_first: Vec<String>,
 }
 
 impl RunAsTasks {
     fn is_empty(&self) -> bool {
-        self.optional.is_empty() && self.required.is_empty()
+        self.optional.is_empty() && self.required.is_empty() && self.input_first.is_empty()
     }
 }
 

@@ -124,11 +124,14 @@ pub struct TaskTools {
     pub optional: GlobList,
     /// Only ever a task.
     pub required: GlobList,
+    /// Ask for their input before their task is created.
+    #[serde(default = "GlobList::empty")]
+    pub input_first: GlobList,
 }
 
 impl Default for TaskTools {
     fn default() -> Self {
-        Self { optional: GlobList::empty(), required: GlobList::empty() }
+        Self { optional: GlobList::empty(), required: GlobList::empty(), input_first: GlobList::empty() }
     }
 }
 
@@ -141,6 +144,11 @@ impl TaskTools {
     /// Whether the tool runs only as a task.
     pub fn requires(&self, tool: &str) -> bool {
         self.required.is_match(tool)
+    }
+
+    /// Whether the tool, run as a task, asks for its input before the task is created.
+    pub fn input_first(&self, tool: &str) -> bool {
+        self.runs(tool) && self.input_first.is_match(tool)
     }
 
     /// Whether no tool runs as a task.

@@ -31,11 +31,7 @@ const GATEWAY_GAPS_2026: [(&str, &str); 0] = [];
 /// hands its requests for input to the client as `input_required`, and runs the tools the
 /// connection names in `runAsTasks` as tasks; what a 2025 upstream cannot express stays out of
 /// reach.
-const BRIDGE_GAPS_2026_CLIENT: [(&str, &str); 3] = [
-    (
-        "tasks-mrtr-composition",
-        "a 2025 tool that asks for input cannot say whether it wants the answer before its task (input_required, then a task) or inside it; Portcullis makes the task first, as tasks-mrtr-input expects",
-    ),
+const BRIDGE_GAPS_2026_CLIENT: [(&str, &str); 2] = [
     (
         "input-required-result-basic-elicitation",
         "2025 server requests have no keys: Portcullis names the one it forwards \"input\", the scenario expects the 2026 tool's own key",
@@ -169,7 +165,9 @@ spec:
     url: "{upstream_url}"
     runAsTasks:
       optional: [slow_compute, protocol_error_job, confirm_delete]
-      required: [failing_job, multi_input]
+      required: [failing_job, multi_input, test_tool_with_task]
+      # Asks for the user's name before its task (the MRTR-then-task composition).
+      inputFirst: [test_tool_with_task]
 ---
 # The suite calls the upstream's tools by their own names: no prefixes.
 apiVersion: portcullis.dev/v1alpha1

@@ -11,6 +11,11 @@
 //! its request. A request for something the client did not declare it can answer ends the call
 //! with -32021 (missing required client capability), as a 2026-07-28 server answers.
 //!
+//! A call of a tool that asks for its input before its task (`runAsTasks.inputFirst`) is held
+//! the same way, but only while it asks: once it has its answers and works on without asking
+//! for `ASK_FIRST_WITHIN`, or finishes, it becomes a task Portcullis runs (`task_runs`) and the
+//! client gets the task instead.
+//!
 //! Held calls live in the process that started them; a retry reaching another replica is
 //! handed to the holder over the change bus (`McpUpstream` does that), and the holder's outcome
 //! comes back the same way. They end with the call, or after `HOLD_LIMIT` without a retry (then
@@ -36,6 +41,10 @@ const GATHER_WITHIN: Duration = Duration::from_millis(50);
 fn input_key(index: usize) -> String {
     if index == 0 { "input".to_string() } else { format!("input-{}", index + 1) }
 }
+
+/// How long a call that asks for its input before its task is waited for to ask (or finish)
+/// before its task is created.
+const ASK_FIRST_WITHIN: Duration = Duration::from_millis(500);
 
 /// Prefix of the (upstream-side) request state that names a held call.
 const STATE_PREFIX: &str = "held:";
@@ -100,7 +109,8 @@ impl AskClient for ForwardNeeds {
 
 /// A call running in the background, with the upstream's pending requests for input.
 struct Held {
-    call: tokio::task::JoinHandle<Result<Value, String>>,
+    // Taken when the call becomes a task.
+    call: Option<tokio::task::JoinHandle<Result<Value, String>>>,
     needs: mpsc::UnboundedReceiver<Need>,
     // Asked and not yet answered, by their keys.
     asked: Vec<(String, Need)>,
@@ -108,12 +118,16 @@ struct Held {
     declared: Value,
     // When it is let go without a retry; each wait for the client starts a new one.
     deadline: tokio::time::Instant,
+    // Where it becomes a task once it works on without asking (an `inputFirst` tool).
+    becomes_task: Option<super::task_runs::TaskRuns>,
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
         // Dropping the call sends notifications/cancelled upstream.
-        self.call.abort();
+        if let Some(call) = &self.call {
+            call.abort();
+        }
     }
 }
 
@@ -128,6 +142,8 @@ pub enum Outcome {
     /// The upstream asked for something the client did not declare (this capability); the
     /// call was cancelled.
     Missing(String),
+    /// The call became a task Portcullis runs: its `CreateTaskResult`.
+    Task(Value),
 }
 
 impl Outcome {
@@ -139,6 +155,7 @@ impl Outcome {
             Outcome::InputRequired(result) => json!({ "inputRequired": result }),
             Outcome::Waiting => json!({ "waiting": true }),
             Outcome::Missing(capability) => json!({ "missing": capability }),
+            Outcome::Task(created) => json!({ "task": created }),
         }
     }
 
@@ -152,6 +169,9 @@ impl Outcome {
         }
         if let Some(result) = value.get("inputRequired") {
             return Some(Outcome::InputRequired(result.clone()));
+        }
+        if let Some(created) = value.get("task") {
+            return Some(Outcome::Task(created.clone()));
         }
         if let Some(capability) = value.get("missing") {
             return Some(Outcome::Missing(capability.as_str().unwrap_or_default().to_string()));
@@ -171,13 +191,42 @@ impl HeldCalls {
     where
         F: FnOnce(Arc<dyn AskClient>) -> BoxFuture<'static, Result<Value, String>>,
     {
+        self.hold(declared, call, None, limit).await
+    }
+
+    /// Starts `call` like `start`, but as a tool that asks for its input before its task: once
+    /// it works on without asking, or finishes, it becomes a task of `runs` (`Outcome::Task`).
+    pub async fn start_before_task<F>(
+        &self,
+        declared: Value,
+        call: F,
+        runs: super::task_runs::TaskRuns,
+        limit: Duration,
+    ) -> Outcome
+    where
+        F: FnOnce(Arc<dyn AskClient>) -> BoxFuture<'static, Result<Value, String>>,
+    {
+        self.hold(declared, call, Some(runs), limit).await
+    }
+
+    async fn hold<F>(
+        &self,
+        declared: Value,
+        call: F,
+        becomes_task: Option<super::task_runs::TaskRuns>,
+        limit: Duration,
+    ) -> Outcome
+    where
+        F: FnOnce(Arc<dyn AskClient>) -> BoxFuture<'static, Result<Value, String>>,
+    {
         let (asker, receiver) = ask_through_channel();
         let held = Held {
-            call: tokio::spawn(call(asker)),
+            call: Some(tokio::spawn(call(asker))),
             needs: receiver,
             asked: Vec::new(),
             declared,
             deadline: tokio::time::Instant::now(),
+            becomes_task,
         };
         self.wait(held, limit).await
     }
@@ -216,33 +265,55 @@ impl HeldCalls {
     }
 
     async fn wait(&self, mut held: Held, limit: Duration) -> Outcome {
-        let next = tokio::time::timeout(limit, async {
+        let Some(call) = held.call.as_mut() else { return Outcome::Answered(Err("the call is gone".into())) };
+        // A call that becomes a task is waited for only as long as it may still ask first.
+        let within = if held.becomes_task.is_some() { limit.min(ASK_FIRST_WITHIN) } else { limit };
+        let next = tokio::time::timeout(within, async {
             tokio::select! {
-                answer = &mut held.call => Ok(answer.unwrap_or_else(|e| Err(format!("the call failed: {e}")))),
+                answer = &mut *call => Ok(answer.unwrap_or_else(|e| Err(format!("the call failed: {e}")))),
                 need = held.needs.recv() => Err(need),
             }
         })
         .await;
-        match next {
-            Err(_) => Outcome::Waiting,
-            Ok(Ok(answer)) => Outcome::Answered(answer),
+        let answer = match next {
+            Err(_) => None,
+            Ok(Ok(answer)) => Some(answer),
             // The call ended without asking (its answer comes next).
-            Ok(Err(None)) => {
-                Outcome::Answered((&mut held.call).await.unwrap_or_else(|e| Err(format!("the call failed: {e}"))))
-            }
-            Ok(Err(Some(first))) => {
-                let needs = gather(first, &mut held.needs).await;
-                if let Some(missing) = undeclared(&needs, &held.declared) {
-                    // Dropping the held call cancels it upstream.
-                    return Outcome::Missing(missing.to_string());
+            Ok(Err(None)) => Some(call.await.unwrap_or_else(|e| Err(format!("the call failed: {e}")))),
+            Ok(Err(Some(first))) => return self.asked(held, first).await,
+        };
+        match (held.becomes_task.take(), answer) {
+            // Answered, or working on without asking: a task from now on (a failure to reach
+            // the upstream stays an error of this request).
+            (Some(runs), answer) if !matches!(answer, Some(Err(_))) => {
+                let call = held.call.take();
+                let needs = std::mem::replace(&mut held.needs, mpsc::unbounded_channel().1);
+                let declared = std::mem::take(&mut held.declared);
+                match (call, answer) {
+                    (Some(call), None) => Outcome::Task(runs.adopt(declared, call, needs)),
+                    (_, answer) => {
+                        let finished = answer.unwrap_or_else(|| Err("the call is gone".into()));
+                        Outcome::Task(runs.adopt(declared, tokio::spawn(async move { finished }), needs))
+                    }
                 }
-                let handle = uuid::Uuid::new_v4().simple().to_string();
-                held.asked = needs.into_iter().enumerate().map(|(i, need)| (input_key(i), need)).collect();
-                let result = input_required(&held.asked, &handle);
-                self.keep(handle, held);
-                Outcome::InputRequired(result)
             }
+            (_, Some(answer)) => Outcome::Answered(answer),
+            (_, None) => Outcome::Waiting,
         }
+    }
+
+    /// The call asked (`first`, and what it asked with it): `input_required`, or `Missing`.
+    async fn asked(&self, mut held: Held, first: Need) -> Outcome {
+        let needs = gather(first, &mut held.needs).await;
+        if let Some(missing) = undeclared(&needs, &held.declared) {
+            // Dropping the held call cancels it upstream.
+            return Outcome::Missing(missing.to_string());
+        }
+        let handle = uuid::Uuid::new_v4().simple().to_string();
+        held.asked = needs.into_iter().enumerate().map(|(i, need)| (input_key(i), need)).collect();
+        let result = input_required(&held.asked, &handle);
+        self.keep(handle, held);
+        Outcome::InputRequired(result)
     }
 
     fn keep(&self, handle: String, mut held: Held) {
@@ -285,6 +356,7 @@ mod tests {
             Outcome::InputRequired(json!({"resultType": "input_required", "requestState": "held:x"})),
             Outcome::Waiting,
             Outcome::Missing("sampling".into()),
+            Outcome::Task(json!({"resultType": "task", "taskId": "portcullis-run-x", "status": "working"})),
         ];
         for outcome in outcomes {
             let back = Outcome::from_json(&outcome.to_json()).expect("an outcome");
@@ -370,6 +442,69 @@ mod tests {
             panic!("expected the other four")
         };
         assert_eq!(next["inputRequests"].as_object().expect("requests").len(), 4, "{next}");
+    }
+
+    #[tokio::test]
+    async fn a_tool_that_asks_first_is_held_while_it_asks_then_becomes_a_task() {
+        let (calls, runs) = (HeldCalls::default(), super::super::task_runs::TaskRuns::default());
+        let limit = Duration::from_secs(30);
+        // Asks, then works for longer than it may take to ask again.
+        let slow = |asker: Arc<dyn AskClient>| -> BoxFuture<'static, Result<Value, String>> {
+            Box::pin(async move {
+                let name =
+                    asker.ask("elicitation/create", json!({"message": "Your name?"})).await.map_err(|e| e.message)?;
+                tokio::time::sleep(ASK_FIRST_WITHIN * 2).await;
+                Ok(
+                    json!({"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": name["content"]["name"]}]}}),
+                )
+            })
+        };
+        let Outcome::InputRequired(first) = calls.start_before_task(all_declared(), slow, runs.clone(), limit).await
+        else {
+            panic!("its input first, before any task")
+        };
+        assert!(first.get("taskId").is_none(), "{first}");
+        let handle = HeldCalls::handle(first["requestState"].as_str().expect("state")).expect("held").to_string();
+        let answer = json!({"input": {"action": "accept", "content": {"name": "Ada"}}});
+        let started = tokio::time::Instant::now();
+        let Some(Outcome::Task(created)) = calls.resume(&handle, Some(&answer), limit).await else {
+            panic!("a task once it works on without asking")
+        };
+        assert!(started.elapsed() < ASK_FIRST_WITHIN * 2, "the task is made while the call still runs");
+        assert_eq!((created["resultType"].as_str(), created["status"].as_str()), (Some("task"), Some("working")));
+        assert!(!calls.holds(&handle), "no longer held: the task has it");
+        let id = created["taskId"].as_str().expect("task id").to_string();
+        let get = || runs.serve("tasks/get", &serde_json::Map::from_iter([("taskId".to_string(), json!(id))]));
+        let done = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let task = get().expect("the run");
+                if task["status"] == "completed" {
+                    return task;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("completed");
+        assert_eq!(done["result"]["content"][0]["text"], "Ada", "{done}");
+
+        // One that finishes at once after its answer is a task too (already ended).
+        let quick = |asker: Arc<dyn AskClient>| -> BoxFuture<'static, Result<Value, String>> {
+            Box::pin(async move {
+                asker.ask("roots/list", json!({})).await.map_err(|e| e.message)?;
+                Ok(json!({"jsonrpc": "2.0", "id": 2, "result": {"content": []}}))
+            })
+        };
+        let Outcome::InputRequired(first) = calls.start_before_task(all_declared(), quick, runs.clone(), limit).await
+        else {
+            panic!("input first")
+        };
+        let handle = HeldCalls::handle(first["requestState"].as_str().expect("state")).expect("held").to_string();
+        let answer = json!({"input": {"roots": []}});
+        let Some(Outcome::Task(created)) = calls.resume(&handle, Some(&answer), limit).await else {
+            panic!("a task, whatever its speed")
+        };
+        assert_eq!(created["resultType"], "task");
     }
 
     #[tokio::test]

@@ -663,6 +663,12 @@ impl McpUpstream {
                     return Err(CallError::Rpc(refused));
                 }
                 None => {}
+                Some(declared) if run_as_tasks.input_first(tool) => {
+                    // Its input first, then its task.
+                    let call = self.asking_call("tools/call", params, caller, preferred);
+                    let outcome = self.held.start_before_task(declared.clone(), call, self.runs.clone(), timeout).await;
+                    return self.held_outcome(outcome, timeout).await;
+                }
                 Some(declared) => {
                     let call = self.asking_call("tools/call", params.clone(), caller, preferred.clone());
                     if let Some(created) = self.runs.start(declared.clone(), call) {
@@ -803,7 +809,7 @@ impl McpUpstream {
             held_calls::Outcome::Missing(capability) => {
                 Err(CallError::Rpc(super::legacy_calls::missing_capability(serde_json::json!({ capability: {} }))))
             }
-            held_calls::Outcome::InputRequired(result) => Ok(result),
+            held_calls::Outcome::InputRequired(result) | held_calls::Outcome::Task(result) => Ok(result),
             held_calls::Outcome::Answered(Err(error)) => {
                 self.unreachable(error.clone()).await;
                 Err(CallError::Unavailable(error))

@@ -98,14 +98,26 @@ impl TaskRuns {
     where
         F: FnOnce(Arc<dyn AskClient>) -> BoxFuture<'static, Result<Value, String>>,
     {
+        let (asker, needs) = held_calls::ask_through_channel();
+        if self.runs().len() >= MOST_RUNS {
+            return None;
+        }
+        Some(self.adopt(declared, tokio::spawn(call(asker)), needs))
+    }
+
+    /// Makes a call already running (one whose requests for input arrive on `needs`) a run;
+    /// its `CreateTaskResult`. Not bounded by `MOST_RUNS`: the call runs anyway (it was held
+    /// for its first input; see `held_calls`).
+    pub(super) fn adopt(
+        &self,
+        declared: Value,
+        call: tokio::task::JoinHandle<Result<Value, String>>,
+        needs: tokio::sync::mpsc::UnboundedReceiver<Need>,
+    ) -> Value {
         let id = format!("{ID_PREFIX}{}", uuid::Uuid::new_v4().simple());
         let (stop, stopped) = oneshot::channel();
-        let (asker, needs) = held_calls::ask_through_channel();
         {
             let mut runs = self.runs();
-            if runs.len() >= MOST_RUNS {
-                return None;
-            }
             let created_at = now();
             let run = Run {
                 last_updated_at: created_at.clone(),
@@ -117,10 +129,10 @@ impl TaskRuns {
             };
             runs.insert(id.clone(), run);
         }
-        tokio::spawn(drive(self.clone(), id.clone(), declared, tokio::spawn(call(asker)), needs, stopped));
-        let mut created = self.get(&id)?;
+        tokio::spawn(drive(self.clone(), id.clone(), declared, call, needs, stopped));
+        let mut created = self.get(&id).unwrap_or_else(|| json!({ "taskId": id, "status": "working" }));
         created["resultType"] = json!("task");
-        Some(created)
+        created
     }
 
     /// Answers `tasks/get`, `tasks/update` or `tasks/cancel` about a run of this process; `None`

@@ -261,16 +261,21 @@ kind: Connection
 metadata: {name: jobs, namespace: acme}
 spec:
   prefix: jobs
-  mcp: {url: "http://127.0.0.1:9001/mcp", runAsTasks: {optional: ["report_*"], required: [rebuild_index]}}
+  mcp: {url: "http://127.0.0.1:9001/mcp", runAsTasks: {optional: ["report_*"], required: [rebuild_index], inputFirst: ["re*"]}}
 "#;
     let snapshot = compile(&objects(extra), now()).expect("compiles");
     let Upstream::Mcp { run_as_tasks, .. } = &snapshot.tenant("acme").expect("tenant").connections["jobs"].upstream;
     assert!(run_as_tasks.runs("report_monthly") && !run_as_tasks.requires("report_monthly"));
     assert!(run_as_tasks.runs("rebuild_index") && run_as_tasks.requires("rebuild_index"));
     assert!(!run_as_tasks.runs("search"));
+    // inputFirst qualifies tools that run as tasks, and nothing else.
+    assert!(run_as_tasks.input_first("report_monthly") && run_as_tasks.input_first("rebuild_index"));
+    assert!(!run_as_tasks.input_first("reindex"));
     let Upstream::Mcp { run_as_tasks, .. } = &snapshot.tenant("acme").expect("tenant").connections["notes"].upstream;
     assert!(run_as_tasks.is_empty(), "none unless named");
 
     let e = errors(&extra.replace("[rebuild_index]", r#"["rebuild_[index"]"#));
     assert!(e.iter().any(|m| m.contains("spec.mcp.runAsTasks.required[0]")), "{e:?}");
+    let e = errors(&extra.replace(r#"["re*"]"#, r#"["re[*"]"#));
+    assert!(e.iter().any(|m| m.contains("spec.mcp.runAsTasks.inputFirst[0]")), "{e:?}");
 }
