@@ -40,10 +40,32 @@ impl Object {
     }
 }
 
+/// Reads one document as `T`. A field `T` does not have is an error, as `kubectl apply` (strict
+/// field validation) makes it: a misspelt field silently ignored could widen what a persona
+/// may do (a `deny` that is not read denies nothing).
 #[allow(clippy::result_large_err, reason = "cold path: one problem per broken document")]
 fn decode<T: DeserializeOwned>(value: serde_yaml::Value, object: &ObjectRef, source: &str) -> Result<T, Problem> {
-    serde_yaml::from_value(value)
-        .map_err(|e| Problem::error(object, "", format!("{source}: cannot read this {}: {e}", object.kind)))
+    let mut unknown = Vec::new();
+    let decoded = serde_ignored::deserialize(value, |path| {
+        // `?` marks where an optional value was present: not part of the field's name.
+        let path = path.to_string();
+        unknown.push(path.split('.').filter(|segment| *segment != "?").collect::<Vec<_>>().join("."));
+    })
+    .map_err(|e| Problem::error(object, "", format!("{source}: cannot read this {}: {e}", object.kind)))?;
+    // Kubernetes owns metadata and status (and keeps fields there Portcullis has no use for).
+    let unknown = unknown.into_iter().find(|path| {
+        !["metadata", "status", "apiVersion", "kind"]
+            .iter()
+            .any(|owned| path == owned || path.starts_with(&format!("{owned}.")))
+    });
+    match unknown {
+        Some(path) => Err(Problem::error(
+            object,
+            &path,
+            format!("{source}: unknown field {path} in this {} (field names are case-sensitive)", object.kind),
+        )),
+        None => Ok(decoded),
+    }
 }
 
 /// Parses every document of one YAML file; `source` names the file in problems.
@@ -109,6 +131,38 @@ pub fn parse_manifests(source: &str, text: &str) -> (Vec<Object>, Vec<Problem>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unknown_field_is_an_error_that_names_it() {
+        let yaml = r#"
+apiVersion: portcullis.dev/v1alpha1
+kind: Persona
+metadata: {name: analyst, namespace: acme, labels: {team: a}, annotations: {note: b}}
+spec:
+  tools: {allow: ["notes.*"], dney: ["notes.delete_note"]}
+---
+apiVersion: portcullis.dev/v1alpha1
+kind: Connection
+metadata: {name: jobs, namespace: acme}
+spec:
+  prefix: jobs
+  mcp: {url: "http://127.0.0.1:9001/mcp", runAsTasks: {required: [deploy], input_first: [deploy]}}
+---
+apiVersion: portcullis.dev/v1alpha1
+kind: Persona
+metadata: {name: fine, namespace: acme, resourceVersion: "7"}
+spec:
+  tools: {allow: ["notes.*"], deny: ["notes.delete_note"]}
+status: {conditions: []}
+"#;
+        let (objects, problems) = parse_manifests("a.yaml", yaml);
+        assert_eq!(objects.len(), 1, "only the last one is read: {problems:?}");
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems.iter().all(|p| p.severity == crate::Severity::Error));
+        let text = format!("{problems:?}");
+        assert!(text.contains("spec.tools.dney"), "{text}");
+        assert!(text.contains("spec.mcp.runAsTasks.input_first"), "{text}");
+    }
 
     #[test]
     fn reads_kinds_secrets_and_skips_others() {
