@@ -231,9 +231,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     )?
     .map(std::sync::Arc::new);
     let changes = crate::changes::Changes::new();
+    let client_sessions = crate::connectors::ClientSessions {
+        idle: Duration::from_secs(args.session_idle_seconds),
+        replies: Default::default(),
+    };
     let state = AppState::new(Inner {
         snapshot: tokio::sync::watch::channel(None).0,
-        upstreams: Upstreams::new(http.clone(), changes.clone(), Duration::from_secs(args.session_idle_seconds)),
+        upstreams: Upstreams::new(http.clone(), changes.clone(), client_sessions.clone()),
         changes: changes.clone(),
         sessions: Box::new(MemorySessions::new(Duration::from_secs(args.session_idle_seconds))),
         limits: Box::new(Limiter::default()),
@@ -246,7 +250,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         oauth,
         rest_keys: Some(rest_keys),
         // One process: a key of its own, good until it stops.
-        client_replies: Default::default(),
+        client_replies: client_sessions.replies.clone(),
         in_flight: Default::default(),
         request_state_key: portcullis_store::secret_box::SecretKey::from_text(
             &uuid::Uuid::new_v4().simple().to_string().repeat(2),

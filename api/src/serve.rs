@@ -153,9 +153,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     )?
     .map(std::sync::Arc::new);
     let changes = crate::changes::Changes::new();
+    let client_sessions = crate::connectors::ClientSessions {
+        idle: Duration::from_secs(args.session_idle_seconds),
+        replies: Default::default(),
+    };
     let state = AppState::new(Inner {
         snapshot: tokio::sync::watch::channel(None).0,
-        upstreams: Upstreams::new(http.clone(), changes.clone(), Duration::from_secs(args.session_idle_seconds)),
+        upstreams: Upstreams::new(http.clone(), changes.clone(), client_sessions.clone()),
         changes: changes.clone(),
         sessions: Box::new(RedisSessions::new(
             connection.clone(),
@@ -185,7 +189,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         oauth,
         rest_keys: Some(rest_keys.clone()),
         // Derived from the shared secret key, so every replica opens what any replica sealed.
-        client_replies: Default::default(),
+        client_replies: client_sessions.replies.clone(),
         in_flight: Default::default(),
         request_state_key: SecretKey::from_text(&format!("request state\n{}", args.data.secret_key))?,
     });

@@ -128,3 +128,77 @@ async fn a_third_party_legacy_server_is_governed_and_its_lost_session_is_re_esta
     })
     .await;
 }
+
+/// The everything server asks a 2025 client that declared roots for them on the session's GET
+/// stream, outside any request, and logs how many it got. Through Portcullis the request
+/// reaches the client's own GET stream (each 2025 client has an upstream session of its own),
+/// the answer the client POSTs goes back upstream, and the server's log message comes back.
+#[tokio::test]
+async fn a_2025_servers_request_outside_any_request_reaches_the_clients_get_stream_and_is_answered() {
+    init();
+    let port = free_port();
+    let _everything = Everything::start(port).await;
+    let gateway = Gateway::start(&manifests(port)).await;
+    wait_until(Duration::from_secs(15), || async { !gateway.tool_names(TESTER_KEY).await.is_empty() }).await;
+    let post = |session: Option<&str>, body: Value| {
+        let mut request = reqwest::Client::new()
+            .post(gateway.mcp_url("demo", "everything"))
+            .header("X-API-Key", TESTER_KEY)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("MCP-Protocol-Version", "2025-11-25");
+        if let Some(session) = session {
+            request = request.header("Mcp-Session-Id", session);
+        }
+        request.body(body.to_string()).send()
+    };
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-11-25",
+        "capabilities": {"roots": {}}, "clientInfo": {"name": "rooted", "version": "1"}}});
+    let response = post(None, init).await.unwrap();
+    let session = response.headers()["mcp-session-id"].to_str().unwrap().to_string();
+    let level = json!({"jsonrpc": "2.0", "id": 2, "method": "logging/setLevel", "params": {"level": "info"}});
+    assert_eq!(post(Some(&session), level).await.unwrap().status(), 200);
+    let mut stream = reqwest::Client::new()
+        .get(gateway.mcp_url("demo", "everything"))
+        .header("X-API-Key", TESTER_KEY)
+        .header("accept", "text/event-stream")
+        .header("Mcp-Session-Id", &session)
+        .header("MCP-Protocol-Version", "2025-11-25")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    // The first call starts the client's upstream session; the server asks for roots soon after.
+    let echo = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+        "params": {"name": "everything_echo", "arguments": {"message": "hi"}}});
+    assert!(post(Some(&session), echo).await.unwrap().text().await.unwrap().contains("Echo: hi"));
+    let mut text = String::new();
+    let request = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let chunk = stream.chunk().await.unwrap().expect("the stream stays open");
+            text.push_str(&String::from_utf8_lossy(&chunk));
+            if let Some(line) = text.lines().find(|l| l.contains("roots/list")) {
+                return serde_json::from_str::<Value>(line.trim_start_matches("data:").trim()).unwrap();
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("roots/list on the client's GET stream: {text}"));
+    assert_eq!(request["method"], "roots/list");
+    let answer = json!({"jsonrpc": "2.0", "id": request["id"], "result": {"roots": [
+        {"uri": "file:///work/project", "name": "project"}]}});
+    assert_eq!(post(Some(&session), answer).await.unwrap().status(), 202);
+    let logged = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut text = String::new();
+        while let Some(chunk) = stream.chunk().await.unwrap() {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+            if text.contains("Roots updated") {
+                return text;
+            }
+        }
+        text
+    })
+    .await
+    .expect("the server's log message");
+    assert!(logged.contains("Roots updated: 1 root(s) received from client"), "{logged}");
+}

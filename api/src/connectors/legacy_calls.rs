@@ -169,6 +169,8 @@ enum Owner {
 struct Session {
     /// Whose it is.
     owner: Owner,
+    /// What it declared its client can be asked.
+    asks: Asks,
     /// `Mcp-Session-Id`, when the server issued one.
     id: Option<String>,
     /// The negotiated protocol version.
@@ -182,6 +184,18 @@ enum Failure {
     /// Anything else, for the operator.
     Other(String),
 }
+
+/// What upstream connections need of the 2025 client sessions they serve.
+#[derive(Clone)]
+pub struct ClientSessions {
+    /// How long a session lives unused: its upstream sessions end after as long unused.
+    pub idle: std::time::Duration,
+    /// Where clients' answers to requests sent on their GET streams arrive.
+    pub replies: crate::mcp::relay::PendingReplies,
+}
+
+/// How long a 2025 client may take to answer a request sent on its GET stream.
+const ANSWER_ON_STREAM_WITHIN: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Where an owner's session is kept: started once however many requests wait for it.
 #[derive(Default)]
@@ -212,8 +226,7 @@ pub struct LegacyCalls {
     next_id: AtomicU64,
     sessions: std::sync::Mutex<HashMap<Owner, Arc<Slot>>>,
     announcements: Announcements,
-    // A client's session unused this long is ended (the client session idle time).
-    idle: std::time::Duration,
+    client_sessions: ClientSessions,
     epoch: std::time::Instant,
 }
 
@@ -246,14 +259,13 @@ impl Drop for CancelUnlessAnswered {
 }
 
 impl LegacyCalls {
-    /// Requests to `upstream` (at `parsed_url`) through `http`; an upstream session kept for a
-    /// 2025 client ends after `idle` unused.
+    /// Requests to `upstream` (at `parsed_url`) through `http`.
     pub fn new(
         http: reqwest::Client,
         upstream: Upstream,
         parsed_url: Option<reqwest::Url>,
         announcements: Announcements,
-        idle: std::time::Duration,
+        client_sessions: ClientSessions,
     ) -> Arc<Self> {
         let this = Arc::new(Self {
             http,
@@ -262,7 +274,7 @@ impl LegacyCalls {
             next_id: AtomicU64::new(1),
             sessions: std::sync::Mutex::default(),
             announcements,
-            idle,
+            client_sessions,
             epoch: std::time::Instant::now(),
         });
         tokio::spawn(sweep(Arc::downgrade(&this)));
@@ -304,7 +316,7 @@ impl LegacyCalls {
     /// Ends the client sessions unused for the idle time.
     fn sweep_idle(&self) {
         let now = self.now_ms();
-        let idle = u64::try_from(self.idle.as_millis()).unwrap_or(u64::MAX);
+        let idle = u64::try_from(self.client_sessions.idle.as_millis()).unwrap_or(u64::MAX);
         let mut ended = Vec::new();
         self.slots().retain(|owner, slot| {
             let keep =
@@ -443,7 +455,7 @@ impl LegacyCalls {
                 "clientInfo": { "name": "portcullis", "version": env!("CARGO_PKG_VERSION") },
             },
         });
-        let unversioned = Session { owner: owner.clone(), id: None, version: offered.to_string() };
+        let unversioned = Session { owner: owner.clone(), asks, id: None, version: offered.to_string() };
         let response = self.post(&unversioned, &initialize).send().await.map_err(|e| root_cause(&e))?;
         if !response.status().is_success() {
             return Err(format!("initialize answered HTTP status {}", response.status()));
@@ -458,7 +470,7 @@ impl LegacyCalls {
             .ok_or_else(|| format!("initialize was not answered with a 2025 protocol version: {answer}"))?
             .to_string();
         let logging = answer.get("result").and_then(|r| r.get("capabilities")).and_then(|c| c.get("logging")).is_some();
-        let session = Arc::new(Session { owner, id: session_id, version });
+        let session = Arc::new(Session { owner, asks, id: session_id, version });
         let initialized = json!({ "jsonrpc": "2.0", "method": "notifications/initialized" });
         self.post(&session, &initialized).send().await.map_err(|e| root_cause(&e))?;
         if logging {
@@ -492,10 +504,10 @@ impl LegacyCalls {
     }
 
     /// What arrives on the session's GET stream (or on a request's stream but not about it):
-    /// list changes and resource updates are announced; pings are answered; other requests are
-    /// refused (no caller to ask). Other notifications (log messages above all) go to the GET
-    /// stream of the 2025 client whose session it is; a shared session's cannot be told apart
-    /// per caller, so they are dropped.
+    /// list changes and resource updates are announced; pings are answered. Requests for client
+    /// input (sampling, elicitation, roots) and other notifications (log messages above all) go
+    /// to the GET stream of the 2025 client whose session it is; on a shared session they cannot
+    /// be told apart per caller, so requests are refused and notifications dropped.
     async fn on_common(&self, session: &Session, message: Value) -> Option<()> {
         let method = message.get("method").and_then(Value::as_str)?;
         let announce = &self.announcements;
@@ -519,16 +531,59 @@ impl LegacyCalls {
                 }
             }
             (_, Some(id)) => {
-                let reply = if method == "ping" {
-                    json!({ "jsonrpc": "2.0", "id": id, "result": {} })
-                } else {
-                    let message = format!("{method} outside a request cannot be passed to a client");
-                    json!({ "jsonrpc": "2.0", "id": id, "error": { "code": -32601, "message": message } })
+                let params = message.get("params").cloned().unwrap_or_else(|| json!({}));
+                let outcome = match &session.owner {
+                    _ if method == "ping" => Ok(json!({})),
+                    Owner::Client(client) if capability_for(method).is_some() => {
+                        match require_declared(&session.asks.capabilities(), method) {
+                            Ok(()) => self.ask_on_session_stream(client, method, params).await,
+                            Err(refused) => Err(refused),
+                        }
+                    }
+                    _ => Err(Refused {
+                        code: -32601,
+                        message: format!("{method} outside a request cannot be passed to a client"),
+                    }),
+                };
+                let reply = match outcome {
+                    Ok(result) => json!({ "jsonrpc": "2.0", "id": id, "result": result }),
+                    Err(refused) => json!({ "jsonrpc": "2.0", "id": id, "error": {
+                        "code": refused.code, "message": refused.message } }),
                 };
                 let _ = self.post(session, &reply).send().await;
             }
         }
         Some(())
+    }
+
+    /// Sends `method` to 2025 client session `client` on its GET stream (held by whichever
+    /// replica) and waits for its answer, which the client POSTs to any replica.
+    async fn ask_on_session_stream(&self, client: &str, method: &str, params: Value) -> Result<Value, Refused> {
+        let id = format!("portcullis-{}", uuid::Uuid::new_v4().simple());
+        let replies = &self.client_sessions.replies;
+        let (_waiting, answered) = replies.expect(client, &id);
+        let request = json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params });
+        self.announcements.changes.send_to_session(&self.announcements.tenant, client, request);
+        let reply = match tokio::time::timeout(ANSWER_ON_STREAM_WITHIN, answered).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) | Err(_) => {
+                return Err(Refused {
+                    code: -32603,
+                    message: format!(
+                        "the client did not answer {method} on its stream within {} s",
+                        ANSWER_ON_STREAM_WITHIN.as_secs()
+                    ),
+                });
+            }
+        };
+        if let Some(result) = reply.get("result") {
+            return Ok(result.clone());
+        }
+        let error = reply.get("error");
+        Err(Refused {
+            code: error.and_then(|e| e.get("code")).and_then(Value::as_i64).unwrap_or(-32603),
+            message: error.and_then(|e| e.get("message")).and_then(Value::as_str).unwrap_or("refused").to_string(),
+        })
     }
 
     /// Sends one request, starting a new session once when the server has forgotten the
@@ -777,7 +832,8 @@ mod tests {
             tenant: "t".into(),
             connection: "c".into(),
         };
-        LegacyCalls::new(reqwest::Client::new(), upstream, reqwest::Url::parse(url).ok(), announcements, idle)
+        let sessions = ClientSessions { idle, replies: Default::default() };
+        LegacyCalls::new(reqwest::Client::new(), upstream, reqwest::Url::parse(url).ok(), announcements, sessions)
     }
 
     /// The upstream session a call of `client` (none: a REST caller) was served on.

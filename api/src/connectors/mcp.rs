@@ -213,7 +213,7 @@ impl McpUpstream {
         upstream: Upstream,
         http: reqwest::Client,
         changes: crate::changes::Changes,
-        session_idle: Duration,
+        client_sessions: super::legacy_calls::ClientSessions,
     ) -> Arc<Self> {
         let catalog_changed = Arc::new(Notify::new());
         let Upstream::Mcp { url, .. } = &upstream;
@@ -228,7 +228,7 @@ impl McpUpstream {
                 tenant: tenant.clone(),
                 connection: name.clone(),
             },
-            session_idle,
+            client_sessions,
         );
         let this = Arc::new(Self {
             tenant,

@@ -12,7 +12,7 @@ use portcullis_crds::snapshot::Upstream;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-pub use legacy_calls::{AskClient, Refused};
+pub use legacy_calls::{AskClient, ClientSessions, Refused};
 pub use mcp::{CallError, CallerMeta, ClientSession, ConnectionHealth, McpUpstream};
 pub use notifications::NotificationSink;
 
@@ -20,16 +20,14 @@ pub use notifications::NotificationSink;
 pub struct Upstreams {
     http: reqwest::Client,
     changes: crate::changes::Changes,
-    // How long a 2025 client session lives unused (its upstream sessions too).
-    session_idle: std::time::Duration,
+    client_sessions: ClientSessions,
     connections: RwLock<HashMap<(String, String), Arc<McpUpstream>>>,
 }
 
 impl Upstreams {
-    /// An empty registry; `sync` fills it from a snapshot. 2025 client sessions live
-    /// `session_idle` unused.
-    pub fn new(http: reqwest::Client, changes: crate::changes::Changes, session_idle: std::time::Duration) -> Self {
-        Self { http, changes, session_idle, connections: RwLock::default() }
+    /// An empty registry; `sync` fills it from a snapshot.
+    pub fn new(http: reqwest::Client, changes: crate::changes::Changes, client_sessions: ClientSessions) -> Self {
+        Self { http, changes, client_sessions, connections: RwLock::default() }
     }
 
     /// Makes the live connections match the snapshot's.
@@ -51,7 +49,7 @@ impl Upstreams {
                     upstream,
                     self.http.clone(),
                     self.changes.clone(),
-                    self.session_idle,
+                    self.client_sessions.clone(),
                 ));
             }
         }

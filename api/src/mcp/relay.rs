@@ -48,8 +48,19 @@ impl PendingReplies {
     }
 }
 
+impl PendingReplies {
+    /// Waits for the answer to request `id` sent to the client of `session`: the answer
+    /// arrives on the receiver while the guard is held.
+    pub fn expect(&self, session: &str, id: &str) -> (Waiting<'_>, oneshot::Receiver<Value>) {
+        let (answer, answered) = oneshot::channel();
+        let key = (session.to_string(), id.to_string());
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), answer);
+        (Waiting { pending: self, key }, answered)
+    }
+}
+
 /// Removes a waiting request when its wait ends, however it ends.
-struct Waiting<'a> {
+pub struct Waiting<'a> {
     pending: &'a PendingReplies,
     key: ReplyKey,
 }
@@ -128,10 +139,7 @@ impl Relay {
         timeout: Duration,
     ) -> Result<Value, RpcError> {
         let id = format!("portcullis-{}", uuid::Uuid::new_v4().simple());
-        let (answer, answered) = oneshot::channel();
-        let key = (session.to_string(), id.clone());
-        pending.0.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), answer);
-        let _waiting = Waiting { pending, key };
+        let (_waiting, answered) = pending.expect(session, &id);
         let request = json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params });
         if self.messages.send(request).await.is_err() {
             return Err(RpcError::internal("the client's stream closed"));
