@@ -28,19 +28,10 @@ const GATEWAY_GAPS_2026: [(&str, &str); 0] = [];
 
 /// Scenarios a 2026-07-28 client passes against the upstream but not through the gateway in
 /// front of the upstream restricted to 2025. Portcullis holds the 2025 upstream's call open and
-/// hands its requests for input to the client as `input_required`, and runs the tools the
-/// connection names in `runAsTasks` as tasks; what a 2025 upstream cannot express stays out of
-/// reach.
-const BRIDGE_GAPS_2026_CLIENT: [(&str, &str); 2] = [
-    (
-        "input-required-result-basic-elicitation",
-        "2025 server requests have no keys: Portcullis names the one it forwards \"input\", the scenario expects the 2026 tool's own key",
-    ),
-    (
-        "input-required-result-ignore-extra-params",
-        "the scenario answers before being asked (a first call with inputResponses), which a 2025 upstream cannot take",
-    ),
-];
+/// hands its requests for input to the client as `input_required` (under the keys the upstream
+/// names them with, `portcullis.dev/inputKey`), and runs the tools the connection names in
+/// `runAsTasks` as tasks.
+const BRIDGE_GAPS_2026_CLIENT: [(&str, &str); 0] = [];
 
 /// Scenarios a 2025 client passes against the upstream but not through the gateway in front of
 /// the upstream restricted to 2025.

@@ -420,14 +420,16 @@ async fn a_retry_of_a_call_held_on_one_replica_completes_it_from_the_other() {
     let (code, asked) = a.mcp_modern(ANALYST_KEY, 1, "tools/call", call.clone()).await;
     assert_eq!(code, 200, "{asked}");
     assert_eq!(asked["result"]["resultType"], "input_required", "{asked}");
-    let input = &asked["result"]["inputRequests"]["input"];
-    assert_eq!(input["method"], "elicitation/create", "{asked}");
+    // The upstream names its request (`portcullis.dev/inputKey`): the client answers under it.
+    let requests = asked["result"]["inputRequests"].as_object().expect("inputRequests");
+    let (key, input) = requests.iter().next().expect("one request");
+    assert_eq!((key.as_str(), &input["method"]), ("elicitation", &json!("elicitation/create")), "{asked}");
     let state = asked["result"]["requestState"].as_str().expect("requestState").to_string();
 
     let mut retry = call.clone();
     retry["requestState"] = json!(state);
     retry["inputResponses"] =
-        json!({"input": {"action": "accept", "content": {"username": "ana", "email": "ana@example.com"}}});
+        json!({"elicitation": {"action": "accept", "content": {"username": "ana", "email": "ana@example.com"}}});
     let (code, done) = b.mcp_modern(ANALYST_KEY, 2, "tools/call", retry).await;
     assert_eq!(code, 200, "{done}");
     assert_eq!(done["result"]["resultType"], "complete", "{done}");
@@ -437,7 +439,7 @@ async fn a_retry_of_a_call_held_on_one_replica_completes_it_from_the_other() {
     // The call has ended: its state no longer names anything, on either replica.
     let mut again = call;
     again["requestState"] = json!(state);
-    again["inputResponses"] = json!({"input": {"action": "accept", "content": {}}});
+    again["inputResponses"] = json!({"elicitation": {"action": "accept", "content": {}}});
     let (_, ended) = a.mcp_modern(ANALYST_KEY, 3, "tools/call", again).await;
     assert_eq!(ended["error"]["code"], -32602, "{ended}");
 }

@@ -42,6 +42,50 @@ fn input_key(index: usize) -> String {
     if index == 0 { "input".to_string() } else { format!("input-{}", index + 1) }
 }
 
+/// The `_meta` key with which a 2025 server may name a request for input: a 2026-07-28 client
+/// sees the request under that key (the one the server's 2026-07-28 form would use), and may
+/// answer it under that key before being asked.
+pub const INPUT_KEY_META: &str = "portcullis.dev/inputKey";
+
+/// The key the server named `need` with (`_meta["portcullis.dev/inputKey"]`: 1 to 64 letters,
+/// digits, `_`, `-`, `.`), taken off the request the client sees.
+fn named_key(need: &mut Need) -> Option<String> {
+    let params = need.params.as_object_mut()?;
+    let meta = params.get_mut("_meta")?.as_object_mut()?;
+    let named = meta.remove(INPUT_KEY_META)?;
+    if meta.is_empty() {
+        params.remove("_meta");
+    }
+    let key = named.as_str()?;
+    let valid =
+        (1..=64).contains(&key.len()) && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    valid.then(|| key.to_string())
+}
+
+/// Keys for `needs` asked together: each the one its server named it with, unless `taken` or
+/// used by another of them, else the next of `fallback` that is free.
+pub(super) fn keyed(
+    needs: Vec<Need>,
+    taken: impl Fn(&str) -> bool,
+    mut fallback: impl FnMut() -> String,
+) -> Vec<(String, Need)> {
+    let mut keyed: Vec<(String, Need)> = Vec::with_capacity(needs.len());
+    for mut need in needs {
+        let free = |key: &str, keyed: &[(String, Need)]| !taken(key) && !keyed.iter().any(|(k, _)| k == key);
+        let key = match named_key(&mut need) {
+            Some(named) if free(&named, &keyed) => named,
+            _ => loop {
+                let key = fallback();
+                if free(&key, &keyed) {
+                    break key;
+                }
+            },
+        };
+        keyed.push((key, need));
+    }
+    keyed
+}
+
 /// How long a call that asks for its input before its task is waited for to ask (or finish)
 /// before its task is created.
 const ASK_FIRST_WITHIN: Duration = Duration::from_millis(500);
@@ -120,6 +164,9 @@ struct Held {
     deadline: tokio::time::Instant,
     // Where it becomes a task once it works on without asking (an `inputFirst` tool).
     becomes_task: Option<super::task_runs::TaskRuns>,
+    // Answers the client gave before being asked (a first call's `inputResponses`), by key:
+    // each answers the request the server names with its key, once.
+    offered: serde_json::Map<String, Value>,
 }
 
 impl Drop for Held {
@@ -186,12 +233,13 @@ pub struct HeldCalls(Arc<Mutex<HashMap<String, Held>>>);
 
 impl HeldCalls {
     /// Starts `call` (given the `AskClient` it must use) in the background; its answer, or its
-    /// first request for input, within `limit`.
-    pub async fn start<F>(&self, declared: Value, call: F, limit: Duration) -> Outcome
+    /// first request for input, within `limit`. `offered` are answers the client gave before
+    /// being asked.
+    pub async fn start<F>(&self, declared: Value, call: F, offered: Option<Value>, limit: Duration) -> Outcome
     where
         F: FnOnce(Arc<dyn AskClient>) -> BoxFuture<'static, Result<Value, String>>,
     {
-        self.hold(declared, call, None, limit).await
+        self.hold(declared, call, None, offered, limit).await
     }
 
     /// Starts `call` like `start`, but as a tool that asks for its input before its task: once
@@ -201,12 +249,13 @@ impl HeldCalls {
         declared: Value,
         call: F,
         runs: super::task_runs::TaskRuns,
+        offered: Option<Value>,
         limit: Duration,
     ) -> Outcome
     where
         F: FnOnce(Arc<dyn AskClient>) -> BoxFuture<'static, Result<Value, String>>,
     {
-        self.hold(declared, call, Some(runs), limit).await
+        self.hold(declared, call, Some(runs), offered, limit).await
     }
 
     async fn hold<F>(
@@ -214,6 +263,7 @@ impl HeldCalls {
         declared: Value,
         call: F,
         becomes_task: Option<super::task_runs::TaskRuns>,
+        offered: Option<Value>,
         limit: Duration,
     ) -> Outcome
     where
@@ -227,6 +277,10 @@ impl HeldCalls {
             declared,
             deadline: tokio::time::Instant::now(),
             becomes_task,
+            offered: match offered {
+                Some(Value::Object(offered)) => offered,
+                _ => serde_json::Map::new(),
+            },
         };
         self.wait(held, limit).await
     }
@@ -265,22 +319,31 @@ impl HeldCalls {
     }
 
     async fn wait(&self, mut held: Held, limit: Duration) -> Outcome {
-        let Some(call) = held.call.as_mut() else { return Outcome::Answered(Err("the call is gone".into())) };
-        // A call that becomes a task is waited for only as long as it may still ask first.
-        let within = if held.becomes_task.is_some() { limit.min(ASK_FIRST_WITHIN) } else { limit };
-        let next = tokio::time::timeout(within, async {
-            tokio::select! {
-                answer = &mut *call => Ok(answer.unwrap_or_else(|e| Err(format!("the call failed: {e}")))),
-                need = held.needs.recv() => Err(need),
-            }
-        })
-        .await;
-        let answer = match next {
-            Err(_) => None,
-            Ok(Ok(answer)) => Some(answer),
-            // The call ended without asking (its answer comes next).
-            Ok(Err(None)) => Some(call.await.unwrap_or_else(|e| Err(format!("the call failed: {e}")))),
-            Ok(Err(Some(first))) => return self.asked(held, first).await,
+        let answer = loop {
+            let Some(call) = held.call.as_mut() else { return Outcome::Answered(Err("the call is gone".into())) };
+            // A call that becomes a task is waited for only as long as it may still ask first.
+            let within = if held.becomes_task.is_some() { limit.min(ASK_FIRST_WITHIN) } else { limit };
+            let next = tokio::time::timeout(within, async {
+                tokio::select! {
+                    answer = &mut *call => Ok(answer.unwrap_or_else(|e| Err(format!("the call failed: {e}")))),
+                    need = held.needs.recv() => Err(need),
+                }
+            })
+            .await;
+            break match next {
+                Err(_) => None,
+                Ok(Ok(answer)) => Some(answer),
+                // The call ended without asking (its answer comes next).
+                Ok(Err(None)) => Some(call.await.unwrap_or_else(|e| Err(format!("the call failed: {e}")))),
+                Ok(Err(Some(first))) => match self.asked(held, first).await {
+                    Ok(outcome) => return outcome,
+                    // Answered with what the client gave before being asked: wait on.
+                    Err(answered) => {
+                        held = answered;
+                        continue;
+                    }
+                },
+            };
         };
         match (held.becomes_task.take(), answer) {
             // Answered, or working on without asking: a task from now on (a failure to reach
@@ -302,18 +365,34 @@ impl HeldCalls {
         }
     }
 
-    /// The call asked (`first`, and what it asked with it): `input_required`, or `Missing`.
-    async fn asked(&self, mut held: Held, first: Need) -> Outcome {
+    /// The call asked (`first`, and what it asked with it): `input_required`, or `Missing`; or,
+    /// when the client had answered all of it before being asked, the call back to wait on.
+    async fn asked(&self, mut held: Held, first: Need) -> Result<Outcome, Held> {
         let needs = gather(first, &mut held.needs).await;
         if let Some(missing) = undeclared(&needs, &held.declared) {
             // Dropping the held call cancels it upstream.
-            return Outcome::Missing(missing.to_string());
+            return Ok(Outcome::Missing(missing.to_string()));
+        }
+        let mut index = 0;
+        let fallback = || {
+            index += 1;
+            input_key(index - 1)
+        };
+        for (key, need) in keyed(needs, |_| false, fallback) {
+            match held.offered.remove(&key).filter(Value::is_object) {
+                Some(answer) => {
+                    let _ = need.answer.send(Ok(answer));
+                }
+                None => held.asked.push((key, need)),
+            }
+        }
+        if held.asked.is_empty() {
+            return Err(held);
         }
         let handle = uuid::Uuid::new_v4().simple().to_string();
-        held.asked = needs.into_iter().enumerate().map(|(i, need)| (input_key(i), need)).collect();
         let result = input_required(&held.asked, &handle);
         self.keep(handle, held);
-        Outcome::InputRequired(result)
+        Ok(Outcome::InputRequired(result))
     }
 
     fn keep(&self, handle: String, mut held: Held) {
@@ -385,6 +464,7 @@ mod tests {
                         Ok(json!({"name": name.map_err(|e| e.message)?, "roots": roots.map_err(|e| e.message)?}))
                     })
                 },
+                None,
                 limit,
             )
             .await;
@@ -427,6 +507,7 @@ mod tests {
                         Ok(json!({ "answered": answers.iter().filter(|a| a.is_ok()).count() }))
                     })
                 },
+                None,
                 Duration::from_secs(5),
             )
             .await;
@@ -445,6 +526,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_server_may_name_its_requests_and_answers_given_before_being_asked_answer_them() {
+        let calls = HeldCalls::default();
+        let limit = Duration::from_secs(5);
+        let named = |key: &str| json!({"message": "Your name?", "_meta": {INPUT_KEY_META: key, "other": 1}});
+        let asking = move |asker: Arc<dyn AskClient>| -> BoxFuture<'static, Result<Value, String>> {
+            Box::pin(async move {
+                let (name, city, roots) = tokio::join!(
+                    asker.ask("elicitation/create", named("user_name")),
+                    // The same name twice, and one without: keys of Portcullis's own.
+                    asker.ask("elicitation/create", named("user_name")),
+                    asker.ask("roots/list", json!({}))
+                );
+                let answers = [name, city, roots].map(|a| a.map_err(|e| e.message));
+                Ok(json!({"answers": answers.into_iter().collect::<Result<Vec<_>, _>>()?}))
+            })
+        };
+        let Outcome::InputRequired(first) = calls.start(all_declared(), asking, None, limit).await else {
+            panic!("asked")
+        };
+        let requests = first["inputRequests"].as_object().expect("requests").clone();
+        let mut keys: Vec<&String> = requests.keys().collect();
+        keys.sort();
+        assert_eq!(keys, ["input", "input-2", "user_name"], "{first}");
+        assert_eq!(requests["user_name"]["params"]["_meta"], json!({"other": 1}), "the naming is taken off");
+
+        // Answered before being asked, under the server's key (extra keys ignored): the call
+        // goes on without an input_required.
+        let offered =
+            json!({"user_name": {"action": "accept", "content": {"name": "Ada"}}, "unknown": {"action": "accept"}});
+        let asks_once = move |asker: Arc<dyn AskClient>| -> BoxFuture<'static, Result<Value, String>> {
+            Box::pin(async move {
+                let name = asker.ask("elicitation/create", named("user_name")).await.map_err(|e| e.message)?;
+                Ok(json!({"jsonrpc": "2.0", "id": 1, "result": {"name": name["content"]["name"]}}))
+            })
+        };
+        let Outcome::Answered(Ok(answer)) = calls.start(all_declared(), asks_once, Some(offered), limit).await else {
+            panic!("answered with what was offered")
+        };
+        assert_eq!(answer["result"]["name"], "Ada");
+        // Offered under another key: asked as usual.
+        let offered = json!({"name": {"action": "accept", "content": {"name": "Ada"}}});
+        let outcome = calls.start(all_declared(), asks_once, Some(offered), limit).await;
+        assert!(matches!(outcome, Outcome::InputRequired(_)), "{:?}", outcome.to_json());
+    }
+
+    #[tokio::test]
     async fn a_tool_that_asks_first_is_held_while_it_asks_then_becomes_a_task() {
         let (calls, runs) = (HeldCalls::default(), super::super::task_runs::TaskRuns::default());
         let limit = Duration::from_secs(30);
@@ -459,7 +586,8 @@ mod tests {
                 )
             })
         };
-        let Outcome::InputRequired(first) = calls.start_before_task(all_declared(), slow, runs.clone(), limit).await
+        let Outcome::InputRequired(first) =
+            calls.start_before_task(all_declared(), slow, runs.clone(), None, limit).await
         else {
             panic!("its input first, before any task")
         };
@@ -495,7 +623,8 @@ mod tests {
                 Ok(json!({"jsonrpc": "2.0", "id": 2, "result": {"content": []}}))
             })
         };
-        let Outcome::InputRequired(first) = calls.start_before_task(all_declared(), quick, runs.clone(), limit).await
+        let Outcome::InputRequired(first) =
+            calls.start_before_task(all_declared(), quick, runs.clone(), None, limit).await
         else {
             panic!("input first")
         };
@@ -521,6 +650,7 @@ mod tests {
                         Ok(json!({}))
                     })
                 },
+                None,
                 Duration::from_secs(5),
             )
             .await;

@@ -666,7 +666,8 @@ impl McpUpstream {
                 Some(declared) if run_as_tasks.input_first(tool) => {
                     // Its input first, then its task.
                     let call = self.asking_call("tools/call", params, caller, preferred);
-                    let outcome = self.held.start_before_task(declared.clone(), call, self.runs.clone(), timeout).await;
+                    let runs = self.runs.clone();
+                    let outcome = self.held.start_before_task(declared.clone(), call, runs, responses, timeout).await;
                     return self.held_outcome(outcome, timeout).await;
                 }
                 Some(declared) => {
@@ -684,7 +685,7 @@ impl McpUpstream {
         }
         if let Some(declared) = declared {
             let call = self.asking_call(method, params, caller, preferred);
-            let outcome = self.held.start(declared.clone(), call, timeout).await;
+            let outcome = self.held.start(declared.clone(), call, responses, timeout).await;
             return self.held_outcome(outcome, timeout).await;
         }
         match tokio::time::timeout(timeout, self.legacy.request(method, params, caller, preferred.as_deref())).await {

@@ -262,11 +262,14 @@ async fn drive(
                 }
                 let mut all = runs.runs();
                 let Some(run) = all.get_mut(&id) else { break None };
-                for need in gathered {
-                    let key = format!("input-{}", run.next_key);
-                    run.next_key += 1;
-                    run.asked.push((key, need));
-                }
+                let taken: Vec<String> = run.asked.iter().map(|(key, _)| key.clone()).collect();
+                let next_key = &mut run.next_key;
+                let fallback = || {
+                    *next_key += 1;
+                    format!("input-{}", *next_key - 1)
+                };
+                let keyed = held_calls::keyed(gathered, |key| taken.iter().any(|t| t == key), fallback);
+                run.asked.extend(keyed);
                 if !run.state.is_terminal() {
                     run.set(State::InputRequired);
                 }

@@ -476,7 +476,14 @@ impl Reference {
     ) -> Result<serde_json::Map<String, Value>, ErrorData> {
         let requests = requests.as_object().cloned().unwrap_or_default();
         let asked = requests.iter().map(|(key, request)| async move {
-            let answer = self.ask(context, request["method"].as_str().unwrap_or(""), request["params"].clone()).await?;
+            // Named with the key the 2026-07-28 form uses, for a gateway that bridges to
+            // 2026-07-28 clients (Portcullis's `portcullis.dev/inputKey`); rmcp's roots/list
+            // takes no params to carry it.
+            let mut params = request["params"].clone();
+            if let Some(params) = params.as_object_mut().filter(|_| request["method"] != "roots/list") {
+                params.insert("_meta".into(), json!({ "portcullis.dev/inputKey": key }));
+            }
+            let answer = self.ask(context, request["method"].as_str().unwrap_or(""), params).await?;
             Ok::<_, ErrorData>((key.clone(), answer))
         });
         Ok(futures::future::try_join_all(asked).await?.into_iter().collect())
