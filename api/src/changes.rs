@@ -41,10 +41,21 @@ pub struct Change {
 pub struct SessionMessage {
     /// The session.
     pub session: String,
-    /// A JSON-RPC notification for its GET stream; unset when the session ended (DELETE), so
-    /// that every replica lets go of what it kept for it.
+    /// A JSON-RPC message (a notification, or a request for input) for its GET stream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<serde_json::Value>,
+    /// The log level the session set (`logging/setLevel`), for the upstream sessions kept for
+    /// it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+}
+
+impl SessionMessage {
+    /// Whether it says the session ended (DELETE): every replica lets go of what it kept for
+    /// it.
+    pub fn ended(&self) -> bool {
+        self.message.is_none() && self.log_level.is_none()
+    }
 }
 
 /// A retry of a held call (see `connectors::held_calls`) that reached a replica other than the
@@ -192,14 +203,28 @@ impl Changes {
 
     /// Sends `message` (a notification) to the GET stream of 2025 session `session`.
     pub fn send_to_session(&self, tenant: &str, session: &str, message: serde_json::Value) {
-        let session = SessionMessage { session: session.to_string(), message: Some(message) };
-        let _ = self.sender.send(Change { session: Some(session), ..self.noticed_here(tenant) });
+        let session = SessionMessage { session: session.to_string(), message: Some(message), log_level: None };
+        self.send_session_message(tenant, session);
     }
 
     /// Tells every replica that 2025 session `session` ended.
     pub fn end_session(&self, tenant: &str, session: &str) {
-        let session = SessionMessage { session: session.to_string(), message: None };
-        let _ = self.sender.send(Change { session: Some(session), ..self.noticed_here(tenant) });
+        let session = SessionMessage { session: session.to_string(), message: None, log_level: None };
+        self.send_session_message(tenant, session);
+    }
+
+    /// Tells every replica that 2025 session `session` set its log level.
+    pub fn set_session_level(&self, tenant: &str, session: &str, level: &str) {
+        let session =
+            SessionMessage { session: session.to_string(), message: None, log_level: Some(level.to_string()) };
+        self.send_session_message(tenant, session);
+    }
+
+    fn send_session_message(&self, tenant: &str, session: SessionMessage) {
+        // `lists` says "none": a replica that predates session messages takes this for a change
+        // of nothing instead of a change of every list.
+        let change = Change { session: Some(session), lists: Some(Lists::default()), ..self.noticed_here(tenant) };
+        let _ = self.sender.send(change);
     }
 
     /// Whether `change` says what a tenant's callers see may have changed (a configuration or

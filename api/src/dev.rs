@@ -231,15 +231,18 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     )?
     .map(std::sync::Arc::new);
     let changes = crate::changes::Changes::new();
+    let sessions: std::sync::Arc<dyn crate::sessions::SessionStore> =
+        std::sync::Arc::new(MemorySessions::new(Duration::from_secs(args.session_idle_seconds)));
     let client_sessions = crate::connectors::ClientSessions {
         idle: Duration::from_secs(args.session_idle_seconds),
         replies: Default::default(),
+        store: sessions.clone(),
     };
     let state = AppState::new(Inner {
         snapshot: tokio::sync::watch::channel(None).0,
         upstreams: Upstreams::new(http.clone(), changes.clone(), client_sessions.clone()),
         changes: changes.clone(),
-        sessions: Box::new(MemorySessions::new(Duration::from_secs(args.session_idle_seconds))),
+        sessions,
         limits: Box::new(Limiter::default()),
         idempotency: Box::new(crate::idempotency::MemoryIdempotency::default()),
         audit,

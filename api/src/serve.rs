@@ -153,19 +153,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     )?
     .map(std::sync::Arc::new);
     let changes = crate::changes::Changes::new();
+    let sessions: std::sync::Arc<dyn crate::sessions::SessionStore> = std::sync::Arc::new(RedisSessions::new(
+        connection.clone(),
+        &args.redis_prefix,
+        Duration::from_secs(args.session_idle_seconds),
+    ));
     let client_sessions = crate::connectors::ClientSessions {
         idle: Duration::from_secs(args.session_idle_seconds),
         replies: Default::default(),
+        store: sessions.clone(),
     };
     let state = AppState::new(Inner {
         snapshot: tokio::sync::watch::channel(None).0,
         upstreams: Upstreams::new(http.clone(), changes.clone(), client_sessions.clone()),
         changes: changes.clone(),
-        sessions: Box::new(RedisSessions::new(
-            connection.clone(),
-            &args.redis_prefix,
-            Duration::from_secs(args.session_idle_seconds),
-        )),
+        sessions,
         limits: match args.when_redis_down {
             WhenRedisDown::Closed => Box::new(RedisLimiter::new(connection.clone(), &args.redis_prefix)),
             WhenRedisDown::Local => {

@@ -59,6 +59,8 @@ pub trait SessionStore: Send + Sync {
     fn save(&self, session: Session) -> BoxFuture<'_, anyhow::Result<bool>>;
     /// Ends a session; true if it existed.
     fn delete<'a>(&'a self, id: &'a str) -> BoxFuture<'a, anyhow::Result<bool>>;
+    /// Whether a session lives, without extending it.
+    fn exists<'a>(&'a self, id: &'a str) -> BoxFuture<'a, anyhow::Result<bool>>;
 }
 
 /// In-process sessions with an idle timeout.
@@ -116,6 +118,12 @@ impl SessionStore for MemorySessions {
     fn delete<'a>(&'a self, id: &'a str) -> BoxFuture<'a, anyhow::Result<bool>> {
         let existed = self.sessions.lock().unwrap_or_else(|e| e.into_inner()).remove(id).is_some();
         Box::pin(async move { Ok(existed) })
+    }
+
+    fn exists<'a>(&'a self, id: &'a str) -> BoxFuture<'a, anyhow::Result<bool>> {
+        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let live = sessions.get(id).is_some_and(|(_, seen)| seen.elapsed() < self.idle);
+        Box::pin(async move { Ok(live) })
     }
 }
 
@@ -185,6 +193,14 @@ impl SessionStore for RedisSessions {
             Ok(removed > 0)
         })
     }
+
+    fn exists<'a>(&'a self, id: &'a str) -> BoxFuture<'a, anyhow::Result<bool>> {
+        Box::pin(async move {
+            let mut connection = self.connection.clone();
+            let found: i64 = bounded(redis::AsyncCommands::exists(&mut connection, self.key(id))).await?;
+            Ok(found > 0)
+        })
+    }
 }
 
 #[cfg(test)]
@@ -211,6 +227,7 @@ mod tests {
         let store = MemorySessions::new(Duration::from_millis(50));
         store.create(session("a")).await.unwrap();
         assert!(store.touch("a").await.unwrap().is_some());
+        assert!(store.exists("a").await.unwrap() && !store.exists("z").await.unwrap());
         let mut changed = session("a");
         changed.log_level = Some("debug".into());
         assert!(store.save(changed).await.unwrap());
@@ -222,6 +239,7 @@ mod tests {
         assert!(store.touch("a").await.unwrap().is_none());
         store.create(session("b")).await.unwrap();
         tokio::time::sleep(Duration::from_millis(80)).await;
+        assert!(!store.exists("b").await.unwrap(), "expired");
         assert!(store.touch("b").await.unwrap().is_none());
     }
 }

@@ -41,7 +41,7 @@ pub struct Inner {
     /// Live upstream connections.
     pub upstreams: Upstreams,
     /// 2025-protocol sessions.
-    pub sessions: Box<dyn SessionStore>,
+    pub sessions: std::sync::Arc<dyn SessionStore>,
     /// Rate limits.
     pub limits: Box<dyn RateLimiter>,
     /// Idempotency keys.

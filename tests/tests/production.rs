@@ -594,7 +594,7 @@ async fn a_2025_upstreams_session_messages_reach_only_their_own_clients_stream_o
     }
     assert!(received.contains("notifications/message"), "{received}");
     let overheard =
-        read_for(&mut bystander_stream, Duration::from_millis(500), |t| t.contains("notifications/message")).await;
+        read_for(&mut bystander_stream, Duration::from_millis(1500), |t| t.contains("notifications/message")).await;
     assert!(!overheard.contains("notifications/message"), "another session's log messages: {overheard}");
 
     // Below the session's level: not relayed.
@@ -602,7 +602,8 @@ async fn a_2025_upstreams_session_messages_reach_only_their_own_clients_stream_o
     assert_eq!(a.mcp_raw(ANALYST_KEY, &headers, level).await.status(), 200);
     let answer = b.mcp_raw(ANALYST_KEY, &headers, &call(6, "notes.test_tool_with_logging")).await.text().await.unwrap();
     assert!(answer.contains("executed successfully"), "{answer}");
-    let below = read_for(&mut caller_stream, Duration::from_millis(500), |t| t.contains("notifications/message")).await;
+    let below =
+        read_for(&mut caller_stream, Duration::from_millis(1500), |t| t.contains("notifications/message")).await;
     assert!(!below.contains("notifications/message"), "info messages below level error: {below}");
 
     // The session's end (DELETE on B) ends its stream on A.

@@ -99,13 +99,17 @@ async fn tasks_run_under_handles_bound_to_the_caller_and_vanish_with_the_tool() 
     assert_eq!(code, 200);
     assert_eq!(wait_for(&gateway, ANALYST_KEY, &long_id, "cancelled").await["status"], "cancelled");
 
-    // Audited with the tool and connection behind the handle.
+    // Audited with the tool and connection behind the handle (audit is written in batches:
+    // each is waited for, not assumed written with another).
     wait_until(Duration::from_secs(5), || async {
         gateway.audit("tool=notes.slow_compute").await.iter().any(|e| e["operation"] == "tasks/get")
     })
     .await;
-    let events = gateway.audit("tool=notes.confirm_delete").await;
-    assert!(events.iter().any(|e| e["operation"] == "tasks/update" && e["connection"] == "notes"), "{events:#?}");
+    wait_until(Duration::from_secs(5), || async {
+        let events = gateway.audit("tool=notes.confirm_delete").await;
+        events.iter().any(|e| e["operation"] == "tasks/update" && e["connection"] == "notes")
+    })
+    .await;
 
     // The persona loses the tool: its tasks are gone for that caller too.
     let call = with_tasks(json!({"name": "notes.slow_compute", "arguments": {"seconds": 30}}));

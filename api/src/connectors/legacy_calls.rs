@@ -149,6 +149,11 @@ enum Opened {
     Failed,
 }
 
+/// A log level as a slot keeps it: its rank + 1, 0 for none.
+fn level_code(level: Option<&str>) -> u8 {
+    level.and_then(super::notifications::level_rank).map_or(0, |rank| u8::try_from(rank + 1).unwrap_or(u8::MAX))
+}
+
 /// How many 2025 client sessions one replica keeps an upstream session for, per connection.
 const CLIENT_SESSIONS: usize = 1024;
 
@@ -175,6 +180,19 @@ struct Session {
     id: Option<String>,
     /// The negotiated protocol version.
     version: String,
+    /// Whether the server logs (takes `logging/setLevel`).
+    logs: bool,
+    /// Set when the session is over: its GET stream is let go.
+    ended: tokio::sync::watch::Sender<bool>,
+}
+
+/// Why a session could not be started.
+enum Start {
+    /// The upstream could not be reached, or did not answer in time.
+    Unreachable(String),
+    /// It answered, but refused (an HTTP error, no 2025 version): this request fails, the
+    /// connection is fine.
+    Refused(String),
 }
 
 /// Why one request on a session failed.
@@ -192,6 +210,8 @@ pub struct ClientSessions {
     pub idle: std::time::Duration,
     /// Where clients' answers to requests sent on their GET streams arrive.
     pub replies: crate::mcp::relay::PendingReplies,
+    /// The sessions themselves: a client session that lives keeps its upstream sessions.
+    pub store: Arc<dyn crate::sessions::SessionStore>,
 }
 
 /// How long a 2025 client may take to answer a request sent on its GET stream.
@@ -203,6 +223,8 @@ struct Slot {
     session: tokio::sync::OnceCell<Arc<Session>>,
     /// When a request last used it (ms since `LegacyCalls::epoch`).
     last_used: AtomicU64,
+    /// The log level its client set (its rank + 1; 0: none), for a client's own session.
+    log_level: std::sync::atomic::AtomicU8,
 }
 
 /// Where what the upstream announces on the session's GET stream goes.
@@ -228,6 +250,16 @@ pub struct LegacyCalls {
     announcements: Announcements,
     client_sessions: ClientSessions,
     epoch: std::time::Instant,
+}
+
+impl Drop for LegacyCalls {
+    /// The connection is replaced or removed: its sessions end (their GET streams are let go).
+    fn drop(&mut self) {
+        let slots: Vec<Arc<Slot>> = self.slots().drain().map(|(_, slot)| slot).collect();
+        for session in slots.iter().filter_map(|slot| slot.session.get()) {
+            self.close(session.clone());
+        }
+    }
 }
 
 /// Sends `notifications/cancelled` for a request that is dropped before its answer: in the
@@ -291,7 +323,10 @@ impl LegacyCalls {
 
     /// Forgets the sessions (the upstream went away; the next request starts a new one).
     pub async fn reset(&self) {
-        self.slots().clear();
+        let slots: Vec<Arc<Slot>> = self.slots().drain().map(|(_, slot)| slot).collect();
+        for session in slots.iter().filter_map(|slot| slot.session.get()) {
+            self.close(session.clone());
+        }
     }
 
     /// Ends the upstream session kept for 2025 client session `id`, if this replica keeps one.
@@ -302,32 +337,63 @@ impl LegacyCalls {
         }
     }
 
-    /// Tells the upstream a session is over (DELETE; a server may refuse, which changes nothing).
+    /// The log level 2025 client session `id` set: its upstream session here takes it.
+    pub fn set_client_level(&self, id: &str, level: &str) {
+        let slot = self.slots().get(&Owner::Client(id.to_string())).cloned();
+        let Some(slot) = slot else { return };
+        slot.log_level.store(level_code(Some(level)), Ordering::Relaxed);
+        if let Some(session) = slot.session.get().filter(|s| s.logs).cloned() {
+            let request = self.post(
+                &session,
+                &json!({ "jsonrpc": "2.0", "id": self.next_id.fetch_add(1, Ordering::Relaxed),
+                "method": "logging/setLevel", "params": { "level": level } }),
+            );
+            tokio::spawn(async move {
+                let _ = request.send().await;
+            });
+        }
+    }
+
+    /// Tells the upstream a session is over (DELETE; a server may refuse, which changes
+    /// nothing) and lets its GET stream go.
     fn close(&self, session: Arc<Session>) {
+        session.ended.send_replace(true);
         if session.id.is_none() {
             return;
         }
         let request = self.on_session(reqwest::Method::DELETE, &session);
-        tokio::spawn(async move {
-            let _ = request.send().await;
-        });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = request.send().await;
+            });
+        }
     }
 
-    /// Ends the client sessions unused for the idle time.
-    fn sweep_idle(&self) {
+    /// Ends the client sessions unused here for the idle time whose client session has ended
+    /// (one that lives, used through other replicas or connections, keeps its session here).
+    async fn sweep_idle(&self) {
         let now = self.now_ms();
         let idle = u64::try_from(self.client_sessions.idle.as_millis()).unwrap_or(u64::MAX);
-        let mut ended = Vec::new();
-        self.slots().retain(|owner, slot| {
-            let keep =
-                matches!(owner, Owner::Shared(_)) || now.saturating_sub(slot.last_used.load(Ordering::Relaxed)) < idle;
-            if !keep && let Some(session) = slot.session.get() {
-                ended.push(session.clone());
+        let unused: Vec<String> = self
+            .slots()
+            .iter()
+            .filter(|(_, slot)| now.saturating_sub(slot.last_used.load(Ordering::Relaxed)) >= idle)
+            .filter_map(|(owner, _)| match owner {
+                Owner::Client(id) => Some(id.clone()),
+                Owner::Shared(_) => None,
+            })
+            .collect();
+        for id in unused {
+            // When the store cannot tell, the session stays until the next sweep.
+            match self.client_sessions.store.exists(&id).await {
+                Ok(false) => self.end_client(&id),
+                Ok(true) => {
+                    if let Some(slot) = self.slots().get(&Owner::Client(id)) {
+                        slot.last_used.store(now, Ordering::Relaxed);
+                    }
+                }
+                Err(_) => {}
             }
-            keep
-        });
-        for session in ended {
-            self.close(session);
         }
     }
 
@@ -351,7 +417,11 @@ impl LegacyCalls {
                 .map(|(o, _)| o.clone());
             evicted = oldest.and_then(|o| slots.remove(&o)).and_then(|slot| slot.session.get().cloned());
         }
-        let slot = Arc::new(Slot { session: tokio::sync::OnceCell::new(), last_used: AtomicU64::new(now) });
+        let slot = Arc::new(Slot {
+            session: tokio::sync::OnceCell::new(),
+            last_used: AtomicU64::new(now),
+            log_level: std::sync::atomic::AtomicU8::new(0),
+        });
         slots.insert(owner.clone(), slot.clone());
         drop(slots);
         if let Some(session) = evicted {
@@ -392,8 +462,12 @@ impl LegacyCalls {
         owner: &Owner,
         asks: Asks,
         preferred: Option<&str>,
-    ) -> Result<Arc<Session>, String> {
+        log_level: Option<&str>,
+    ) -> Result<Arc<Session>, Start> {
         let slot = self.slot(owner);
+        if matches!(owner, Owner::Client(_)) {
+            slot.log_level.store(level_code(log_level), Ordering::Relaxed);
+        }
         if let Some(session) = slot.session.get() {
             return Ok(session.clone());
         }
@@ -404,16 +478,22 @@ impl LegacyCalls {
             .get_or_try_init(|| async move {
                 // Bounded: every request of the owner waits for it, and a half-open connection
                 // must not stall them.
-                let session = tokio::time::timeout(INITIALIZE_WITHIN, self.initialize(owner.clone(), asks, preferred))
-                    .await
-                    .map_err(|_| format!("initialize was not answered within {} s", INITIALIZE_WITHIN.as_secs()))??;
+                let started = self.initialize(owner.clone(), asks, preferred, log_level);
+                let session = tokio::time::timeout(INITIALIZE_WITHIN, started).await.map_err(|_| {
+                    Start::Unreachable(format!("initialize was not answered within {} s", INITIALIZE_WITHIN.as_secs()))
+                })??;
                 // The GET stream is open before the session's first request: what the server
                 // sends there about it (log messages) is not sent before anyone listens.
                 *opened = Some(self.open_stream(&session).await);
-                Ok::<_, String>(session)
+                Ok::<_, Start>(session)
             })
             .await?
             .clone();
+        if stream.is_some() && !self.is_current(&session) {
+            // Its client ended (or it was let go) while it started: nobody will end it later.
+            self.close(session);
+            return Err(Start::Refused("the session ended while its upstream session started".into()));
+        }
         match stream {
             // A server without one (405) or that refused it.
             Some(Opened::Refused) | None => {}
@@ -439,9 +519,16 @@ impl LegacyCalls {
         }
     }
 
-    /// Starts a session: initialize, then `notifications/initialized` (and the lowest log
-    /// level, when the server logs).
-    async fn initialize(&self, owner: Owner, asks: Asks, preferred: Option<&str>) -> Result<Arc<Session>, String> {
+    /// Starts a session: initialize, then `notifications/initialized`, and when the server
+    /// logs a level: a client's own session its client's (none: the server's default), a shared
+    /// session the lowest (each caller gets what it asked for).
+    async fn initialize(
+        &self,
+        owner: Owner,
+        asks: Asks,
+        preferred: Option<&str>,
+        log_level: Option<&str>,
+    ) -> Result<Arc<Session>, Start> {
         let offered = preferred.filter(|v| LEGACY_VERSIONS.contains(v)).unwrap_or(LEGACY_VERSIONS[0]);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let initialize = json!({
@@ -455,29 +542,45 @@ impl LegacyCalls {
                 "clientInfo": { "name": "portcullis", "version": env!("CARGO_PKG_VERSION") },
             },
         });
-        let unversioned = Session { owner: owner.clone(), asks, id: None, version: offered.to_string() };
-        let response = self.post(&unversioned, &initialize).send().await.map_err(|e| root_cause(&e))?;
-        if !response.status().is_success() {
-            return Err(format!("initialize answered HTTP status {}", response.status()));
+        let ended = || tokio::sync::watch::channel(false).0;
+        let unversioned =
+            Session { owner: owner.clone(), asks, id: None, version: offered.to_string(), logs: false, ended: ended() };
+        let unreachable = |e: reqwest::Error| Start::Unreachable(root_cause(&e));
+        let response = self.post(&unversioned, &initialize).send().await.map_err(unreachable)?;
+        let status = response.status();
+        if !status.is_success() {
+            let why = format!("initialize answered HTTP status {status}");
+            // A proxy saying the server is not there, or the server itself refusing.
+            return Err(if matches!(status.as_u16(), 502..=504) {
+                Start::Unreachable(why)
+            } else {
+                Start::Refused(why)
+            });
         }
         let session_id = response.headers().get("mcp-session-id").and_then(|v| v.to_str().ok()).map(str::to_string);
-        let answer = read_answer(response, id, &CallerMeta::default(), |_| async { None }).await?;
+        let answer =
+            read_answer(response, id, &CallerMeta::default(), |_| async { None }).await.map_err(Start::Unreachable)?;
         let version = answer
             .get("result")
             .and_then(|r| r.get("protocolVersion"))
             .and_then(Value::as_str)
             .filter(|v| LEGACY_VERSIONS.contains(v))
-            .ok_or_else(|| format!("initialize was not answered with a 2025 protocol version: {answer}"))?
+            .ok_or_else(|| {
+                Start::Refused(format!("initialize was not answered with a 2025 protocol version: {answer}"))
+            })?
             .to_string();
-        let logging = answer.get("result").and_then(|r| r.get("capabilities")).and_then(|c| c.get("logging")).is_some();
-        let session = Arc::new(Session { owner, asks, id: session_id, version });
+        let logs = answer.get("result").and_then(|r| r.get("capabilities")).and_then(|c| c.get("logging")).is_some();
+        let level = match owner {
+            Owner::Client(_) => log_level,
+            Owner::Shared(_) => Some("debug"),
+        };
+        let session = Arc::new(Session { owner, asks, id: session_id, version, logs, ended: ended() });
         let initialized = json!({ "jsonrpc": "2.0", "method": "notifications/initialized" });
-        self.post(&session, &initialized).send().await.map_err(|e| root_cause(&e))?;
-        if logging {
-            // The session's level is the lowest; each caller gets what it asked for.
+        self.post(&session, &initialized).send().await.map_err(unreachable)?;
+        if let Some(level) = level.filter(|_| logs) {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let level =
-                json!({ "jsonrpc": "2.0", "id": id, "method": "logging/setLevel", "params": { "level": "debug" } });
+                json!({ "jsonrpc": "2.0", "id": id, "method": "logging/setLevel", "params": { "level": level } });
             if let Ok(response) = self.post(&session, &level).send().await {
                 let _ = read_answer(response, id, &CallerMeta::default(), |_| async { None }).await;
             }
@@ -486,21 +589,29 @@ impl LegacyCalls {
     }
 
     /// Whether `session` is still the current one of its owner.
-    fn is_current(&self, session: &Arc<Session>) -> bool {
+    fn is_current(&self, session: &Session) -> bool {
         self.slots()
             .get(&session.owner)
             .and_then(|slot| slot.session.get())
-            .is_some_and(|current| Arc::ptr_eq(current, session))
+            .is_some_and(|current| std::ptr::eq(Arc::as_ptr(current), session))
     }
 
     /// Forgets `session` (the server no longer knows it), unless another has replaced it.
     fn forget(&self, session: &Arc<Session>) {
+        session.ended.send_replace(true);
         let mut slots = self.slots();
         let current =
             slots.get(&session.owner).and_then(|slot| slot.session.get()).is_some_and(|c| Arc::ptr_eq(c, session));
         if current {
             slots.remove(&session.owner);
         }
+    }
+
+    /// Whether a log message at `level` is for the client of `session`, as far as this replica
+    /// knows its level (the client's GET stream checks again).
+    fn client_wants_log(&self, session: &Session, level: Option<&str>) -> bool {
+        let wanted = self.slots().get(&session.owner).map_or(0, |slot| slot.log_level.load(Ordering::Relaxed));
+        wanted != 0 && level_code(level) >= wanted
     }
 
     /// What arrives on the session's GET stream (or on a request's stream but not about it):
@@ -511,6 +622,10 @@ impl LegacyCalls {
     async fn on_common(&self, session: &Session, message: Value) -> Option<()> {
         let method = message.get("method").and_then(Value::as_str)?;
         let announce = &self.announcements;
+        if matches!(session.owner, Owner::Client(_)) && !self.is_current(session) {
+            // Its client has ended, or it was let go: what it still says is for nobody.
+            return Some(());
+        }
         match (method, message.get("id")) {
             (
                 "notifications/tools/list_changed"
@@ -525,6 +640,15 @@ impl LegacyCalls {
             // Progress names Portcullis's own tokens, a cancellation its own requests: neither
             // means anything to the client.
             ("notifications/progress" | "notifications/cancelled", None) => {}
+            ("notifications/message", None) if matches!(session.owner, Owner::Client(_)) => {
+                let level = message.get("params").and_then(|p| p.get("level")).and_then(Value::as_str);
+                // Filtered here too: what the client does not want does not cross the bus.
+                if let Owner::Client(client) = &session.owner
+                    && self.client_wants_log(session, level)
+                {
+                    announce.changes.send_to_session(&announce.tenant, client, message);
+                }
+            }
             (_, None) => {
                 if let Owner::Client(client) = &session.owner {
                     announce.changes.send_to_session(&announce.tenant, client, message);
@@ -607,8 +731,23 @@ impl LegacyCalls {
             None => (Owner::Shared(Asks::default()), Asks::default()),
         };
         for _ in 0..2 {
-            let session = self.session(&owner, asks, preferred).await?;
-            match self.request_on(&session, method, params.clone(), caller).await {
+            let session = match self.session(&owner, asks, preferred, caller.log_level.as_deref()).await {
+                Ok(session) => session,
+                Err(Start::Unreachable(error)) => return Err(error),
+                Err(Start::Refused(why)) => {
+                    // The server is there: this request fails, not the connection. The detail
+                    // is for the operator.
+                    tracing::warn!(connection = %self.announcements.connection, %why, "A 2025 upstream refused a session");
+                    return Ok(json!({ "jsonrpc": "2.0", "id": null, "error": {
+                        "code": -32603, "message": "the upstream refused to start a session for this request" } }));
+                }
+            };
+            let outcome = self.request_on(&session, method, params.clone(), caller).await;
+            // Used until now (a long request keeps its session).
+            if let Some(slot) = self.slots().get(&owner) {
+                slot.last_used.store(self.now_ms(), Ordering::Relaxed);
+            }
+            match outcome {
                 Ok(answer) => return Ok(answer),
                 Err(Failure::SessionGone) => self.forget(&session),
                 Err(Failure::Other(error)) => return Err(error),
@@ -720,9 +859,10 @@ where
 /// ends it.
 async fn listen(calls: std::sync::Weak<LegacyCalls>, session: Arc<Session>, mut opened: Option<reqwest::Response>) {
     let mut backoff = std::time::Duration::from_secs(1);
+    let mut ended = session.ended.subscribe();
     loop {
         let Some(this) = calls.upgrade() else { return };
-        if !this.is_current(&session) {
+        if *ended.borrow() || !this.is_current(&session) {
             return;
         }
         let response = match opened.take() {
@@ -742,12 +882,19 @@ async fn listen(calls: std::sync::Weak<LegacyCalls>, session: Arc<Session>, mut 
         drop(this);
         // The stream has no answer to wait for: id 0 is never a request of ours. It holds the
         // connection only weakly, so a connection that is replaced or removed goes away.
-        let _ = read_event_stream(response, 0, None, |message| {
+        let read = read_event_stream(response, 0, None, |message| {
             let (calls, session) = (calls.clone(), session.clone());
             async move { calls.upgrade()?.on_common(&session, message).await }
-        })
-        .await;
-        tokio::time::sleep(backoff).await;
+        });
+        // An ended session lets its stream go at once, whether or not the server closes it.
+        tokio::select! {
+            _ = read => {}
+            _ = ended.wait_for(|ended| *ended) => return,
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            _ = ended.wait_for(|ended| *ended) => return,
+        }
     }
 }
 
@@ -757,7 +904,7 @@ async fn sweep(calls: std::sync::Weak<LegacyCalls>) {
     loop {
         tokio::time::sleep(SWEEP_EVERY).await;
         let Some(this) = calls.upgrade() else { return };
-        this.sweep_idle();
+        this.sweep_idle().await;
     }
 }
 
@@ -819,6 +966,14 @@ mod tests {
     }
 
     fn calls_to(url: &str, idle: std::time::Duration) -> Arc<LegacyCalls> {
+        calls_with(url, idle, Arc::new(crate::sessions::MemorySessions::new(std::time::Duration::from_secs(60))))
+    }
+
+    fn calls_with(
+        url: &str,
+        idle: std::time::Duration,
+        store: Arc<dyn crate::sessions::SessionStore>,
+    ) -> Arc<LegacyCalls> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let upstream = Upstream::Mcp {
             url: url.to_string(),
@@ -832,7 +987,7 @@ mod tests {
             tenant: "t".into(),
             connection: "c".into(),
         };
-        let sessions = ClientSessions { idle, replies: Default::default() };
+        let sessions = ClientSessions { idle, replies: Default::default(), store };
         LegacyCalls::new(reqwest::Client::new(), upstream, reqwest::Url::parse(url).ok(), announcements, sessions)
     }
 
@@ -850,9 +1005,25 @@ mod tests {
     #[tokio::test]
     async fn each_client_session_has_its_own_upstream_session_which_ends_with_it_or_unused() {
         let (url, ended) = session_numbering_server().await;
-        let calls = calls_to(&url, std::time::Duration::from_millis(300));
+        let store = Arc::new(crate::sessions::MemorySessions::new(std::time::Duration::from_secs(60)));
+        // client-3's session lives on (its client uses other replicas or connections).
+        let live = crate::sessions::Session {
+            id: "client-3".into(),
+            tenant: "t".into(),
+            endpoint: "e".into(),
+            subject: "apikey:k".into(),
+            protocol_version: "2025-11-25".into(),
+            client_name: None,
+            created_at: chrono::Utc::now(),
+            client_capabilities: None,
+            log_level: None,
+            subscriptions: Vec::new(),
+        };
+        crate::sessions::SessionStore::create(store.as_ref(), live).await.expect("stored");
+        let calls = calls_with(&url, std::time::Duration::from_millis(300), store);
         let first = served_on(&calls, Some("client-1")).await;
         let second = served_on(&calls, Some("client-2")).await;
+        let third = served_on(&calls, Some("client-3")).await;
         let shared = served_on(&calls, None).await;
         assert_ne!(first, second, "two clients, two upstream sessions");
         assert_ne!(first, shared, "callers without a session share another");
@@ -872,9 +1043,10 @@ mod tests {
         let again = served_on(&calls, Some("client-1")).await;
         assert!(![first.as_str(), second.as_str(), shared.as_str()].contains(&again.as_str()), "{again}");
 
-        // Unused for the idle time: client sessions end, the shared one stays.
+        // Unused here for the idle time: client sessions that ended end, the shared one and
+        // that of the client that lives stay.
         tokio::time::sleep(std::time::Duration::from_millis(400)).await;
-        calls.sweep_idle();
+        calls.sweep_idle().await;
         tokio::time::timeout(std::time::Duration::from_secs(5), async {
             while !(ended.lock().expect("lock").contains(&second) && ended.lock().expect("lock").contains(&again)) {
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -883,7 +1055,19 @@ mod tests {
         .await
         .expect("idle sessions were ended upstream");
         assert!(!ended.lock().expect("lock").contains(&shared));
+        assert!(!ended.lock().expect("lock").contains(&third), "its client lives");
         assert_eq!(served_on(&calls, None).await, shared);
+        assert_eq!(served_on(&calls, Some("client-3")).await, third);
+
+        // The connection goes away: its sessions end upstream.
+        drop(calls);
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while !(ended.lock().expect("lock").contains(&shared) && ended.lock().expect("lock").contains(&third)) {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("ended with the connection");
     }
 
     #[tokio::test]

@@ -663,6 +663,12 @@ impl McpUpstream {
                     return Err(CallError::Rpc(refused));
                 }
                 None => {}
+                // This replica runs as many as it keeps: others run as plain calls, except those
+                // that run only as tasks.
+                Some(_) if self.runs.is_full() && required => {
+                    return Err(CallError::Unavailable("too many tasks running on this replica".into()));
+                }
+                Some(_) if self.runs.is_full() => {}
                 Some(declared) if run_as_tasks.input_first(tool) => {
                     // Its input first, then its task.
                     let call = self.asking_call("tools/call", params, caller, preferred);
@@ -1166,9 +1172,13 @@ async fn held_relay_loop(
         if change.tenant != this.tenant {
             continue;
         }
-        if let Some(crate::changes::SessionMessage { session, message: None }) = &change.session {
-            // A 2025 client session ended: so does the upstream session kept for it.
-            this.legacy.end_client(session);
+        if let Some(message) = &change.session {
+            if message.ended() {
+                // A 2025 client session ended: so does the upstream session kept for it.
+                this.legacy.end_client(&message.session);
+            } else if let Some(level) = &message.log_level {
+                this.legacy.set_client_level(&message.session, level);
+            }
             continue;
         }
         let Some(message) = change.held else { continue };

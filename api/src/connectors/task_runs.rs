@@ -99,15 +99,20 @@ impl TaskRuns {
         F: FnOnce(Arc<dyn AskClient>) -> BoxFuture<'static, Result<Value, String>>,
     {
         let (asker, needs) = held_calls::ask_through_channel();
-        if self.runs().len() >= MOST_RUNS {
+        if self.is_full() {
             return None;
         }
         Some(self.adopt(declared, tokio::spawn(call(asker)), needs))
     }
 
+    /// Whether this process runs as many as it keeps (`MOST_RUNS`).
+    pub fn is_full(&self) -> bool {
+        self.runs().len() >= MOST_RUNS
+    }
+
     /// Makes a call already running (one whose requests for input arrive on `needs`) a run;
-    /// its `CreateTaskResult`. Not bounded by `MOST_RUNS`: the call runs anyway (it was held
-    /// for its first input; see `held_calls`).
+    /// its `CreateTaskResult`. Not bounded by `MOST_RUNS` (callers check `is_full` before they
+    /// start a call that may become one; a few may pass at once).
     pub(super) fn adopt(
         &self,
         declared: Value,

@@ -745,7 +745,10 @@ fn notification_stream(
                                 continue;
                             }
                             // The session ended: so does its stream.
-                            let message = message.message?;
+                            if message.ended() {
+                                return None;
+                            }
+                            let Some(message) = message.message else { continue };
                             if !session_wants(&app, id, &message).await {
                                 continue;
                             }
@@ -1027,8 +1030,13 @@ async fn set_log_level(app: &AppState, mut session: Session, params: &Value) -> 
         )));
     }
     session.log_level = Some(level.to_string());
+    let (tenant, id) = (session.tenant.clone(), session.id.clone());
     match app.sessions.save(session).await {
-        Ok(_) => Ok(json!({})),
+        Ok(_) => {
+            // The upstream sessions kept for it, on every replica, take the level too.
+            app.changes.set_session_level(&tenant, &id, level);
+            Ok(json!({}))
+        }
         Err(error) => {
             tracing::error!(?error, "Cannot store session");
             Err(session_store_unavailable())
