@@ -48,13 +48,30 @@ pub struct SessionMessage {
     /// it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_level: Option<String>,
+    /// A resource subscription it let go (`resources/unsubscribe`), for the replica that
+    /// follows it upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub released: Option<ReleasedSubscription>,
+}
+
+/// A resource subscription a 2025 session let go.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReleasedSubscription {
+    /// The tenant's connection.
+    pub connection: String,
+    /// The resource, as the upstream names it.
+    pub uri: String,
 }
 
 impl SessionMessage {
+    fn for_session(session: &str) -> Self {
+        Self { session: session.to_string(), message: None, log_level: None, released: None }
+    }
+
     /// Whether it says the session ended (DELETE): every replica lets go of what it kept for
     /// it.
     pub fn ended(&self) -> bool {
-        self.message.is_none() && self.log_level.is_none()
+        self.message.is_none() && self.log_level.is_none() && self.released.is_none()
     }
 }
 
@@ -203,20 +220,26 @@ impl Changes {
 
     /// Sends `message` (a notification) to the GET stream of 2025 session `session`.
     pub fn send_to_session(&self, tenant: &str, session: &str, message: serde_json::Value) {
-        let session = SessionMessage { session: session.to_string(), message: Some(message), log_level: None };
+        let session = SessionMessage { message: Some(message), ..SessionMessage::for_session(session) };
         self.send_session_message(tenant, session);
     }
 
     /// Tells every replica that 2025 session `session` ended.
     pub fn end_session(&self, tenant: &str, session: &str) {
-        let session = SessionMessage { session: session.to_string(), message: None, log_level: None };
-        self.send_session_message(tenant, session);
+        self.send_session_message(tenant, SessionMessage::for_session(session));
     }
 
     /// Tells every replica that 2025 session `session` set its log level.
     pub fn set_session_level(&self, tenant: &str, session: &str, level: &str) {
-        let session =
-            SessionMessage { session: session.to_string(), message: None, log_level: Some(level.to_string()) };
+        let session = SessionMessage { log_level: Some(level.to_string()), ..SessionMessage::for_session(session) };
+        self.send_session_message(tenant, session);
+    }
+
+    /// Tells the replica that follows it that 2025 session `session` let go of its subscription
+    /// to `uri` of `connection`.
+    pub fn release_subscription(&self, tenant: &str, session: &str, connection: &str, uri: &str) {
+        let released = ReleasedSubscription { connection: connection.to_string(), uri: uri.to_string() };
+        let session = SessionMessage { released: Some(released), ..SessionMessage::for_session(session) };
         self.send_session_message(tenant, session);
     }
 

@@ -255,6 +255,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         // One process: a key of its own, good until it stops.
         client_replies: client_sessions.replies.clone(),
         in_flight: Default::default(),
+        followed: Default::default(),
         request_state_key: portcullis_store::secret_box::SecretKey::from_text(
             &uuid::Uuid::new_v4().simple().to_string().repeat(2),
         )

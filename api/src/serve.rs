@@ -193,6 +193,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         // Derived from the shared secret key, so every replica opens what any replica sealed.
         client_replies: client_sessions.replies.clone(),
         in_flight: Default::default(),
+        followed: Default::default(),
         request_state_key: SecretKey::from_text(&format!("request state\n{}", args.data.secret_key))?,
     });
 

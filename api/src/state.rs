@@ -62,6 +62,8 @@ pub struct Inner {
     pub client_replies: crate::mcp::relay::PendingReplies,
     /// Requests of 2025 sessions in progress here, which the client may cancel.
     pub in_flight: crate::mcp::relay::InFlight,
+    /// 2025 sessions' resource subscriptions this replica follows upstream.
+    pub followed: crate::mcp::subscriptions::Followed,
     /// Changes that listen streams turn into list_changed notifications.
     pub changes: crate::changes::Changes,
     /// Portcullis's OAuth authorization server, when configured.
@@ -118,6 +120,7 @@ impl AppState {
         let state = Self(Arc::new(inner));
         // Not holding the state: background work must not keep it (and its audit writer) alive.
         tokio::spawn(crate::mcp::relay::deliver_forwarded(Arc::downgrade(&state.0)));
+        tokio::spawn(crate::mcp::subscriptions::sweep(Arc::downgrade(&state.0)));
         state
     }
 

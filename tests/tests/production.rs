@@ -621,3 +621,44 @@ async fn a_2025_upstreams_session_messages_reach_only_their_own_clients_stream_o
             .await;
     assert!(ended.is_ok(), "the deleted session's GET stream ended");
 }
+
+/// The resources replica `replica` follows upstream for subscribed callers of the notes
+/// connection.
+async fn followed_on(replica: &support::cluster::Replica) -> u64 {
+    let connections: Value = replica.get(ADMIN_KEY, "/api/v1/admin/connections").await.json().await.unwrap();
+    let notes = connections["items"].as_array().unwrap().iter().find(|c| c["name"] == "notes").cloned();
+    notes.expect("the notes connection")["health"]["subscribed_resources"].as_u64().expect("a count")
+}
+
+/// A 2025 session's subscription is followed upstream by the replica that served
+/// `resources/subscribe`; an unsubscribe or a DELETE served by another replica reaches it.
+#[tokio::test]
+async fn a_subscription_is_let_go_upstream_whichever_replica_hears_the_unsubscribe_or_delete() {
+    let upstream = Upstream::start("legacy").await;
+    let (_backends, _cluster, a, b) = two_replicas_in_front_of(&upstream).await;
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"subscriber","version":"1"}}}"#;
+    let session = a.mcp_raw(ANALYST_KEY, &[], init).await.headers()["mcp-session-id"].to_str().unwrap().to_string();
+    let headers = [("Mcp-Session-Id", session.as_str()), ("MCP-Protocol-Version", "2025-11-25")];
+    let (subscribe, unsubscribe) = (
+        r#"{"jsonrpc":"2.0","id":2,"method":"resources/subscribe","params":{"uri":"notes+notes://index"}}"#,
+        r#"{"jsonrpc":"2.0","id":3,"method":"resources/unsubscribe","params":{"uri":"notes+notes://index"}}"#,
+    );
+    assert_eq!(followed_on(&a).await, 0);
+    assert_eq!(a.mcp_raw(ANALYST_KEY, &headers, subscribe).await.status(), 200);
+    assert_eq!((followed_on(&a).await, followed_on(&b).await), (1, 0));
+    assert_eq!(b.mcp_raw(ANALYST_KEY, &headers, unsubscribe).await.status(), 200);
+    wait_until(Duration::from_secs(5), || async { followed_on(&a).await == 0 }).await;
+
+    assert_eq!(a.mcp_raw(ANALYST_KEY, &headers, subscribe).await.status(), 200);
+    assert_eq!(followed_on(&a).await, 1);
+    let deleted = reqwest::Client::new()
+        .delete(b.mcp_url("demo", "notes"))
+        .header("X-API-Key", ANALYST_KEY)
+        .header("Mcp-Session-Id", &session)
+        .header("MCP-Protocol-Version", "2025-11-25")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    wait_until(Duration::from_secs(5), || async { followed_on(&a).await == 0 }).await;
+}

@@ -51,6 +51,8 @@ pub struct ConnectionHealth {
     pub last_error: Option<String>,
     /// When the catalog was last fetched.
     pub catalog_fetched_at: Option<DateTime<Utc>>,
+    /// Resources this process follows upstream for subscribed callers.
+    pub subscribed_resources: usize,
 }
 
 /// What an upstream request carries of the caller's own request metadata (2026-07-28 `_meta`).
@@ -295,6 +297,7 @@ impl McpUpstream {
             tool_count: s.catalog.tools.len(),
             last_error: s.last_error.clone(),
             catalog_fetched_at: s.catalog_fetched_at,
+            subscribed_resources: self.subscribed().len(),
         }
     }
 

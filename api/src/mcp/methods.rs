@@ -505,11 +505,14 @@ pub async fn resource_subscription(
                 .subscribe(&resource.upstream_uri)
                 .await
                 .map_err(|e| ctx.failure(Failure::Upstream(e), uri))?;
+            // Followed by this replica until the session lets go or ends.
+            ctx.app.followed.add(&session.tenant, &session.id, &resource.connection, &resource.upstream_uri);
             session.subscriptions.push(subscription);
         }
         (false, Some(index)) => {
             session.subscriptions.remove(index);
-            resource.upstream.unsubscribe(&resource.upstream_uri).await;
+            let (tenant, connection) = (&session.tenant, &resource.connection);
+            super::subscriptions::release(ctx.app, tenant, &session.id, connection, &resource.upstream_uri).await;
         }
         // Subscribing twice, or unsubscribing what was not subscribed, changes nothing.
         _ => return Ok(json!({})),

@@ -6,6 +6,7 @@ pub mod methods;
 pub mod mrtr;
 pub mod protocol;
 pub mod relay;
+pub mod subscriptions;
 pub mod tasks;
 
 use crate::audit::{AuditEvent, Status};
@@ -1127,17 +1128,11 @@ async fn delete_session(
                     }
                     _ => None,
                 };
-                if let Some(session) = owned
-                    && app.sessions.delete(id).await.unwrap_or(false)
-                {
-                    // The upstream sessions kept for it end on every replica.
+                if owned.is_some() && app.sessions.delete(id).await.unwrap_or(false) {
+                    // The upstream sessions kept for it and its subscriptions end: here, and
+                    // on every other replica over the bus.
                     app.changes.end_session(&tenant, id);
-                    // Subscriptions end with the session.
-                    for subscription in &session.subscriptions {
-                        if let Some(upstream) = app.upstreams.get(&tenant, &subscription.connection) {
-                            upstream.unsubscribe(&subscription.upstream_uri).await;
-                        }
-                    }
+                    subscriptions::release_all(&app, id).await;
                     StatusCode::NO_CONTENT.into_response()
                 } else {
                     event.status = Status::Invalid;

@@ -299,6 +299,11 @@ pub async fn deliver_forwarded(app: std::sync::Weak<crate::state::Inner>) {
                 if app.changes.is_local(&change) {
                     continue;
                 }
+                if let Some(message) = &change.session {
+                    // A session ended, or let go of a subscription this replica may follow.
+                    super::subscriptions::handle(&app, message).await;
+                    continue;
+                }
                 let Some(client) = change.client else { continue };
                 match client.kind {
                     crate::changes::ClientMessageKind::Reply => {
