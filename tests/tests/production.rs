@@ -512,6 +512,11 @@ async fn tasks_portcullis_runs_for_a_2025_upstream_are_served_by_every_replica()
     // A tool that runs only as a task refuses a client that does not take tasks.
     let (code, refused) = a.mcp_modern(ANALYST_KEY, 5, "tools/call", json!({"name": "notes.failing_job"})).await;
     assert_eq!((code, refused["error"]["code"].as_i64()), (400, Some(-32021)), "{refused}");
+    // REST callers cannot take tasks: a problem that says so, not an upstream failure.
+    let (code, problem) = a.call_tool(ANALYST_KEY, "notes.failing_job", json!({})).await;
+    assert_eq!(code, 422, "{problem}");
+    assert_eq!(problem["type"], "https://portcullis.dev/problems/mcp-client-required", "{problem}");
+    assert!(problem["detail"].as_str().unwrap().contains("io.modelcontextprotocol/tasks"), "{problem}");
     // Other tools run as ordinary calls for it.
     let sync = json!({"name": "notes.slow_compute", "arguments": {"seconds": 0}});
     let (_, answered) = a.mcp_modern(ANALYST_KEY, 6, "tools/call", sync).await;

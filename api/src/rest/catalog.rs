@@ -72,6 +72,9 @@ fn problem(failure: Failure) -> Problem {
             "Unprocessable Entity",
             format!("the upstream rejected the request: {}", error.message),
         ),
+        Failure::Upstream(CallError::Rpc(error)) if error.code.0 == -32021 => {
+            Problem::needs_mcp_client(error.data.as_ref())
+        }
         Failure::Upstream(CallError::Rpc(error)) => Problem::new(
             StatusCode::BAD_GATEWAY,
             "upstream-error",

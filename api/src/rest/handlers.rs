@@ -260,7 +260,7 @@ pub(super) fn note_of(event: &AuditEvent) -> AuditNote {
         (status = 400, description = "Malformed request", content_type = "application/problem+json"),
         (status = 404, description = "No such tool (or not visible to this persona)", content_type = "application/problem+json"),
         (status = 409, description = "A request with this Idempotency-Key is still running", content_type = "application/problem+json"),
-        (status = 422, description = "The upstream rejected the arguments, or the Idempotency-Key was used with another body", content_type = "application/problem+json"),
+        (status = 422, description = "The upstream rejected the arguments, the Idempotency-Key was used with another body, or the tool needs what only an MCP client can declare (the tasks extension, sampling, elicitation, roots)", content_type = "application/problem+json"),
         (status = 429, description = "Tool-call rate limit", content_type = "application/problem+json"),
         (status = 502, description = "The upstream failed", content_type = "application/problem+json")))]
 pub async fn call_tool(
@@ -415,6 +415,7 @@ async fn execute_call(app: &AppState, caller: &Caller, body: &[u8]) -> Response 
             format!("the tool rejected the request: {}", error.message),
         )
         .into_response(),
+        Err(error) if error.code.0 == -32021 => Problem::needs_mcp_client(error.data.as_ref()).into_response(),
         Err(error) => Problem::new(
             StatusCode::BAD_GATEWAY,
             "upstream-error",

@@ -97,6 +97,21 @@ impl Problem {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service Unavailable", detail)
     }
 
+    /// 422 for what needs an MCP client (`-32021`: sampling, elicitation, roots, or the tasks
+    /// extension), which a REST caller cannot be: `required` names it, as the upstream did.
+    pub fn needs_mcp_client(required: Option<&serde_json::Value>) -> Self {
+        let required = required.and_then(|data| data.get("requiredCapabilities")).map(|r| r.to_string());
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "mcp-client-required",
+            "Unprocessable Entity",
+            format!(
+                "this needs a client capability that only an MCP client can declare ({}); call it over MCP",
+                required.as_deref().unwrap_or("not named")
+            ),
+        )
+    }
+
     /// 500 without internal detail (that goes to the log with the request id).
     pub fn internal() -> Self {
         Self::new(
