@@ -52,6 +52,10 @@ pub struct SessionMessage {
     /// follows it upstream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub released: Option<ReleasedSubscription>,
+    /// The session ended (DELETE): every replica lets go of what it kept for it. Explicit, so
+    /// that a kind of message added later is not taken for an end.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ended: bool,
 }
 
 /// A resource subscription a 2025 session let go.
@@ -65,13 +69,13 @@ pub struct ReleasedSubscription {
 
 impl SessionMessage {
     fn for_session(session: &str) -> Self {
-        Self { session: session.to_string(), message: None, log_level: None, released: None }
+        Self { session: session.to_string(), message: None, log_level: None, released: None, ended: false }
     }
 
     /// Whether it says the session ended (DELETE): every replica lets go of what it kept for
     /// it.
     pub fn ended(&self) -> bool {
-        self.message.is_none() && self.log_level.is_none() && self.released.is_none()
+        self.ended
     }
 }
 
@@ -226,7 +230,7 @@ impl Changes {
 
     /// Tells every replica that 2025 session `session` ended.
     pub fn end_session(&self, tenant: &str, session: &str) {
-        self.send_session_message(tenant, SessionMessage::for_session(session));
+        self.send_session_message(tenant, SessionMessage { ended: true, ..SessionMessage::for_session(session) });
     }
 
     /// Tells every replica that 2025 session `session` set its log level.

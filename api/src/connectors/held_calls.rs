@@ -63,25 +63,26 @@ fn named_key(need: &mut Need) -> Option<String> {
 }
 
 /// Keys for `needs` asked together: each the one its server named it with, unless `taken` or
-/// used by another of them, else the next of `fallback` that is free.
+/// used by another of them, else the next of `fallback` that is free. With each, whether the
+/// server named it (only such a key can have been answered before being asked).
 pub(super) fn keyed(
     needs: Vec<Need>,
     taken: impl Fn(&str) -> bool,
     mut fallback: impl FnMut() -> String,
-) -> Vec<(String, Need)> {
-    let mut keyed: Vec<(String, Need)> = Vec::with_capacity(needs.len());
+) -> Vec<(String, Need, bool)> {
+    let mut keyed: Vec<(String, Need, bool)> = Vec::with_capacity(needs.len());
     for mut need in needs {
-        let free = |key: &str, keyed: &[(String, Need)]| !taken(key) && !keyed.iter().any(|(k, _)| k == key);
-        let key = match named_key(&mut need) {
-            Some(named) if free(&named, &keyed) => named,
+        let free = |key: &str, keyed: &[(String, Need, bool)]| !taken(key) && !keyed.iter().any(|(k, ..)| k == key);
+        let (key, named) = match named_key(&mut need) {
+            Some(named) if free(&named, &keyed) => (named, true),
             _ => loop {
                 let key = fallback();
                 if free(&key, &keyed) {
-                    break key;
+                    break (key, false);
                 }
             },
         };
-        keyed.push((key, need));
+        keyed.push((key, need, named));
     }
     keyed
 }
@@ -319,11 +320,16 @@ impl HeldCalls {
     }
 
     async fn wait(&self, mut held: Held, limit: Duration) -> Outcome {
+        // One limit however many rounds were answered in advance.
+        let deadline = tokio::time::Instant::now() + limit;
         let answer = loop {
             let Some(call) = held.call.as_mut() else { return Outcome::Answered(Err("the call is gone".into())) };
             // A call that becomes a task is waited for only as long as it may still ask first.
-            let within = if held.becomes_task.is_some() { limit.min(ASK_FIRST_WITHIN) } else { limit };
-            let next = tokio::time::timeout(within, async {
+            let until = match held.becomes_task {
+                Some(_) => deadline.min(tokio::time::Instant::now() + ASK_FIRST_WITHIN),
+                None => deadline,
+            };
+            let next = tokio::time::timeout_at(until, async {
                 tokio::select! {
                     answer = &mut *call => Ok(answer.unwrap_or_else(|e| Err(format!("the call failed: {e}")))),
                     need = held.needs.recv() => Err(need),
@@ -378,8 +384,10 @@ impl HeldCalls {
             index += 1;
             input_key(index - 1)
         };
-        for (key, need) in keyed(needs, |_| false, fallback) {
-            match held.offered.remove(&key).filter(Value::is_object) {
+        for (key, need, named) in keyed(needs, |_| false, fallback) {
+            // Keys of Portcullis's own were never shown to the client: nothing can answer them yet.
+            let offered = if named { held.offered.remove(&key) } else { None };
+            match offered.filter(Value::is_object) {
                 Some(answer) => {
                     let _ = need.answer.send(Ok(answer));
                 }
@@ -568,6 +576,16 @@ mod tests {
         // Offered under another key: asked as usual.
         let offered = json!({"name": {"action": "accept", "content": {"name": "Ada"}}});
         let outcome = calls.start(all_declared(), asks_once, Some(offered), limit).await;
+        assert!(matches!(outcome, Outcome::InputRequired(_)), "{:?}", outcome.to_json());
+        // Offered under a key of Portcullis's own, which no client has seen: asked as usual.
+        let unnamed = move |asker: Arc<dyn AskClient>| -> BoxFuture<'static, Result<Value, String>> {
+            Box::pin(async move {
+                asker.ask("sampling/createMessage", json!({"messages": []})).await.map_err(|e| e.message)?;
+                Ok(json!({"jsonrpc": "2.0", "id": 1, "result": {}}))
+            })
+        };
+        let offered = json!({"input": {"action": "accept", "content": {"name": "Ada"}}});
+        let outcome = calls.start(all_declared(), unnamed, Some(offered), limit).await;
         assert!(matches!(outcome, Outcome::InputRequired(_)), "{:?}", outcome.to_json());
     }
 

@@ -550,8 +550,9 @@ impl LegacyCalls {
         let status = response.status();
         if !status.is_success() {
             let why = format!("initialize answered HTTP status {status}");
-            // A proxy saying the server is not there, or the server itself refusing.
-            return Err(if matches!(status.as_u16(), 502..=504) {
+            // A proxy saying the server is not there, or the connection's credentials refused,
+            // break the connection for everyone; anything else refuses this session only.
+            return Err(if matches!(status.as_u16(), 401 | 403 | 502..=504) {
                 Start::Unreachable(why)
             } else {
                 Start::Refused(why)

@@ -274,7 +274,7 @@ async fn drive(
                     format!("input-{}", *next_key - 1)
                 };
                 let keyed = held_calls::keyed(gathered, |key| taken.iter().any(|t| t == key), fallback);
-                run.asked.extend(keyed);
+                run.asked.extend(keyed.into_iter().map(|(key, need, _)| (key, need)));
                 if !run.state.is_terminal() {
                     run.set(State::InputRequired);
                 }

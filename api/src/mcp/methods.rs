@@ -506,7 +506,7 @@ pub async fn resource_subscription(
                 .await
                 .map_err(|e| ctx.failure(Failure::Upstream(e), uri))?;
             // Followed by this replica until the session lets go or ends.
-            ctx.app.followed.add(&session.tenant, &session.id, &resource.connection, &resource.upstream_uri);
+            ctx.app.followed.add(&session.id, &resource.upstream, &resource.upstream_uri);
             session.subscriptions.push(subscription);
         }
         (false, Some(index)) => {

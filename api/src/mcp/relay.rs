@@ -299,9 +299,10 @@ pub async fn deliver_forwarded(app: std::sync::Weak<crate::state::Inner>) {
                 if app.changes.is_local(&change) {
                     continue;
                 }
-                if let Some(message) = &change.session {
-                    // A session ended, or let go of a subscription this replica may follow.
-                    super::subscriptions::handle(&app, message).await;
+                if let Some(message) = change.session {
+                    // A session ended, or let go of a subscription this replica may follow. Not
+                    // awaited here: letting go upstream must not hold up clients' answers.
+                    tokio::spawn(async move { super::subscriptions::handle(&app, &message).await });
                     continue;
                 }
                 let Some(client) = change.client else { continue };

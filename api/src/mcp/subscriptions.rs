@@ -5,16 +5,25 @@
 //! unsubscribe served elsewhere, and the session's end, are handed over the change bus; a
 //! session that expires without either is noticed by a sweep (`SessionStore::exists`).
 
+use crate::connectors::McpUpstream;
 use crate::state::Inner;
 use std::collections::HashMap;
-use std::sync::{Mutex, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 /// How often followed sessions are checked for expiry.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
-/// A session's tenant and its followed (connection, upstream URI) pairs.
-type SessionSubscriptions = (String, Vec<(String, String)>);
+/// One followed subscription: the connection (the very one that subscribed: a connection
+/// replaced since took its subscriptions with it) and the URI as its upstream names it.
+struct Subscription {
+    connection: String,
+    uri: String,
+    upstream: Weak<McpUpstream>,
+}
+
+/// A session's followed subscriptions.
+type SessionSubscriptions = Vec<Subscription>;
 
 /// The subscriptions this replica follows, by session.
 #[derive(Default)]
@@ -25,24 +34,26 @@ impl Followed {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records that this replica subscribed upstream on behalf of `session`.
-    pub fn add(&self, tenant: &str, session: &str, connection: &str, uri: &str) {
-        let mut entries = self.entries();
-        let (_, followed) = entries.entry(session.to_string()).or_insert_with(|| (tenant.to_string(), Vec::new()));
-        followed.push((connection.to_string(), uri.to_string()));
+    /// Records that this replica subscribed to `uri` of `upstream` on behalf of `session`.
+    pub fn add(&self, session: &str, upstream: &Arc<McpUpstream>, uri: &str) {
+        let subscription = Subscription {
+            connection: upstream.name.clone(),
+            uri: uri.to_string(),
+            upstream: Arc::downgrade(upstream),
+        };
+        self.entries().entry(session.to_string()).or_default().push(subscription);
     }
 
-    /// Takes one subscription of `session`, if this replica follows it; its tenant.
-    fn take_one(&self, session: &str, connection: &str, uri: &str) -> Option<String> {
+    /// Takes one subscription of `session`, if this replica follows it.
+    fn take_one(&self, session: &str, connection: &str, uri: &str) -> Option<Subscription> {
         let mut entries = self.entries();
-        let (tenant, followed) = entries.get_mut(session)?;
-        let index = followed.iter().position(|(c, u)| c == connection && u == uri)?;
-        followed.remove(index);
-        let tenant = tenant.clone();
+        let followed = entries.get_mut(session)?;
+        let index = followed.iter().position(|s| s.connection == connection && s.uri == uri)?;
+        let taken = followed.remove(index);
         if followed.is_empty() {
             entries.remove(session);
         }
-        Some(tenant)
+        Some(taken)
     }
 
     /// Takes every subscription of `session` this replica follows.
@@ -53,15 +64,15 @@ impl Followed {
     /// How many subscriptions this replica follows.
     #[cfg(test)]
     fn count(&self) -> usize {
-        self.entries().values().map(|(_, followed)| followed.len()).sum()
+        self.entries().values().map(Vec::len).sum()
     }
 }
 
-/// Lets go upstream of `subscriptions` of `tenant`.
-async fn unsubscribe(app: &Inner, tenant: &str, subscriptions: Vec<(String, String)>) {
-    for (connection, uri) in subscriptions {
-        if let Some(upstream) = app.upstreams.get(tenant, &connection) {
-            upstream.unsubscribe(&uri).await;
+/// Lets go upstream of `subscriptions` (those of a connection since replaced went with it).
+async fn unsubscribe(subscriptions: Vec<Subscription>) {
+    for subscription in subscriptions {
+        if let Some(upstream) = subscription.upstream.upgrade() {
+            upstream.unsubscribe(&subscription.uri).await;
         }
     }
 }
@@ -70,15 +81,15 @@ async fn unsubscribe(app: &Inner, tenant: &str, subscriptions: Vec<(String, Stri
 /// it, else by the replica that does (over the change bus).
 pub async fn release(app: &Inner, tenant: &str, session: &str, connection: &str, uri: &str) {
     match app.followed.take_one(session, connection, uri) {
-        Some(tenant) => unsubscribe(app, &tenant, vec![(connection.to_string(), uri.to_string())]).await,
+        Some(subscription) => unsubscribe(vec![subscription]).await,
         None => app.changes.release_subscription(tenant, session, connection, uri),
     }
 }
 
 /// Ends every subscription this replica follows for `session` (it ended).
 pub async fn release_all(app: &Inner, session: &str) {
-    if let Some((tenant, subscriptions)) = app.followed.take_all(session) {
-        unsubscribe(app, &tenant, subscriptions).await;
+    if let Some(subscriptions) = app.followed.take_all(session) {
+        unsubscribe(subscriptions).await;
     }
 }
 
@@ -103,9 +114,9 @@ pub async fn handle(app: &Inner, message: &crate::changes::SessionMessage) {
     if message.ended() {
         release_all(app, &message.session).await;
     } else if let Some(released) = &message.released
-        && let Some(tenant) = app.followed.take_one(&message.session, &released.connection, &released.uri)
+        && let Some(subscription) = app.followed.take_one(&message.session, &released.connection, &released.uri)
     {
-        unsubscribe(app, &tenant, vec![(released.connection.clone(), released.uri.clone())]).await;
+        unsubscribe(vec![subscription]).await;
     }
 }
 
@@ -113,18 +124,23 @@ pub async fn handle(app: &Inner, message: &crate::changes::SessionMessage) {
 mod tests {
     use super::*;
 
+    fn followed(connection: &str, uri: &str) -> Subscription {
+        Subscription { connection: connection.into(), uri: uri.into(), upstream: Weak::new() }
+    }
+
     #[test]
     fn subscriptions_are_taken_once_per_session() {
-        let followed = Followed::default();
-        followed.add("t", "s1", "c", "u1");
-        followed.add("t", "s1", "c", "u2");
-        followed.add("t", "s2", "c", "u1");
-        assert_eq!(followed.count(), 3);
-        assert_eq!(followed.take_one("s1", "c", "u1").as_deref(), Some("t"));
-        assert_eq!(followed.take_one("s1", "c", "u1"), None, "taken once");
-        assert_eq!(followed.take_one("s3", "c", "u1"), None, "not followed here");
-        assert_eq!(followed.take_all("s1"), Some(("t".to_string(), vec![("c".to_string(), "u2".to_string())])));
-        assert_eq!(followed.take_all("s1"), None);
-        assert_eq!(followed.count(), 1);
+        let all = Followed::default();
+        for (session, uri) in [("s1", "u1"), ("s1", "u2"), ("s2", "u1")] {
+            all.entries().entry(session.to_string()).or_default().push(followed("c", uri));
+        }
+        assert_eq!(all.count(), 3);
+        assert!(all.take_one("s1", "c", "u1").is_some());
+        assert!(all.take_one("s1", "c", "u1").is_none(), "taken once");
+        assert!(all.take_one("s3", "c", "u1").is_none(), "not followed here");
+        let rest: Vec<String> = all.take_all("s1").expect("s1").into_iter().map(|s| s.uri).collect();
+        assert_eq!(rest, ["u2"]);
+        assert!(all.take_all("s1").is_none());
+        assert_eq!(all.count(), 1);
     }
 }
