@@ -540,15 +540,7 @@ async fn session_with_stream(replica: &support::cluster::Replica, client: &str) 
     let headers = [("Mcp-Session-Id", session.as_str()), ("MCP-Protocol-Version", "2025-11-25")];
     let level = r#"{"jsonrpc":"2.0","id":2,"method":"logging/setLevel","params":{"level":"debug"}}"#;
     assert_eq!(replica.mcp_raw(ANALYST_KEY, &headers, level).await.status(), 200);
-    let stream = reqwest::Client::new()
-        .get(replica.mcp_url("demo", "notes"))
-        .header("X-API-Key", ANALYST_KEY)
-        .header("accept", "text/event-stream")
-        .header("Mcp-Session-Id", &session)
-        .header("MCP-Protocol-Version", "2025-11-25")
-        .send()
-        .await
-        .unwrap();
+    let stream = replica.session_stream(ANALYST_KEY, "notes", &session).await;
     assert_eq!(stream.status(), 200);
     (session, stream)
 }
@@ -612,14 +604,7 @@ async fn a_2025_upstreams_session_messages_reach_only_their_own_clients_stream_o
     assert!(!below.contains("notifications/message"), "info messages below level error: {below}");
 
     // The session's end (DELETE on B) ends its stream on A.
-    let deleted = reqwest::Client::new()
-        .delete(b.mcp_url("demo", "notes"))
-        .header("X-API-Key", ANALYST_KEY)
-        .header("Mcp-Session-Id", &caller)
-        .header("MCP-Protocol-Version", "2025-11-25")
-        .send()
-        .await
-        .unwrap();
+    let deleted = b.end_session(ANALYST_KEY, "notes", &caller).await;
     assert_eq!(deleted.status(), 204);
     let ended =
         tokio::time::timeout(Duration::from_secs(10), async { while let Ok(Some(_)) = caller_stream.chunk().await {} })
@@ -656,14 +641,7 @@ async fn a_subscription_is_let_go_upstream_whichever_replica_hears_the_unsubscri
 
     assert_eq!(a.mcp_raw(ANALYST_KEY, &headers, subscribe).await.status(), 200);
     assert_eq!(followed_on(&a).await, 1);
-    let deleted = reqwest::Client::new()
-        .delete(b.mcp_url("demo", "notes"))
-        .header("X-API-Key", ANALYST_KEY)
-        .header("Mcp-Session-Id", &session)
-        .header("MCP-Protocol-Version", "2025-11-25")
-        .send()
-        .await
-        .unwrap();
+    let deleted = b.end_session(ANALYST_KEY, "notes", &session).await;
     assert_eq!(deleted.status(), 204);
     wait_until(Duration::from_secs(5), || async { followed_on(&a).await == 0 }).await;
 }

@@ -348,15 +348,7 @@ async fn a_2025_session_hears_updates_of_the_resources_it_subscribed_to() {
                 gateway.mcp_raw(ANALYST_KEY, &headers, &body).await.json::<Value>().await.unwrap()
             }
         };
-        let mut stream = reqwest::Client::new()
-            .get(gateway.mcp_url("demo", "notes"))
-            .header("X-API-Key", ANALYST_KEY)
-            .header("accept", "text/event-stream")
-            .header("Mcp-Session-Id", &session)
-            .header("MCP-Protocol-Version", "2025-11-25")
-            .send()
-            .await
-            .unwrap();
+        let mut stream = gateway.session_stream(ANALYST_KEY, "notes", &session).await;
         assert_eq!(stream.status(), 200);
 
         // A resource the persona may not read cannot be subscribed to, exactly like a missing one.

@@ -158,15 +158,7 @@ async fn a_2025_servers_request_outside_any_request_reaches_the_clients_get_stre
     let session = response.headers()["mcp-session-id"].to_str().unwrap().to_string();
     let level = json!({"jsonrpc": "2.0", "id": 2, "method": "logging/setLevel", "params": {"level": "info"}});
     assert_eq!(post(Some(&session), level).await.unwrap().status(), 200);
-    let mut stream = reqwest::Client::new()
-        .get(gateway.mcp_url("demo", "everything"))
-        .header("X-API-Key", TESTER_KEY)
-        .header("accept", "text/event-stream")
-        .header("Mcp-Session-Id", &session)
-        .header("MCP-Protocol-Version", "2025-11-25")
-        .send()
-        .await
-        .unwrap();
+    let mut stream = gateway.session_stream(TESTER_KEY, "everything", &session).await;
     assert_eq!(stream.status(), 200);
     // The first call starts the client's upstream session; the server asks for roots soon after.
     let echo = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",

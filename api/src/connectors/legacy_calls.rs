@@ -255,10 +255,7 @@ pub struct LegacyCalls {
 impl Drop for LegacyCalls {
     /// The connection is replaced or removed: its sessions end (their GET streams are let go).
     fn drop(&mut self) {
-        let slots: Vec<Arc<Slot>> = self.slots().drain().map(|(_, slot)| slot).collect();
-        for session in slots.iter().filter_map(|slot| slot.session.get()) {
-            self.close(session.clone());
-        }
+        self.reset();
     }
 }
 
@@ -321,8 +318,9 @@ impl LegacyCalls {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Forgets the sessions (the upstream went away; the next request starts a new one).
-    pub async fn reset(&self) {
+    /// Ends every session (the upstream went away, or the connection did; the next request
+    /// starts a new one).
+    pub fn reset(&self) {
         let slots: Vec<Arc<Slot>> = self.slots().drain().map(|(_, slot)| slot).collect();
         for session in slots.iter().filter_map(|slot| slot.session.get()) {
             self.close(session.clone());
@@ -641,17 +639,12 @@ impl LegacyCalls {
             // Progress names Portcullis's own tokens, a cancellation its own requests: neither
             // means anything to the client.
             ("notifications/progress" | "notifications/cancelled", None) => {}
-            ("notifications/message", None) if matches!(session.owner, Owner::Client(_)) => {
-                let level = message.get("params").and_then(|p| p.get("level")).and_then(Value::as_str);
-                // Filtered here too: what the client does not want does not cross the bus.
-                if let Owner::Client(client) = &session.owner
-                    && self.client_wants_log(session, level)
-                {
-                    announce.changes.send_to_session(&announce.tenant, client, message);
-                }
-            }
             (_, None) => {
-                if let Owner::Client(client) = &session.owner {
+                let Owner::Client(client) = &session.owner else { return Some(()) };
+                let level = message.get("params").and_then(|p| p.get("level")).and_then(Value::as_str);
+                // Log messages are filtered here too: what the client does not want does not
+                // cross the bus.
+                if method != "notifications/message" || self.client_wants_log(session, level) {
                     announce.changes.send_to_session(&announce.tenant, client, message);
                 }
             }

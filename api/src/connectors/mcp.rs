@@ -666,20 +666,15 @@ impl McpUpstream {
                     return Err(CallError::Rpc(refused));
                 }
                 None => {}
-                // This replica runs as many as it keeps: others run as plain calls, except those
-                // that run only as tasks.
-                Some(_) if self.runs.is_full() && required => {
-                    return Err(CallError::Unavailable("too many tasks running on this replica".into()));
-                }
-                Some(_) if self.runs.is_full() => {}
-                Some(declared) if run_as_tasks.input_first(tool) => {
-                    // Its input first, then its task.
-                    let call = self.asking_call("tools/call", params, caller, preferred);
-                    let runs = self.runs.clone();
-                    let outcome = self.held.start_before_task(declared.clone(), call, runs, responses, timeout).await;
-                    return self.held_outcome(outcome, timeout).await;
-                }
                 Some(declared) => {
+                    if !self.runs.is_full() && run_as_tasks.input_first(tool) {
+                        // Its input first, then its task.
+                        let call = self.asking_call("tools/call", params, caller, preferred);
+                        let runs = self.runs.clone();
+                        let outcome =
+                            self.held.start_before_task(declared.clone(), call, runs, responses, timeout).await;
+                        return self.held_outcome(outcome, timeout).await;
+                    }
                     let call = self.asking_call("tools/call", params.clone(), caller, preferred.clone());
                     if let Some(created) = self.runs.start(declared.clone(), call) {
                         return Ok(created);
@@ -908,7 +903,7 @@ impl McpUpstream {
     async fn unreachable(&self, error: String) {
         self.mark_unhealthy(error);
         self.forget_live().await;
-        self.legacy.reset().await;
+        self.legacy.reset();
         self.catalog_changed.notify_one();
     }
 

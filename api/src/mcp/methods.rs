@@ -67,9 +67,10 @@ impl<'a> CallContext<'a> {
         if let Some(relay) = &relay {
             self.caller_meta.notifications = Some(relay.sink(params, self.caller_meta.log_level.as_deref()));
             if let Some(session) = &self.session {
-                // What the session's client declared it can answer, upstreams may ask for; it
-                // cannot follow tasks.
-                self.caller_meta.client_capabilities = super::tasks::without_tasks(session.client_capabilities.clone());
+                // What the session's client declared it can answer, upstreams may ask for (as
+                // `with_session` took it: without tasks, which it cannot follow).
+                self.caller_meta.client_capabilities =
+                    self.caller_meta.client_session.as_ref().and_then(|client| client.capabilities.clone());
                 self.caller_meta.ask_client = Some(std::sync::Arc::new(super::relay::SessionClient {
                     relay: relay.clone(),
                     pending: self.app.client_replies.clone(),

@@ -46,9 +46,7 @@ impl PendingReplies {
             None => Err(reply),
         }
     }
-}
 
-impl PendingReplies {
     /// Waits for the answer to request `id` sent to the client of `session`: the answer
     /// arrives on the receiver while the guard is held.
     pub fn expect(&self, session: &str, id: &str) -> (Waiting<'_>, oneshot::Receiver<Value>) {

@@ -391,6 +391,31 @@ impl Api {
         body["items"].as_array().cloned().unwrap_or_default()
     }
 
+    /// The GET stream of 2025 session `session` on endpoint `demo/<endpoint>`, as `key`.
+    pub async fn session_stream(&self, key: &str, endpoint: &str, session: &str) -> reqwest::Response {
+        self.http
+            .get(self.mcp_url("demo", endpoint))
+            .header("X-API-Key", key)
+            .header("accept", "text/event-stream")
+            .header("Mcp-Session-Id", session)
+            .header("MCP-Protocol-Version", "2025-11-25")
+            .send()
+            .await
+            .expect("GET stream")
+    }
+
+    /// Ends 2025 session `session` on endpoint `demo/<endpoint>` (DELETE), as `key`.
+    pub async fn end_session(&self, key: &str, endpoint: &str, session: &str) -> reqwest::Response {
+        self.http
+            .delete(self.mcp_url("demo", endpoint))
+            .header("X-API-Key", key)
+            .header("Mcp-Session-Id", session)
+            .header("MCP-Protocol-Version", "2025-11-25")
+            .send()
+            .await
+            .expect("DELETE")
+    }
+
     /// A raw MCP POST (2026-07-28 headers and `_meta` filled in when `modern`).
     pub async fn mcp_raw(&self, key: &str, headers: &[(&str, &str)], body: &str) -> reqwest::Response {
         self.mcp_raw_at(key, "notes", headers, body).await
