@@ -7,6 +7,7 @@
 
 use super::held_calls::{self, HeldCalls};
 use super::notifications::NotificationSink;
+use super::upstream_http::{self, UpstreamHttp};
 use crate::mcp::protocol::{
     META_CLIENT_CAPABILITIES, META_CLIENT_INFO, META_LOG_LEVEL, META_PROTOCOL_VERSION, MODERN_VERSION,
     encode_header_value,
@@ -175,6 +176,10 @@ pub struct McpUpstream {
     // Parsed once: parsing (with IDNA) on every request showed in profiles.
     parsed_url: Option<reqwest::Url>,
     http: reqwest::Client,
+    // Plain-HTTP upstreams: connections driven by the calling task (see upstream_http).
+    pooled: Option<Arc<UpstreamHttp>>,
+    // The connection's own headers (credentials among them), parsed once.
+    fixed_headers: Vec<(http::HeaderName, http::HeaderValue)>,
     changes: crate::changes::Changes,
     next_id: std::sync::atomic::AtomicU64,
     live: Mutex<Option<Arc<RunningService<RoleClient, Listener>>>>,
@@ -220,6 +225,8 @@ impl McpUpstream {
         let catalog_changed = Arc::new(Notify::new());
         let Upstream::Mcp { url, .. } = &upstream;
         let parsed_url = reqwest::Url::parse(url).ok();
+        let pooled = parsed_url.as_ref().and_then(UpstreamHttp::for_url);
+        let fixed_headers = fixed_headers(&upstream);
         let legacy = super::legacy_calls::LegacyCalls::new(
             http.clone(),
             upstream.clone(),
@@ -238,6 +245,8 @@ impl McpUpstream {
             upstream,
             parsed_url,
             http,
+            pooled,
+            fixed_headers,
             changes,
             next_id: std::sync::atomic::AtomicU64::new(1),
             live: Mutex::new(None),
@@ -916,7 +925,6 @@ impl McpUpstream {
         caller: &CallerMeta,
         timeout: Duration,
     ) -> Result<serde_json::Value, CallError> {
-        let Upstream::Mcp { url, headers, .. } = &self.upstream;
         let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let name = match method {
             "tools/call" | "prompts/get" => params.get("name").and_then(serde_json::Value::as_str),
@@ -940,17 +948,15 @@ impl McpUpstream {
         }
         params.insert("_meta".into(), meta);
         let body = serde_json::json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params });
-        let target = match &self.parsed_url {
-            Some(parsed) => self.http.post(parsed.clone()),
-            None => self.http.post(url.as_str()),
-        };
-        let mut request = target
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(reqwest::header::ACCEPT, "application/json, text/event-stream")
-            .header("MCP-Protocol-Version", MODERN_VERSION)
-            .header("Mcp-Method", method);
-        if let Some(name) = name {
-            request = request.header("Mcp-Name", name);
+        let mut headers = http::HeaderMap::with_capacity(6 + self.fixed_headers.len());
+        headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        headers.insert(http::header::ACCEPT, http::HeaderValue::from_static("application/json, text/event-stream"));
+        headers.insert("mcp-protocol-version", http::HeaderValue::from_static(MODERN_VERSION));
+        if let Ok(value) = http::HeaderValue::from_str(method) {
+            headers.insert("mcp-method", value);
+        }
+        if let Some(value) = name.and_then(|name| http::HeaderValue::from_str(&name).ok()) {
+            headers.insert("mcp-name", value);
         }
         // Arguments the upstream's schema marks with x-mcp-header are mirrored into headers.
         if method == "tools/call"
@@ -959,23 +965,27 @@ impl McpUpstream {
         {
             let arguments = params.get("arguments").unwrap_or(&serde_json::Value::Null);
             for (header, value) in crate::mcp::protocol::param_headers(&tool.input_schema, arguments) {
-                request = request.header(header, value);
+                if let (Ok(header), Ok(value)) =
+                    (http::HeaderName::from_bytes(header.as_bytes()), http::HeaderValue::from_str(&value))
+                {
+                    headers.append(header, value);
+                }
             }
         }
-        for (name, value) in headers {
-            request = request.header(name.as_str(), value.expose());
+        for (name, value) in &self.fixed_headers {
+            headers.append(name.clone(), value.clone());
         }
+        let body = bytes::Bytes::from(body.to_string());
         // Only a failure to reach the upstream marks it down; a bad answer to one request
         // fails that request (one tool's fault must not take the whole connection down).
         let exchange = async {
-            let response =
-                request.body(body.to_string()).send().await.map_err(|e| Broken::Unreachable(root_cause(&e)))?;
+            let response = self.post(headers, body).await.map_err(Broken::Unreachable)?;
             let status = response.status();
-            let event_stream = is_event_stream(&response);
+            let event_stream = response.is_event_stream();
             if !status.is_success() && !event_stream {
-                let text = response.text().await.unwrap_or_default();
+                let bytes = response.bytes().await.unwrap_or_default();
                 // A JSON-RPC error with an HTTP error status is still the tool's answer.
-                if let Ok(message) = serde_json::from_str::<serde_json::Value>(&text)
+                if let Ok(message) = serde_json::from_slice::<serde_json::Value>(&bytes)
                     && message.get("error").is_some()
                 {
                     return Ok(message);
@@ -987,7 +997,7 @@ impl McpUpstream {
                 return Err(Broken::Failed(format!("HTTP status {status}")));
             }
             if !event_stream {
-                let bytes = response.bytes().await.map_err(|e| Broken::Unreachable(e.to_string()))?;
+                let bytes = response.bytes().await.map_err(Broken::Unreachable)?;
                 return serde_json::from_slice(&bytes).map_err(|e| Broken::Failed(format!("unreadable answer: {e}")));
             }
             // 2026-07-28 servers send no requests on a response stream.
@@ -1011,6 +1021,91 @@ impl McpUpstream {
         };
         self.mark_healthy();
         answer_of(message)
+    }
+}
+
+impl McpUpstream {
+    /// One POST to the upstream: over a connection this task drives when it is plain HTTP,
+    /// through reqwest otherwise.
+    async fn post(&self, headers: http::HeaderMap, body: bytes::Bytes) -> Result<UpstreamAnswer, String> {
+        if let Some(pool) = &self.pooled {
+            return pool.post(&headers, &body).await.map(UpstreamAnswer::Pooled).map_err(|e| e.0);
+        }
+        let Upstream::Mcp { url, .. } = &self.upstream;
+        let target = match &self.parsed_url {
+            Some(parsed) => self.http.post(parsed.clone()),
+            None => self.http.post(url.as_str()),
+        };
+        let response = target.headers(headers).body(body).send().await.map_err(|e| root_cause(&e))?;
+        Ok(UpstreamAnswer::Reqwest(response))
+    }
+}
+
+/// The headers a connection sends on every request (its credentials among them), parsed once;
+/// a value that is no valid header is left out (the manifest checks reject those).
+fn fixed_headers(upstream: &Upstream) -> Vec<(http::HeaderName, http::HeaderValue)> {
+    let Upstream::Mcp { headers, .. } = upstream;
+    headers
+        .iter()
+        .filter_map(|(name, value)| {
+            let name = http::HeaderName::from_bytes(name.as_bytes()).ok()?;
+            let mut value = http::HeaderValue::from_str(value.expose()).ok()?;
+            value.set_sensitive(true);
+            Some((name, value))
+        })
+        .collect()
+}
+
+/// An upstream's response, from either client.
+enum UpstreamAnswer {
+    Pooled(upstream_http::Response),
+    Reqwest(reqwest::Response),
+}
+
+impl UpstreamAnswer {
+    fn status(&self) -> http::StatusCode {
+        match self {
+            Self::Pooled(response) => response.status(),
+            Self::Reqwest(response) => response.status(),
+        }
+    }
+
+    fn is_event_stream(&self) -> bool {
+        let headers = match self {
+            Self::Pooled(response) => response.headers(),
+            Self::Reqwest(response) => response.headers(),
+        };
+        headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"))
+    }
+
+    async fn bytes(self) -> Result<bytes::Bytes, String> {
+        match self {
+            Self::Pooled(response) => response.bytes().await,
+            Self::Reqwest(response) => response.bytes().await.map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// A response body read piece by piece.
+pub(super) trait Chunks {
+    fn next_chunk(&mut self) -> impl std::future::Future<Output = Result<Option<bytes::Bytes>, String>> + Send;
+}
+
+impl Chunks for reqwest::Response {
+    async fn next_chunk(&mut self) -> Result<Option<bytes::Bytes>, String> {
+        self.chunk().await.map_err(|e| e.to_string())
+    }
+}
+
+impl Chunks for UpstreamAnswer {
+    async fn next_chunk(&mut self) -> Result<Option<bytes::Bytes>, String> {
+        match self {
+            Self::Pooled(response) => response.chunk().await,
+            Self::Reqwest(response) => response.chunk().await.map_err(|e| e.to_string()),
+        }
     }
 }
 
@@ -1071,7 +1166,7 @@ fn answer_of(message: serde_json::Value) -> Result<serde_json::Value, CallError>
 /// request's future runs while reading on (a server may send several requests and wait for all
 /// of them); a notification's is awaited before reading on.
 pub(super) async fn read_event_stream<F, Fut>(
-    mut response: reqwest::Response,
+    mut response: impl Chunks,
     id: u64,
     sink: Option<&NotificationSink>,
     mut on_message: F,
@@ -1085,7 +1180,7 @@ where
     let mut handling = futures::stream::FuturesUnordered::new();
     loop {
         let chunk = tokio::select! {
-            chunk = response.chunk() => chunk.map_err(|e| e.to_string())?,
+            chunk = response.next_chunk() => chunk?,
             Some(_) = handling.next(), if !handling.is_empty() => continue,
         };
         let Some(chunk) = chunk else {

@@ -6,6 +6,7 @@ pub mod legacy_calls;
 pub mod mcp;
 pub mod notifications;
 pub mod task_runs;
+pub mod upstream_http;
 
 use portcullis_crds::Snapshot;
 use portcullis_crds::snapshot::Upstream;

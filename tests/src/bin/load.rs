@@ -68,6 +68,7 @@ struct Outcome {
     p50: Duration,
     p99: Duration,
     cpu_ms_per_1000: Option<f64>,
+    switches_per_call: Option<f64>,
 }
 
 fn manifests(upstream: &str) -> String {
@@ -109,6 +110,24 @@ fn cpu_time(pid: u32) -> Option<Duration> {
     let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
     // Linux reports in clock ticks of 1/100 s (USER_HZ).
     Some(Duration::from_millis(ticks * 10))
+}
+
+/// Context switches (voluntary and not) of all of a process's threads, from /proc: each is a
+/// thread going to sleep or being put aside, the cost that task wake-ups across threads add.
+fn context_switches(pid: u32) -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let status = std::fs::read_to_string(task.ok()?.path().join("status")).ok()?;
+        for line in status.lines() {
+            if let Some(count) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                total += count.trim().parse::<u64>().ok()?;
+            }
+        }
+    }
+    Some(total)
 }
 
 fn modern_call(id: u64) -> String {
@@ -196,6 +215,7 @@ async fn run(
         one_call(&http, scenario, base, upstream, session, 0).await;
     }
     let cpu_before = cpu_time(gateway_pid);
+    let switches_before = context_switches(gateway_pid);
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
     let mut workers = Vec::new();
@@ -227,6 +247,7 @@ async fn run(
     }
     let elapsed = started.elapsed();
     let cpu_after = cpu_time(gateway_pid);
+    let switches_after = context_switches(gateway_pid);
     latencies.sort();
     let at = |p: f64| {
         latencies
@@ -242,6 +263,11 @@ async fn run(
         }
         _ => None,
     };
+    let switches_per_call = match (scenario, switches_before, switches_after) {
+        (Scenario::Direct, _, _) => None,
+        (_, Some(before), Some(after)) if calls > 0 => Some(after.saturating_sub(before) as f64 / calls as f64),
+        _ => None,
+    };
     Ok(Outcome {
         calls,
         errors,
@@ -249,6 +275,7 @@ async fn run(
         p50: at(0.5),
         p99: at(0.99),
         cpu_ms_per_1000,
+        switches_per_call,
     })
 }
 
@@ -314,8 +341,8 @@ async fn main() -> anyhow::Result<()> {
         args.seconds
     );
     println!(
-        "{:<40} {:>5} {:>9} {:>9} {:>9} {:>7} {:>12} {:>8}",
-        "scenario", "conc", "req/s", "p50 ms", "p99 ms", "errors", "CPU µs/call", "vs direct"
+        "{:<40} {:>5} {:>9} {:>9} {:>9} {:>7} {:>12} {:>9} {:>8}",
+        "scenario", "conc", "req/s", "p50 ms", "p99 ms", "errors", "CPU µs/call", "cs/call", "vs direct"
     );
     for &concurrency in &args.concurrency {
         let mut direct: Option<Outcome> = None;
@@ -333,7 +360,7 @@ async fn main() -> anyhow::Result<()> {
                 })
                 .unwrap_or_default();
             println!(
-                "{:<40} {:>5} {:>9.0} {:>9.2} {:>9.2} {:>7} {:>12} {:>8}{added}",
+                "{:<40} {:>5} {:>9.0} {:>9.2} {:>9.2} {:>7} {:>12} {:>9} {:>8}{added}",
                 scenario.name(),
                 concurrency,
                 o.rps,
@@ -341,6 +368,7 @@ async fn main() -> anyhow::Result<()> {
                 o.p99.as_secs_f64() * 1e3,
                 o.errors,
                 o.cpu_ms_per_1000.map(|c| format!("{c:.1}")).unwrap_or_else(|| "-".into()),
+                o.switches_per_call.map(|c| format!("{c:.2}")).unwrap_or_else(|| "-".into()),
                 ratio
             );
             let _ = o.calls;
