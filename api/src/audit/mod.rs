@@ -333,12 +333,14 @@ async fn write_loop(store: AuditStore, mut rx: mpsc::Receiver<AuditEvent>) {
         }
         // Linger briefly after the first event, so a busy gateway writes few large batches
         // instead of one statement per handful of events; an idle one waits at most LINGER.
-        let deadline = tokio::time::Instant::now() + LINGER;
+        // It sleeps rather than waits on the queue: waiting, it would be woken by every event.
+        if batch.len() < BATCH && rx.len() < BATCH - batch.len() {
+            tokio::time::sleep(LINGER).await;
+        }
         while batch.len() < BATCH {
-            let room = BATCH - batch.len();
-            match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
+            match rx.try_recv() {
+                Ok(event) => batch.push(event),
+                Err(_) => break,
             }
         }
         let mut delay = Duration::from_millis(100);

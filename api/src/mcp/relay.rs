@@ -199,12 +199,13 @@ where
 {
     let (messages, mut relayed) = mpsc::channel(STREAM_BUFFER);
     let (client_gone, gone) = oneshot::channel::<()>();
-    let mut task = tokio::spawn(work(Relay { messages }, gone));
+    // Run in this task, not a task of its own: a spawned task would cost a wake-up and a
+    // hand-over per request, most of which relay nothing.
+    let mut work = work(Relay { messages }, gone);
     let first = tokio::select! {
         biased;
         Some(first) = relayed.recv() => Some(first),
-        answer = &mut task => {
-            let answer = answer.unwrap_or_else(|_| failed());
+        answer = &mut work => {
             match relayed.try_recv() {
                 Ok(first) => {
                     return stream(Some(first), relayed, futures::future::ready(answer).boxed(), client_gone);
@@ -213,8 +214,7 @@ where
             }
         }
     };
-    let answer = async move { task.await.unwrap_or_else(|_| failed()) };
-    stream(first, relayed, answer.boxed(), client_gone)
+    stream(first, relayed, work, client_gone)
 }
 
 /// The event stream of relayed messages, then the answer. Dropping it (the client closed the
@@ -255,15 +255,6 @@ fn stream(
     let mut response = Body::from_stream(body).into_response();
     protocol::event_stream_headers(&mut response);
     response
-}
-
-/// The answer when the request's task itself failed.
-fn failed() -> Response {
-    protocol::framed(
-        protocol::Framing::Json,
-        http::StatusCode::INTERNAL_SERVER_ERROR,
-        &protocol::response_message(&Value::Null, &Err(RpcError::internal("the request failed"))),
-    )
 }
 
 /// The answer (a JSON-RPC message framed as JSON or as an event stream) as one event.
