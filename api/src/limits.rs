@@ -123,56 +123,14 @@ return out
 /// GCRA in Redis, shared by every replica.
 pub struct RedisLimiter {
     connection: redis::aio::ConnectionManager,
-    // Plain-TCP Redis: commands on connections this task drives (see redis_calls).
-    direct: Option<std::sync::Arc<crate::redis_calls::RedisCalls>>,
     script: redis::Script,
     prefix: String,
 }
 
 impl RedisLimiter {
-    /// Uses `direct` when given, `connection` otherwise; keys start with `prefix`.
-    pub fn new(
-        connection: redis::aio::ConnectionManager,
-        direct: Option<std::sync::Arc<crate::redis_calls::RedisCalls>>,
-        prefix: &str,
-    ) -> Self {
-        Self { connection, direct, script: redis::Script::new(GCRA), prefix: prefix.to_string() }
-    }
-
-    /// Runs the script: by its digest, loading it once when this Redis does not know it yet.
-    async fn run_direct(
-        &self,
-        direct: &crate::redis_calls::RedisCalls,
-        keys: &[String],
-        args: &[String],
-    ) -> Result<Vec<i64>, String> {
-        use crate::redis_calls::Reply;
-        let count = keys.len().to_string();
-        let command = |name: &'static [u8], script: &'static [u8]| {
-            let mut words: Vec<&[u8]> = Vec::with_capacity(3 + keys.len() + args.len());
-            words.extend([name, script, count.as_bytes()]);
-            words.extend(keys.iter().map(|k| k.as_bytes()));
-            words.extend(args.iter().map(|a| a.as_bytes()));
-            words
-        };
-        let hash = self.script.get_hash().to_string();
-        let mut by_hash = command(b"EVALSHA", b"");
-        by_hash[1] = hash.as_bytes();
-        let mut reply = direct.call(&by_hash).await.map_err(|e| e.0)?;
-        if matches!(&reply, Reply::Error(error) if error.starts_with("NOSCRIPT")) {
-            reply = direct.call(&command(b"EVAL", GCRA.as_bytes())).await.map_err(|e| e.0)?;
-        }
-        match reply {
-            Reply::Array(items) => items
-                .into_iter()
-                .map(|item| match item {
-                    Reply::Integer(n) => Ok(n),
-                    other => Err(format!("unexpected item {other:?}")),
-                })
-                .collect(),
-            Reply::Error(error) => Err(error),
-            other => Err(format!("unexpected reply {other:?}")),
-        }
+    /// Uses `connection`; keys start with `prefix`.
+    pub fn new(connection: redis::aio::ConnectionManager, prefix: &str) -> Self {
+        Self { connection, script: redis::Script::new(GCRA), prefix: prefix.to_string() }
     }
 }
 
@@ -184,25 +142,17 @@ impl RateLimiter for RedisLimiter {
         checks: &'a [(Class, u32)],
     ) -> BoxFuture<'a, Result<Vec<(Class, Decision)>, LimitUnavailable>> {
         Box::pin(async move {
-            let mut keys = Vec::with_capacity(checks.len());
-            let mut args = Vec::with_capacity(checks.len() + 1);
-            args.push((WINDOW.as_micros() as u64).to_string());
+            let mut connection = self.connection.clone();
+            let mut invocation = self.script.prepare_invoke();
+            invocation.arg(WINDOW.as_micros() as u64);
             let mut intervals = Vec::with_capacity(checks.len());
             for &(class, per_minute) in checks {
                 let interval = WINDOW / per_minute.max(1);
-                keys.push(format!("{}rl:{}:{}:{}", self.prefix, tenant, principal, class.name()));
-                args.push((interval.as_micros() as u64).to_string());
+                invocation.key(format!("{}rl:{}:{}:{}", self.prefix, tenant, principal, class.name()));
+                invocation.arg(interval.as_micros() as u64);
                 intervals.push(interval);
             }
-            let call = async {
-                if let Some(direct) = &self.direct {
-                    return self.run_direct(direct, &keys, &args).await;
-                }
-                let mut connection = self.connection.clone();
-                let mut invocation = self.script.prepare_invoke();
-                invocation.key(&keys).arg(&args);
-                invocation.invoke_async::<Vec<i64>>(&mut connection).await.map_err(|e| e.to_string())
-            };
+            let call = invocation.invoke_async::<Vec<i64>>(&mut connection);
             let answer = match tokio::time::timeout(Duration::from_secs(1), call).await {
                 Ok(Ok(answer)) if answer.len() == checks.len() * 3 => answer,
                 Ok(Ok(_)) => {

@@ -16,7 +16,6 @@ mod mcp;
 mod oauth;
 mod oidc;
 mod policy;
-mod redis_calls;
 mod request_state;
 mod rest;
 mod rest_keys;

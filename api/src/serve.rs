@@ -153,11 +153,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     )?
     .map(std::sync::Arc::new);
     let changes = crate::changes::Changes::new();
-    // The request path's Redis commands skip redis-rs's connection task (see redis_calls).
-    let direct_redis = crate::redis_calls::RedisCalls::for_url(&args.redis_url);
     let sessions: std::sync::Arc<dyn crate::sessions::SessionStore> = std::sync::Arc::new(RedisSessions::new(
         connection.clone(),
-        direct_redis.clone(),
         &args.redis_prefix,
         Duration::from_secs(args.session_idle_seconds),
     ));
@@ -172,14 +169,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         changes: changes.clone(),
         sessions,
         limits: match args.when_redis_down {
-            WhenRedisDown::Closed => {
-                Box::new(RedisLimiter::new(connection.clone(), direct_redis.clone(), &args.redis_prefix))
+            WhenRedisDown::Closed => Box::new(RedisLimiter::new(connection.clone(), &args.redis_prefix)),
+            WhenRedisDown::Local => {
+                Box::new(RedisOrLocal::new(RedisLimiter::new(connection.clone(), &args.redis_prefix)))
             }
-            WhenRedisDown::Local => Box::new(RedisOrLocal::new(RedisLimiter::new(
-                connection.clone(),
-                direct_redis.clone(),
-                &args.redis_prefix,
-            ))),
         },
         idempotency: Box::new(crate::idempotency::RedisIdempotency::new(
             connection.clone(),

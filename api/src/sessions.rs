@@ -130,22 +130,14 @@ impl SessionStore for MemorySessions {
 /// Sessions in Redis, shared by every replica; idle expiry is the key's TTL.
 pub struct RedisSessions {
     connection: redis::aio::ConnectionManager,
-    // Plain-TCP Redis: the lookup every request of a session makes, on connections this task
-    // drives (see redis_calls).
-    direct: Option<std::sync::Arc<crate::redis_calls::RedisCalls>>,
     prefix: String,
     idle: Duration,
 }
 
 impl RedisSessions {
-    /// Uses `direct` for lookups when given, `connection` otherwise; keys start with `prefix`.
-    pub fn new(
-        connection: redis::aio::ConnectionManager,
-        direct: Option<std::sync::Arc<crate::redis_calls::RedisCalls>>,
-        prefix: &str,
-        idle: Duration,
-    ) -> Self {
-        Self { connection, direct, prefix: prefix.to_string(), idle }
+    /// Uses `connection`; keys start with `prefix`.
+    pub fn new(connection: redis::aio::ConnectionManager, prefix: &str, idle: Duration) -> Self {
+        Self { connection, prefix: prefix.to_string(), idle }
     }
 
     fn key(&self, id: &str) -> String {
@@ -175,26 +167,9 @@ impl SessionStore for RedisSessions {
 
     fn touch<'a>(&'a self, id: &'a str) -> BoxFuture<'a, anyhow::Result<Option<Session>>> {
         Box::pin(async move {
-            let seconds = self.idle.as_secs().max(1).to_string();
-            if let Some(direct) = &self.direct {
-                use crate::redis_calls::Reply;
-                let key = self.key(id);
-                let command: [&[u8]; 4] = [b"GETEX", key.as_bytes(), b"EX", seconds.as_bytes()];
-                let call = direct.call(&command);
-                let reply = tokio::time::timeout(REDIS_TIMEOUT, call)
-                    .await
-                    .map_err(|_| anyhow::anyhow!("Redis did not answer within {REDIS_TIMEOUT:?}"))?
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-                return match reply {
-                    Reply::Nil => Ok(None),
-                    Reply::Text(body) => Ok(serde_json::from_slice(&body).ok()),
-                    Reply::Error(error) => Err(anyhow::anyhow!("Redis refused GETEX: {error}")),
-                    other => Err(anyhow::anyhow!("unexpected Redis reply to GETEX: {other:?}")),
-                };
-            }
             let mut connection = self.connection.clone();
             let mut command = redis::cmd("GETEX");
-            command.arg(self.key(id)).arg("EX").arg(seconds);
+            command.arg(self.key(id)).arg("EX").arg(self.idle.as_secs().max(1));
             let body: Option<String> = bounded(command.query_async(&mut connection)).await?;
             Ok(body.and_then(|b| serde_json::from_str(&b).ok()))
         })
