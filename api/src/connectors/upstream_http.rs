@@ -139,8 +139,10 @@ impl UpstreamHttp {
                 self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
                 return None;
             }
-            let mut probe = [0u8; 1];
-            match idle.conn.stream.try_read(&mut probe) {
+            // Asked of the socket itself, not of the runtime's readiness, which may not have
+            // heard yet of a close the kernel already has.
+            let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+            match socket2::SockRef::from(&idle.conn.stream).peek(&mut probe) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(idle.conn),
                 // Closed, failed, or sending what nobody asked for: not to be used.
                 _ => continue,
