@@ -22,7 +22,7 @@
 //! stream is read too: servers announce list changes caused by a request to the session that
 //! made it.
 
-use super::mcp::{CallerMeta, is_event_stream, read_event_stream, root_cause};
+use super::mcp::{CallerMeta, UpstreamAnswer, read_event_stream, root_cause};
 use crate::mcp::protocol::LEGACY_VERSIONS;
 use futures::future::BoxFuture;
 use portcullis_crds::snapshot::Upstream;
@@ -245,6 +245,11 @@ pub struct LegacyCalls {
     upstream: Upstream,
     // The upstream's URL, parsed once (`None` if it does not parse: requests then fail at send).
     parsed_url: Option<reqwest::Url>,
+    // Plain-HTTP upstreams: a request's POST on a connection the calling task drives (see
+    // upstream_http); everything else (GET streams, DELETE, replies) stays on reqwest.
+    pooled: Option<Arc<super::upstream_http::UpstreamHttp>>,
+    // The connection's own headers, parsed once.
+    fixed_headers: Vec<(http::HeaderName, http::HeaderValue)>,
     next_id: AtomicU64,
     sessions: std::sync::Mutex<HashMap<Owner, Arc<Slot>>>,
     announcements: Announcements,
@@ -296,8 +301,12 @@ impl LegacyCalls {
         announcements: Announcements,
         client_sessions: ClientSessions,
     ) -> Arc<Self> {
+        let pooled = parsed_url.as_ref().and_then(super::upstream_http::UpstreamHttp::for_url);
+        let fixed_headers = super::mcp::fixed_headers(&upstream);
         let this = Arc::new(Self {
             http,
+            pooled,
+            fixed_headers,
             upstream,
             parsed_url,
             next_id: AtomicU64::new(1),
@@ -445,6 +454,26 @@ impl LegacyCalls {
         request
     }
 
+    /// A request's POST on `session`, on a pooled connection when the upstream is plain HTTP.
+    async fn send_request(&self, session: &Session, body: &Value) -> Result<UpstreamAnswer, String> {
+        let Some(pool) = &self.pooled else {
+            return self.post(session, body).send().await.map(UpstreamAnswer::Reqwest).map_err(|e| root_cause(&e));
+        };
+        let mut headers = http::HeaderMap::with_capacity(4 + self.fixed_headers.len());
+        headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        headers.insert(http::header::ACCEPT, http::HeaderValue::from_static("application/json, text/event-stream"));
+        if let Ok(version) = http::HeaderValue::from_str(session.version.as_str()) {
+            headers.insert("mcp-protocol-version", version);
+        }
+        if let Some(id) = session.id.as_deref().and_then(|id| http::HeaderValue::from_str(id).ok()) {
+            headers.insert("mcp-session-id", id);
+        }
+        for (name, value) in &self.fixed_headers {
+            headers.append(name.clone(), value.clone());
+        }
+        pool.post(&headers, body.to_string().as_bytes()).await.map(UpstreamAnswer::Pooled).map_err(|e| e.0)
+    }
+
     fn post(&self, session: &Session, body: &Value) -> reqwest::RequestBuilder {
         self.on_session(reqwest::Method::POST, session)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -557,8 +586,9 @@ impl LegacyCalls {
             });
         }
         let session_id = response.headers().get("mcp-session-id").and_then(|v| v.to_str().ok()).map(str::to_string);
-        let answer =
-            read_answer(response, id, &CallerMeta::default(), |_| async { None }).await.map_err(Start::Unreachable)?;
+        let answer = read_answer(UpstreamAnswer::Reqwest(response), id, &CallerMeta::default(), |_| async { None })
+            .await
+            .map_err(Start::Unreachable)?;
         let version = answer
             .get("result")
             .and_then(|r| r.get("protocolVersion"))
@@ -581,7 +611,8 @@ impl LegacyCalls {
             let level =
                 json!({ "jsonrpc": "2.0", "id": id, "method": "logging/setLevel", "params": { "level": level } });
             if let Ok(response) = self.post(&session, &level).send().await {
-                let _ = read_answer(response, id, &CallerMeta::default(), |_| async { None }).await;
+                let _ = read_answer(UpstreamAnswer::Reqwest(response), id, &CallerMeta::default(), |_| async { None })
+                    .await;
             }
         }
         Ok(session)
@@ -764,14 +795,14 @@ impl LegacyCalls {
         }
         let body = json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params });
         let mut guard = CancelUnlessAnswered { calls: self.clone(), session: session.clone(), id, answered: false };
-        let response = self.post(session, &body).send().await.map_err(|e| Failure::Other(root_cause(&e)))?;
+        let response = self.send_request(session, &body).await.map_err(Failure::Other)?;
         let status = response.status();
         if session.id.is_some() && matches!(status.as_u16(), 400 | 404) {
             // 404 is how the specification says a session is gone; some servers answer 400.
             // Either is an answer to this request only when it carries the request's id.
             guard.answered = true;
-            let text = response.text().await.unwrap_or_default();
-            return match serde_json::from_str::<Value>(&text) {
+            let text = response.bytes().await.unwrap_or_default();
+            return match serde_json::from_slice::<Value>(&text) {
                 Ok(message) if message.get("id").and_then(Value::as_u64) == Some(id) => Ok(message),
                 _ => Err(Failure::SessionGone),
             };
@@ -826,7 +857,7 @@ impl LegacyCalls {
 /// The answer to request `id`: a JSON body, or the event stream on which notifications about
 /// it go to the caller's sink and server requests to `on_request`.
 async fn read_answer<F, Fut>(
-    response: reqwest::Response,
+    response: UpstreamAnswer,
     id: u64,
     caller: &CallerMeta,
     on_request: F,
@@ -836,11 +867,11 @@ where
     Fut: std::future::Future<Output = Option<()>>,
 {
     let status = response.status();
-    if is_event_stream(&response) {
+    if response.is_event_stream() {
         return read_event_stream(response, id, caller.notifications.as_ref(), on_request).await;
     }
-    let text = response.text().await.map_err(|e| root_cause(&e))?;
-    match serde_json::from_str::<Value>(&text) {
+    let text = response.bytes().await?;
+    match serde_json::from_slice::<Value>(&text) {
         // A JSON-RPC error with an HTTP error status is still the answer.
         Ok(message) if message.get("result").is_some() || message.get("error").is_some() => Ok(message),
         _ if !status.is_success() => Err(format!("HTTP status {status}")),

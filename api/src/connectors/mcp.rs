@@ -1043,7 +1043,7 @@ impl McpUpstream {
 
 /// The headers a connection sends on every request (its credentials among them), parsed once;
 /// a value that is no valid header is left out (the manifest checks reject those).
-fn fixed_headers(upstream: &Upstream) -> Vec<(http::HeaderName, http::HeaderValue)> {
+pub(super) fn fixed_headers(upstream: &Upstream) -> Vec<(http::HeaderName, http::HeaderValue)> {
     let Upstream::Mcp { headers, .. } = upstream;
     headers
         .iter()
@@ -1057,20 +1057,20 @@ fn fixed_headers(upstream: &Upstream) -> Vec<(http::HeaderName, http::HeaderValu
 }
 
 /// An upstream's response, from either client.
-enum UpstreamAnswer {
+pub(super) enum UpstreamAnswer {
     Pooled(upstream_http::Response),
     Reqwest(reqwest::Response),
 }
 
 impl UpstreamAnswer {
-    fn status(&self) -> http::StatusCode {
+    pub(super) fn status(&self) -> http::StatusCode {
         match self {
             Self::Pooled(response) => response.status(),
             Self::Reqwest(response) => response.status(),
         }
     }
 
-    fn is_event_stream(&self) -> bool {
+    pub(super) fn is_event_stream(&self) -> bool {
         let headers = match self {
             Self::Pooled(response) => response.headers(),
             Self::Reqwest(response) => response.headers(),
@@ -1081,7 +1081,7 @@ impl UpstreamAnswer {
             .is_some_and(|v| v.starts_with("text/event-stream"))
     }
 
-    async fn bytes(self) -> Result<bytes::Bytes, String> {
+    pub(super) async fn bytes(self) -> Result<bytes::Bytes, String> {
         match self {
             Self::Pooled(response) => response.bytes().await,
             Self::Reqwest(response) => response.bytes().await.map_err(|e| e.to_string()),
@@ -1139,15 +1139,6 @@ async fn fetch_catalog(
             peer.list_all_prompts().await.map_err(|e| format!("prompts/list failed: {}", root_cause(&e)))?;
     }
     Ok(catalog)
-}
-
-/// Whether the response is an event stream.
-pub(super) fn is_event_stream(response: &reqwest::Response) -> bool {
-    response
-        .headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"))
 }
 
 /// The result of a JSON-RPC answer, or its error.
