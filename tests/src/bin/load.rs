@@ -29,6 +29,17 @@ struct Args {
     /// Worker threads of the gateway's runtime (`TOKIO_WORKER_THREADS`; default: one per core).
     #[arg(long)]
     gateway_worker_threads: Option<usize>,
+    /// The upstream speaks only the 2025 versions (initialize and sessions), so every gateway
+    /// call reaches a 2025 upstream; the direct baseline is then a 2025 session's call.
+    #[arg(long)]
+    legacy_upstream: bool,
+}
+
+/// Set once from `--legacy-upstream`.
+static LEGACY_UPSTREAM: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn legacy_upstream() -> bool {
+    LEGACY_UPSTREAM.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 const KEY: &str = "pcl_load_0123456789abcdefghijklmnopqrstu";
@@ -53,6 +64,7 @@ enum Scenario {
 impl Scenario {
     fn name(self) -> &'static str {
         match self {
+            Scenario::Direct if legacy_upstream() => "direct to upstream (MCP 2025-11-25)",
             Scenario::Direct => "direct to upstream (MCP 2026-07-28)",
             Scenario::McpModern => "gateway MCP 2026-07-28",
             Scenario::McpLegacy => "gateway MCP 2025-11-25 session",
@@ -147,6 +159,16 @@ async fn one_call(
     id: u64,
 ) -> bool {
     let request = match scenario {
+        Scenario::Direct if legacy_upstream() => http
+            .post(upstream)
+            .header("accept", "application/json, text/event-stream")
+            .header("content-type", "application/json")
+            .header("Mcp-Session-Id", session)
+            .header("MCP-Protocol-Version", "2025-11-25")
+            .body(
+                json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "hello"}}})
+                    .to_string(),
+            ),
         Scenario::Direct => http
             .post(upstream)
             .header("accept", "application/json, text/event-stream")
@@ -197,6 +219,28 @@ async fn initialize(http: &reqwest::Client, base: &str) -> anyhow::Result<String
     Ok(r.headers().get("mcp-session-id").context("no session id")?.to_str()?.to_string())
 }
 
+/// A 2025 session straight with the upstream: initialize, then `notifications/initialized`.
+async fn initialize_upstream(http: &reqwest::Client, upstream: &str) -> anyhow::Result<String> {
+    let r = http
+        .post(upstream)
+        .header("accept", "application/json, text/event-stream")
+        .header("content-type", "application/json")
+        .body(r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"load","version":"1"}}}"#)
+        .send()
+        .await?;
+    let session = r.headers().get("mcp-session-id").context("no session id")?.to_str()?.to_string();
+    r.bytes().await?;
+    http.post(upstream)
+        .header("accept", "application/json, text/event-stream")
+        .header("content-type", "application/json")
+        .header("Mcp-Session-Id", &session)
+        .header("MCP-Protocol-Version", "2025-11-25")
+        .body(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#)
+        .send()
+        .await?;
+    Ok(session)
+}
+
 async fn run(
     scenario: Scenario,
     concurrency: usize,
@@ -208,7 +252,11 @@ async fn run(
     let http = reqwest::Client::builder().pool_max_idle_per_host(concurrency * 2).build()?;
     let mut sessions = Vec::new();
     for _ in 0..concurrency {
-        sessions.push(if scenario == Scenario::McpLegacy { initialize(&http, base).await? } else { String::new() });
+        sessions.push(match scenario {
+            Scenario::McpLegacy => initialize(&http, base).await?,
+            Scenario::Direct if legacy_upstream() => initialize_upstream(&http, upstream).await?,
+            _ => String::new(),
+        });
     }
     // Warm up connections and caches.
     for session in &sessions {
@@ -300,7 +348,13 @@ async fn main() -> anyhow::Result<()> {
     let postgres = Postgres::start().await;
     let redis = Redis::start().await;
     let upstream_port = free_port();
-    let _notes = start(notes, &["--listen", &format!("127.0.0.1:{upstream_port}")], &[("RUST_LOG", "warn")])?;
+    LEGACY_UPSTREAM.store(args.legacy_upstream, std::sync::atomic::Ordering::Relaxed);
+    let listen = format!("127.0.0.1:{upstream_port}");
+    let mut notes_args = vec!["--listen", listen.as_str()];
+    if args.legacy_upstream {
+        notes_args.extend(["--protocol", "legacy"]);
+    }
+    let _notes = start(notes, &notes_args, &[("RUST_LOG", "warn")])?;
     let upstream = format!("http://127.0.0.1:{upstream_port}/mcp");
     let manifest_dir = tempfile::tempdir()?;
     std::fs::write(manifest_dir.path().join("bench.yaml"), manifests(&upstream))?;
