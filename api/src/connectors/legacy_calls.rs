@@ -22,10 +22,9 @@
 //! stream is read too: servers announce list changes caused by a request to the session that
 //! made it.
 
-use super::mcp::{CallerMeta, UpstreamAnswer, read_event_stream, root_cause};
+use super::mcp::{CallerMeta, Transport, UpstreamAnswer, read_event_stream, root_cause};
 use crate::mcp::protocol::LEGACY_VERSIONS;
 use futures::future::BoxFuture;
-use portcullis_crds::snapshot::Upstream;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -241,15 +240,9 @@ pub struct Announcements {
 
 /// Plain-HTTP requests to one 2025 upstream.
 pub struct LegacyCalls {
-    http: reqwest::Client,
-    upstream: Upstream,
-    // The upstream's URL, parsed once (`None` if it does not parse: requests then fail at send).
-    parsed_url: Option<reqwest::Url>,
-    // Plain-HTTP upstreams: a request's POST on a connection the calling task drives (see
-    // upstream_http); everything else (GET streams, DELETE, replies) stays on reqwest.
-    pooled: Option<Arc<super::upstream_http::UpstreamHttp>>,
-    // The connection's own headers, parsed once.
-    fixed_headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    // A request's POST goes over the pool for plain HTTP; everything else (initialize, GET
+    // streams, DELETE, replies) through reqwest.
+    transport: Arc<Transport>,
     next_id: AtomicU64,
     sessions: std::sync::Mutex<HashMap<Owner, Arc<Slot>>>,
     announcements: Announcements,
@@ -293,22 +286,14 @@ impl Drop for CancelUnlessAnswered {
 }
 
 impl LegacyCalls {
-    /// Requests to `upstream` (at `parsed_url`) through `http`.
-    pub fn new(
-        http: reqwest::Client,
-        upstream: Upstream,
-        parsed_url: Option<reqwest::Url>,
+    /// Requests to the upstream `transport` reaches.
+    pub(super) fn new(
+        transport: Arc<Transport>,
         announcements: Announcements,
         client_sessions: ClientSessions,
     ) -> Arc<Self> {
-        let pooled = parsed_url.as_ref().and_then(super::upstream_http::UpstreamHttp::for_url);
-        let fixed_headers = super::mcp::fixed_headers(&upstream);
         let this = Arc::new(Self {
-            http,
-            pooled,
-            fixed_headers,
-            upstream,
-            parsed_url,
+            transport,
             next_id: AtomicU64::new(1),
             sessions: std::sync::Mutex::default(),
             announcements,
@@ -439,39 +424,12 @@ impl LegacyCalls {
 
     /// A request on `session`: its version and id, and the connection's own headers.
     fn on_session(&self, method: reqwest::Method, session: &Session) -> reqwest::RequestBuilder {
-        let Upstream::Mcp { url, headers, .. } = &self.upstream;
-        let request = match &self.parsed_url {
-            Some(parsed) => self.http.request(method, parsed.clone()),
-            None => self.http.request(method, url.as_str()),
-        };
-        let mut request = request.header("MCP-Protocol-Version", session.version.as_str());
-        if let Some(id) = &session.id {
-            request = request.header("Mcp-Session-Id", id.as_str());
-        }
-        for (name, value) in headers {
-            request = request.header(name.as_str(), value.expose());
-        }
-        request
+        self.transport.request(method).headers(session_headers(session))
     }
 
     /// A request's POST on `session`, on a pooled connection when the upstream is plain HTTP.
     async fn send_request(&self, session: &Session, body: &Value) -> Result<UpstreamAnswer, String> {
-        let Some(pool) = &self.pooled else {
-            return self.post(session, body).send().await.map(UpstreamAnswer::Reqwest).map_err(|e| root_cause(&e));
-        };
-        let mut headers = http::HeaderMap::with_capacity(4 + self.fixed_headers.len());
-        headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
-        headers.insert(http::header::ACCEPT, http::HeaderValue::from_static("application/json, text/event-stream"));
-        if let Ok(version) = http::HeaderValue::from_str(session.version.as_str()) {
-            headers.insert("mcp-protocol-version", version);
-        }
-        if let Some(id) = session.id.as_deref().and_then(|id| http::HeaderValue::from_str(id).ok()) {
-            headers.insert("mcp-session-id", id);
-        }
-        for (name, value) in &self.fixed_headers {
-            headers.append(name.clone(), value.clone());
-        }
-        pool.post(&headers, body.to_string().as_bytes()).await.map(UpstreamAnswer::Pooled).map_err(|e| e.0)
+        self.transport.post_json(session_headers(session), body.to_string().into()).await
     }
 
     fn post(&self, session: &Session, body: &Value) -> reqwest::RequestBuilder {
@@ -854,6 +812,18 @@ impl LegacyCalls {
     }
 }
 
+/// What says which session a request belongs to: its version and id.
+fn session_headers(session: &Session) -> http::HeaderMap {
+    let mut headers = http::HeaderMap::with_capacity(2);
+    if let Ok(version) = http::HeaderValue::from_str(session.version.as_str()) {
+        headers.insert("mcp-protocol-version", version);
+    }
+    if let Some(id) = session.id.as_deref().and_then(|id| http::HeaderValue::from_str(id).ok()) {
+        headers.insert("mcp-session-id", id);
+    }
+    headers
+}
+
 /// The answer to request `id`: a JSON body, or the event stream on which notifications about
 /// it go to the caller's sink and server requests to `on_request`.
 async fn read_answer<F, Fut>(
@@ -1000,7 +970,7 @@ mod tests {
         store: Arc<dyn crate::sessions::SessionStore>,
     ) -> Arc<LegacyCalls> {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let upstream = Upstream::Mcp {
+        let upstream = portcullis_crds::snapshot::Upstream::Mcp {
             url: url.to_string(),
             headers: Vec::new(),
             refresh_interval_seconds: 60,
@@ -1013,7 +983,7 @@ mod tests {
             connection: "c".into(),
         };
         let sessions = ClientSessions { idle, replies: Default::default(), store };
-        LegacyCalls::new(reqwest::Client::new(), upstream, reqwest::Url::parse(url).ok(), announcements, sessions)
+        LegacyCalls::new(Arc::new(Transport::new(reqwest::Client::new(), &upstream)), announcements, sessions)
     }
 
     /// The upstream session a call of `client` (none: a REST caller) was served on.

@@ -173,13 +173,7 @@ pub struct McpUpstream {
     /// Connection name.
     pub name: String,
     upstream: Upstream,
-    // Parsed once: parsing (with IDNA) on every request showed in profiles.
-    parsed_url: Option<reqwest::Url>,
-    http: reqwest::Client,
-    // Plain-HTTP upstreams: connections driven by the calling task (see upstream_http).
-    pooled: Option<Arc<UpstreamHttp>>,
-    // The connection's own headers (credentials among them), parsed once.
-    fixed_headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    transport: Arc<Transport>,
     changes: crate::changes::Changes,
     next_id: std::sync::atomic::AtomicU64,
     live: Mutex<Option<Arc<RunningService<RoleClient, Listener>>>>,
@@ -223,14 +217,9 @@ impl McpUpstream {
         client_sessions: super::legacy_calls::ClientSessions,
     ) -> Arc<Self> {
         let catalog_changed = Arc::new(Notify::new());
-        let Upstream::Mcp { url, .. } = &upstream;
-        let parsed_url = reqwest::Url::parse(url).ok();
-        let pooled = parsed_url.as_ref().and_then(UpstreamHttp::for_url);
-        let fixed_headers = fixed_headers(&upstream);
+        let transport = Arc::new(Transport::new(http, &upstream));
         let legacy = super::legacy_calls::LegacyCalls::new(
-            http.clone(),
-            upstream.clone(),
-            parsed_url.clone(),
+            transport.clone(),
             super::legacy_calls::Announcements {
                 catalog_changed: catalog_changed.clone(),
                 changes: changes.clone(),
@@ -243,10 +232,7 @@ impl McpUpstream {
             tenant,
             name,
             upstream,
-            parsed_url,
-            http,
-            pooled,
-            fixed_headers,
+            transport,
             changes,
             next_id: std::sync::atomic::AtomicU64::new(1),
             live: Mutex::new(None),
@@ -351,7 +337,7 @@ impl McpUpstream {
                 http::HeaderValue::from_str(value.expose()).map_err(|_| format!("invalid value for header {name}"))?;
             custom.insert(name, value);
         }
-        Ok(StreamableHttpClientTransport::with_client(self.http.clone(), config.custom_headers(custom)))
+        Ok(StreamableHttpClientTransport::with_client(self.transport.http.clone(), config.custom_headers(custom)))
     }
 
     async fn handshake(
@@ -948,9 +934,7 @@ impl McpUpstream {
         }
         params.insert("_meta".into(), meta);
         let body = serde_json::json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params });
-        let mut headers = http::HeaderMap::with_capacity(6 + self.fixed_headers.len());
-        headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
-        headers.insert(http::header::ACCEPT, http::HeaderValue::from_static("application/json, text/event-stream"));
+        let mut headers = http::HeaderMap::with_capacity(8);
         headers.insert("mcp-protocol-version", http::HeaderValue::from_static(MODERN_VERSION));
         if let Ok(value) = http::HeaderValue::from_str(method) {
             headers.insert("mcp-method", value);
@@ -972,14 +956,11 @@ impl McpUpstream {
                 }
             }
         }
-        for (name, value) in &self.fixed_headers {
-            headers.append(name.clone(), value.clone());
-        }
         let body = bytes::Bytes::from(body.to_string());
         // Only a failure to reach the upstream marks it down; a bad answer to one request
         // fails that request (one tool's fault must not take the whole connection down).
         let exchange = async {
-            let response = self.post(headers, body).await.map_err(Broken::Unreachable)?;
+            let response = self.transport.post_json(headers, body).await.map_err(Broken::Unreachable)?;
             let status = response.status();
             let event_stream = response.is_event_stream();
             if !status.is_success() && !event_stream {
@@ -1024,36 +1005,75 @@ impl McpUpstream {
     }
 }
 
-impl McpUpstream {
-    /// One POST to the upstream: over a connection this task drives when it is plain HTTP,
-    /// through reqwest otherwise.
-    async fn post(&self, headers: http::HeaderMap, body: bytes::Bytes) -> Result<UpstreamAnswer, String> {
-        if let Some(pool) = &self.pooled {
-            return pool.post(&headers, &body).await.map(UpstreamAnswer::Pooled).map_err(|e| e.0);
-        }
-        let Upstream::Mcp { url, .. } = &self.upstream;
-        let target = match &self.parsed_url {
-            Some(parsed) => self.http.post(parsed.clone()),
-            None => self.http.post(url.as_str()),
-        };
-        let response = target.headers(headers).body(body).send().await.map_err(|e| root_cause(&e))?;
-        Ok(UpstreamAnswer::Reqwest(response))
-    }
+/// How requests reach one upstream: its URL and its own headers (credentials among them), each
+/// parsed once, and for a plain-HTTP upstream the connections that calling tasks drive
+/// themselves (upstream_http); reqwest for everything else. Shared by a connection's
+/// 2026-07-28 requests and its 2025 sessions.
+pub(super) struct Transport {
+    pub(super) http: reqwest::Client,
+    url: String,
+    // Parsed once: parsing (with IDNA) on every request showed in profiles.
+    parsed_url: Option<reqwest::Url>,
+    pooled: Option<Arc<UpstreamHttp>>,
+    // A value that is no valid header is left out (the manifest checks reject those).
+    fixed_headers: http::HeaderMap,
 }
 
-/// The headers a connection sends on every request (its credentials among them), parsed once;
-/// a value that is no valid header is left out (the manifest checks reject those).
-pub(super) fn fixed_headers(upstream: &Upstream) -> Vec<(http::HeaderName, http::HeaderValue)> {
-    let Upstream::Mcp { headers, .. } = upstream;
-    headers
-        .iter()
-        .filter_map(|(name, value)| {
-            let name = http::HeaderName::from_bytes(name.as_bytes()).ok()?;
-            let mut value = http::HeaderValue::from_str(value.expose()).ok()?;
-            value.set_sensitive(true);
-            Some((name, value))
-        })
-        .collect()
+impl Transport {
+    pub(super) fn new(http: reqwest::Client, upstream: &Upstream) -> Self {
+        let Upstream::Mcp { url, headers, .. } = upstream;
+        let parsed_url = reqwest::Url::parse(url).ok();
+        let mut fixed_headers = http::HeaderMap::with_capacity(headers.len());
+        for (name, value) in headers {
+            if let (Ok(name), Ok(mut value)) =
+                (http::HeaderName::from_bytes(name.as_bytes()), http::HeaderValue::from_str(value.expose()))
+            {
+                value.set_sensitive(true);
+                fixed_headers.append(name, value);
+            }
+        }
+        Self {
+            http,
+            url: url.clone(),
+            pooled: parsed_url.as_ref().and_then(UpstreamHttp::for_url),
+            parsed_url,
+            fixed_headers,
+        }
+    }
+
+    /// A request through reqwest, with the connection's own headers.
+    pub(super) fn request(&self, method: reqwest::Method) -> reqwest::RequestBuilder {
+        self.through_reqwest(method).headers(self.fixed_headers.clone())
+    }
+
+    fn through_reqwest(&self, method: reqwest::Method) -> reqwest::RequestBuilder {
+        match &self.parsed_url {
+            Some(parsed) => self.http.request(method, parsed.clone()),
+            None => self.http.request(method, self.url.as_str()),
+        }
+    }
+
+    /// POSTs a JSON-RPC message with `headers`, to which Content-Type, Accept and the
+    /// connection's own headers are added: over a connection this task drives when the upstream
+    /// is plain HTTP, through reqwest otherwise.
+    pub(super) async fn post_json(
+        &self,
+        mut headers: http::HeaderMap,
+        body: bytes::Bytes,
+    ) -> Result<UpstreamAnswer, String> {
+        headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        headers.insert(http::header::ACCEPT, http::HeaderValue::from_static("application/json, text/event-stream"));
+        for (name, value) in &self.fixed_headers {
+            headers.append(name.clone(), value.clone());
+        }
+        match &self.pooled {
+            Some(pool) => pool.post(&headers, &body).await.map(UpstreamAnswer::Pooled).map_err(|e| e.0),
+            None => {
+                let request = self.through_reqwest(reqwest::Method::POST).headers(headers).body(body);
+                request.send().await.map(UpstreamAnswer::Reqwest).map_err(|e| root_cause(&e))
+            }
+        }
+    }
 }
 
 /// An upstream's response, from either client.

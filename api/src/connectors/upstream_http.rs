@@ -107,18 +107,15 @@ impl UpstreamHttp {
             None => self.send_on_new(&request).await?,
         };
         let head = read_head(&mut conn).await.map_err(Unreachable)?;
-        let mut response = Response {
+        // An empty body (`Length(0)`) frees the connection at the first read, or on drop.
+        Ok(Response {
             status: head.status,
             headers: head.headers,
             framing: head.framing,
             keep_alive: head.keep_alive,
             conn: Some(conn),
             pool: self.clone(),
-        };
-        if matches!(response.framing, Framing::Length(0)) {
-            response.finish();
-        }
-        Ok(response)
+        })
     }
 
     async fn send_on_new(&self, request: &[u8]) -> Result<Conn, Unreachable> {

@@ -205,7 +205,7 @@ async fn post_message(
 }
 
 /// Whether a request may have anything to send before its answer, judged from its raw body
-/// without parsing it (a false positive only costs a task): a 2026-07-28 request only when it
+/// without parsing it (a false positive only costs a channel): a 2026-07-28 request only when it
 /// asks for progress or log messages; a 2025 one whenever it reaches an upstream (the session's
 /// log level and the upstream's requests for input are known only later).
 fn may_stream(body: &[u8]) -> bool {

@@ -3,8 +3,8 @@
 //! to the client (sampling, elicitation, roots) whose answers the client POSTs back.
 //!
 //! A request that may hear something before its answer (`may_stream` in `mcp`), from a client
-//! that accepts an event stream, runs in a task; as long as nothing is sent before the answer,
-//! the answer goes as a plain response. The first message turns the response into an event
+//! that accepts an event stream, runs beside a channel for those messages; as long as nothing
+//! is sent before the answer, the answer goes as a plain response. The first message turns the response into an event
 //! stream that carries the messages and then the answer. Closing that stream cancels the request
 //! (the 2026-07-28 rule; a dropped call to a 2025 upstream sends it `notifications/cancelled`),
 //! and the request is audited either way.
