@@ -64,6 +64,12 @@ impl Postgres {
         pg
     }
 
+    /// Process id of what was started (the postmaster, or `runuser` above it when run as root);
+    /// its descendants are the server's processes.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// URL of the `postgres` database.
     pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
@@ -130,6 +136,11 @@ impl Redis {
         let mut redis = Redis { child: None, port: free_port() };
         redis.restart().await;
         redis
+    }
+
+    /// Process id of the server.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// URL.

@@ -81,6 +81,8 @@ struct Outcome {
     p99: Duration,
     cpu_ms_per_1000: Option<f64>,
     switches_per_call: Option<f64>,
+    /// CPU µs per call of the upstream, Redis, Postgres and the load generator.
+    others_us_per_call: [Option<f64>; 4],
 }
 
 fn manifests(upstream: &str) -> String {
@@ -117,11 +119,60 @@ stringData: {{key: {KEY}}}
 
 /// CPU time (user + system) of a process, from /proc.
 fn cpu_time(pid: u32) -> Option<Duration> {
+    Some(stat_of(pid)?.cpu)
+}
+
+struct Stat {
+    parent: u32,
+    cpu: Duration,
+}
+
+fn stat_of(pid: u32) -> Option<Stat> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
     // Linux reports in clock ticks of 1/100 s (USER_HZ).
-    Some(Duration::from_millis(ticks * 10))
+    Some(Stat { parent: fields.get(1)?.parse().ok()?, cpu: Duration::from_millis(ticks * 10) })
+}
+
+/// CPU time of a process and all its descendants alive now (Postgres is a postmaster and one
+/// process per connection).
+fn tree_cpu_time(root: u32) -> Option<Duration> {
+    let processes: Vec<(u32, Stat)> = std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| Some((pid, stat_of(pid)?)))
+        .collect();
+    let mut members = vec![root];
+    let mut total = Duration::ZERO;
+    while let Some(pid) = members.pop() {
+        for (child, stat) in &processes {
+            if *child == pid {
+                total += stat.cpu;
+            } else if stat.parent == pid {
+                members.push(*child);
+            }
+        }
+    }
+    Some(total)
+}
+
+/// The processes besides the gateway that every call costs CPU in, all on the same cores.
+#[derive(Clone, Copy)]
+struct Others {
+    upstream: u32,
+    redis: Option<u32>,
+    postgres: Option<u32>,
+}
+
+/// CPU time of the upstream, Redis, Postgres and this load generator, in that order.
+fn others_cpu_time(others: Others) -> [Option<Duration>; 4] {
+    [
+        tree_cpu_time(others.upstream),
+        others.redis.and_then(tree_cpu_time),
+        others.postgres.and_then(tree_cpu_time),
+        cpu_time(std::process::id()),
+    ]
 }
 
 /// Context switches (voluntary and not) of all of a process's threads, from /proc: each is a
@@ -248,6 +299,7 @@ async fn run(
     base: &str,
     upstream: &str,
     gateway_pid: u32,
+    others: Others,
 ) -> anyhow::Result<Outcome> {
     let http = reqwest::Client::builder().pool_max_idle_per_host(concurrency * 2).build()?;
     let mut sessions = Vec::new();
@@ -264,6 +316,7 @@ async fn run(
     }
     let cpu_before = cpu_time(gateway_pid);
     let switches_before = context_switches(gateway_pid);
+    let others_before = others_cpu_time(others);
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
     let mut workers = Vec::new();
@@ -296,6 +349,7 @@ async fn run(
     let elapsed = started.elapsed();
     let cpu_after = cpu_time(gateway_pid);
     let switches_after = context_switches(gateway_pid);
+    let others_after = others_cpu_time(others);
     latencies.sort();
     let at = |p: f64| {
         latencies
@@ -316,7 +370,14 @@ async fn run(
         (_, Some(before), Some(after)) if calls > 0 => Some(after.saturating_sub(before) as f64 / calls as f64),
         _ => None,
     };
+    let others_us_per_call = std::array::from_fn(|i| match (others_before[i], others_after[i]) {
+        (Some(before), Some(after)) if calls > 0 => {
+            Some(after.saturating_sub(before).as_secs_f64() * 1e6 / calls as f64)
+        }
+        _ => None,
+    });
     Ok(Outcome {
+        others_us_per_call,
         calls,
         errors,
         rps: calls as f64 / elapsed.as_secs_f64(),
@@ -354,7 +415,8 @@ async fn main() -> anyhow::Result<()> {
     if args.legacy_upstream {
         notes_args.extend(["--protocol", "legacy"]);
     }
-    let _notes = start(notes, &notes_args, &[("RUST_LOG", "warn")])?;
+    let notes = start(notes, &notes_args, &[("RUST_LOG", "warn")])?;
+    let others = Others { upstream: notes.0.id(), redis: redis.pid(), postgres: postgres.pid() };
     let upstream = format!("http://127.0.0.1:{upstream_port}/mcp");
     let manifest_dir = tempfile::tempdir()?;
     std::fs::write(manifest_dir.path().join("bench.yaml"), manifests(&upstream))?;
@@ -398,10 +460,11 @@ async fn main() -> anyhow::Result<()> {
         "{:<40} {:>5} {:>9} {:>9} {:>9} {:>7} {:>12} {:>9} {:>8}",
         "scenario", "conc", "req/s", "p50 ms", "p99 ms", "errors", "CPU µs/call", "cs/call", "vs direct"
     );
+    let mut shares = Vec::new();
     for &concurrency in &args.concurrency {
         let mut direct: Option<Outcome> = None;
         for scenario in [Scenario::Direct, Scenario::McpModern, Scenario::McpLegacy, Scenario::Rest] {
-            let o = run(scenario, concurrency, args.seconds, &base, &upstream, gateway.0.id()).await?;
+            let o = run(scenario, concurrency, args.seconds, &base, &upstream, gateway.0.id(), others).await?;
             let ratio = direct.as_ref().map(|d| format!("{:.2}x", o.rps / d.rps)).unwrap_or_default();
             let added = direct
                 .as_ref()
@@ -426,10 +489,37 @@ async fn main() -> anyhow::Result<()> {
                 ratio
             );
             let _ = o.calls;
+            shares.push((scenario.name(), concurrency, o.cpu_ms_per_1000, o.others_us_per_call));
             if scenario == Scenario::Direct {
                 direct = Some(o);
             }
         }
+    }
+    // Every process shares the same cores, so a call's throughput is bounded by the CPU that all
+    // of them spend on it together: a gateway call costs the upstream and the load generator as
+    // much as a direct one does, plus the gateway, Redis and Postgres.
+    println!();
+    println!("CPU µs per call of every process on the machine (the cores are shared; - when not measured)");
+    println!(
+        "{:<40} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>12}",
+        "scenario", "conc", "gateway", "upstream", "redis", "postgres", "load", "total", "cores/total"
+    );
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+    for (name, concurrency, gateway, [upstream, redis, postgres, load]) in shares {
+        let show = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
+        let total: f64 = [gateway, upstream, redis, postgres, load].iter().flatten().sum();
+        println!(
+            "{:<40} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9.1} {:>10.0}/s",
+            name,
+            concurrency,
+            show(gateway),
+            show(upstream),
+            show(redis),
+            show(postgres),
+            show(load),
+            total,
+            cores * 1e6 / total.max(1.0)
+        );
     }
     Ok(())
 }
