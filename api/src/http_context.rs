@@ -26,7 +26,7 @@ pub fn current() -> Option<RequestInfo> {
 
 /// The current request id, or a fresh one outside a request.
 pub fn request_id() -> String {
-    current().map(|r| r.id).unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
+    REQUEST.try_with(|r| r.id.clone()).unwrap_or_else(|_| uuid::Uuid::now_v7().to_string())
 }
 
 /// Middleware: assigns the request id and makes the context available.
