@@ -33,6 +33,12 @@ struct Args {
     /// call reaches a 2025 upstream; the direct baseline is then a 2025 session's call.
     #[arg(long)]
     legacy_upstream: bool,
+    /// Paces the clients to this many calls per second in all (each client waits for its
+    /// answer, then for its next turn) instead of calling as fast as answers come. Below the
+    /// machine's capacity this measures what the gateway adds to a call, not the queue of a
+    /// saturated machine. Latency is counted from when a call is sent.
+    #[arg(long)]
+    rate: Option<u32>,
 }
 
 /// Set once from `--legacy-upstream`.
@@ -292,15 +298,18 @@ async fn initialize_upstream(http: &reqwest::Client, upstream: &str) -> anyhow::
     Ok(session)
 }
 
-async fn run(
-    scenario: Scenario,
-    concurrency: usize,
+/// How each scenario is driven: for how long, how fast, and against what.
+struct Drive<'a> {
     seconds: u64,
-    base: &str,
-    upstream: &str,
+    rate: Option<u32>,
+    base: &'a str,
+    upstream: &'a str,
     gateway_pid: u32,
     others: Others,
-) -> anyhow::Result<Outcome> {
+}
+
+async fn run(scenario: Scenario, concurrency: usize, drive: &Drive<'_>) -> anyhow::Result<Outcome> {
+    let Drive { seconds, rate, base, upstream, gateway_pid, others } = *drive;
     let http = reqwest::Client::builder().pool_max_idle_per_host(concurrency * 2).build()?;
     let mut sessions = Vec::new();
     for _ in 0..concurrency {
@@ -323,11 +332,26 @@ async fn run(
     let (base, upstream) = (Arc::new(base.to_string()), Arc::new(upstream.to_string()));
     for (worker, session) in sessions.into_iter().enumerate() {
         let (http, base, upstream) = (http.clone(), base.clone(), upstream.clone());
+        // Each client's turns, when paced: the clients' starts are spread over one period.
+        let mut turns = rate.map(|rate| {
+            let period = Duration::from_secs_f64(concurrency as f64 / f64::from(rate.max(1)));
+            let first = tokio::time::Instant::now() + period.mul_f64(worker as f64 / concurrency as f64);
+            let mut turns = tokio::time::interval_at(first, period);
+            // A late call does not make the next ones come in a burst.
+            turns.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            turns
+        });
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = 0usize;
             let mut id = (worker as u64) << 32;
             while Instant::now() < deadline {
+                if let Some(turns) = turns.as_mut() {
+                    turns.tick().await;
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                }
                 id += 1;
                 let t = Instant::now();
                 if one_call(&http, scenario, &base, &upstream, &session, id).await {
@@ -452,19 +476,28 @@ async fn main() -> anyhow::Result<()> {
         .await;
 
     println!(
-        "cores: {}, {} s per scenario",
+        "cores: {}, {} s per scenario{}",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        args.seconds
+        args.seconds,
+        args.rate.map(|r| format!(", clients paced to {r} calls/s in all")).unwrap_or_default()
     );
     println!(
         "{:<40} {:>5} {:>9} {:>9} {:>9} {:>7} {:>12} {:>9} {:>8}",
         "scenario", "conc", "req/s", "p50 ms", "p99 ms", "errors", "CPU µs/call", "cs/call", "vs direct"
     );
+    let drive = Drive {
+        seconds: args.seconds,
+        rate: args.rate,
+        base: &base,
+        upstream: &upstream,
+        gateway_pid: gateway.0.id(),
+        others,
+    };
     let mut shares = Vec::new();
     for &concurrency in &args.concurrency {
         let mut direct: Option<Outcome> = None;
         for scenario in [Scenario::Direct, Scenario::McpModern, Scenario::McpLegacy, Scenario::Rest] {
-            let o = run(scenario, concurrency, args.seconds, &base, &upstream, gateway.0.id(), others).await?;
+            let o = run(scenario, concurrency, &drive).await?;
             let ratio = direct.as_ref().map(|d| format!("{:.2}x", o.rps / d.rps)).unwrap_or_default();
             let added = direct
                 .as_ref()
