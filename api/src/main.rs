@@ -25,6 +25,7 @@ mod sessions;
 mod state;
 mod store;
 mod tool_call;
+mod unread_body;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;

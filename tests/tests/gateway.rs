@@ -434,3 +434,42 @@ async fn idempotency_keys_replay_refuse_other_bodies_and_never_run_twice() {
         .unwrap();
     assert_eq!(bad.status(), 400);
 }
+
+/// A body far over the limit (4 MiB by default) is still being sent when the gateway has decided
+/// to refuse it. The client must read the 413, not a connection cut mid-upload (EPIPE or reset):
+/// the rest of the body is read and dropped before the connection closes or is reused.
+#[tokio::test]
+async fn a_body_far_over_the_limit_is_answered_413_not_cut_off() {
+    let upstream = Upstream::start("both").await;
+    let gateway = Gateway::start(&quickstart(&upstream.url())).await;
+    let body = format!(r#"{{"name":"notes.echo","arguments":{{"text":"{}"}}}}"#, "x".repeat(16 * 1024 * 1024));
+    let http = reqwest::Client::new();
+    for attempt in 0..3 {
+        // REST.
+        let r = http
+            .post(format!("{}/api/v1/admin/tools/call", gateway.base))
+            .header("X-API-Key", ANALYST_KEY)
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("REST attempt {attempt}: the upload was cut off: {e:?}"));
+        assert_eq!(r.status(), 413, "REST attempt {attempt}");
+        let problem: Value = r.json().await.expect("problem+json");
+        assert_eq!(problem["status"], 413);
+        // MCP.
+        let r = http
+            .post(gateway.mcp_url("demo", "notes"))
+            .header("X-API-Key", ANALYST_KEY)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("MCP attempt {attempt}: the upload was cut off: {e:?}"));
+        assert_eq!(r.status(), 413, "MCP attempt {attempt}");
+    }
+    // The gateway still serves calls afterwards.
+    let (status, _) = gateway.call_tool(ANALYST_KEY, "notes.echo", json!({"text": "after"})).await;
+    assert_eq!(status, 200);
+}
