@@ -11,6 +11,7 @@ use support::cluster::Cluster;
 use support::*;
 
 const LIMITED_KEY: &str = "pcl_limited_0123456789abcdefghijklmnop";
+const BURST_KEY: &str = "pcl_burst_0123456789abcdefghijklmnopqr";
 
 fn manifests(upstream: &Upstream) -> Vec<(&'static str, String)> {
     let mut files = quickstart(&upstream.url());
@@ -18,6 +19,12 @@ fn manifests(upstream: &Upstream) -> Vec<(&'static str, String)> {
         "limited.yaml",
         format!(
             "apiVersion: portcullis.dev/v1alpha1\nkind: Persona\nmetadata: {{name: limited, namespace: demo}}\nspec: {{tools: {{allow: [\"notes.*\"]}}, limits: {{requestsPerMinute: 4}}}}\n---\napiVersion: portcullis.dev/v1alpha1\nkind: ApiKey\nmetadata: {{name: limited-key, namespace: demo}}\nspec: {{persona: limited, secretName: limited-key}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {{name: limited-key, namespace: demo}}\nstringData: {{key: {LIMITED_KEY}}}\n"
+        ),
+    ));
+    files.push((
+        "burst.yaml",
+        format!(
+            "apiVersion: portcullis.dev/v1alpha1\nkind: Persona\nmetadata: {{name: burst, namespace: demo}}\nspec: {{tools: {{allow: [\"notes.*\"]}}, limits: {{requestsPerMinute: 25}}}}\n---\napiVersion: portcullis.dev/v1alpha1\nkind: ApiKey\nmetadata: {{name: burst-key, namespace: demo}}\nspec: {{persona: burst, secretName: burst-key}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {{name: burst-key, namespace: demo}}\nstringData: {{key: {BURST_KEY}}}\n"
         ),
     ));
     files
@@ -121,6 +128,37 @@ async fn two_replicas_share_sessions_rate_limits_configuration_and_audit() {
         b.get(ADMIN_KEY, "/api/v1/admin/audit/events?page=1&per_page=2&status=throttled").await.json().await.unwrap();
     assert_eq!(paged["total"], 2, "{paged}");
     eprintln!("publish to both replicas serving: {took:?}");
+}
+
+/// Many requests at once, on both replicas: decisions asked for together are decided together
+/// (one script run per batch), yet each principal's limit holds exactly, and one principal's
+/// refusals do not spill onto another's requests in the same batch.
+#[tokio::test]
+async fn a_burst_of_concurrent_requests_on_two_replicas_gets_exactly_the_limit() {
+    let upstream = Upstream::start("both").await;
+    let backends = Shared::start().await;
+    let cluster =
+        Cluster::new(&backends.database_url, &backends.redis_url, &backends.redis_prefix, &manifests(&upstream));
+    cluster.publish();
+    let (a, b) = tokio::join!(cluster.replica(), cluster.replica());
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let requests = (0..120).map(|i| {
+        let (api, key) = match i % 4 {
+            0 => (&*a, BURST_KEY),
+            1 => (&*b, BURST_KEY),
+            2 => (&*a, ANALYST_KEY),
+            _ => (&*b, ANALYST_KEY),
+        };
+        async move { (key, api.get(key, "/api/v1/portal/me").await.status().as_u16()) }
+    });
+    let statuses = futures::future::join_all(requests).await;
+    let count = |key: &str, status: u16| statuses.iter().filter(|s| **s == (key, status)).count();
+    // The burst persona allows 25 a minute: 25 of its 60 pass, whichever replica they reached.
+    assert_eq!(count(BURST_KEY, 200), 25, "{statuses:?}");
+    assert_eq!(count(BURST_KEY, 429), 35, "{statuses:?}");
+    // The analyst's 60, decided in the same batches, all pass.
+    assert_eq!(count(ANALYST_KEY, 200), 60, "{statuses:?}");
 }
 
 #[tokio::test]
