@@ -29,12 +29,10 @@ pub fn request_id() -> String {
     REQUEST.try_with(|r| r.id.clone()).unwrap_or_else(|_| uuid::Uuid::now_v7().to_string())
 }
 
-/// Middleware: assigns the request id and makes the context available; a body the handler
-/// leaves unread is read to its end after the answer (`unread_body`).
+/// Middleware: assigns the request id and makes the context available.
 pub async fn layer(request: Request, next: Next) -> Response {
     let id = uuid::Uuid::now_v7().to_string();
     let info = RequestInfo { id: id.clone(), path: request.uri().path().to_string() };
-    let request = request.map(crate::unread_body::drained_when_dropped);
     let mut response = REQUEST.scope(info, next.run(request)).await;
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-request-id", value);

@@ -60,6 +60,8 @@ pub fn router(state: AppState) -> Router {
             ))
         })
         .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
+        // A body the handler leaves unread (one over the limit) is read after the answer.
+        .layer(tower_http::map_request_body::MapRequestBodyLayer::new(crate::unread_body::drained_when_dropped))
         .layer(axum::middleware::from_fn(crate::http_context::layer))
         .with_state(state)
 }

@@ -21,7 +21,7 @@ const MAX_TIME: Duration = Duration::from_secs(10);
 /// Wraps a request's body so that, when dropped before its end, the rest is read in the
 /// background.
 pub fn drained_when_dropped(body: Body) -> Body {
-    if http_body::Body::is_end_stream(&body) {
+    if body.is_end_stream() {
         return body;
     }
     Body::new(DrainOnDrop { inner: Some(body) })
@@ -54,7 +54,7 @@ impl http_body::Body for DrainOnDrop {
 impl Drop for DrainOnDrop {
     fn drop(&mut self) {
         let Some(mut body) = self.inner.take() else { return };
-        if http_body::Body::is_end_stream(&body) {
+        if body.is_end_stream() {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };

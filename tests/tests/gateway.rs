@@ -444,27 +444,22 @@ async fn a_body_far_over_the_limit_is_answered_413_not_cut_off() {
     let gateway = Gateway::start(&quickstart(&upstream.url())).await;
     let body = format!(r#"{{"name":"notes.echo","arguments":{{"text":"{}"}}}}"#, "x".repeat(16 * 1024 * 1024));
     let http = reqwest::Client::new();
-    for attempt in 0..3 {
-        // REST.
-        let r = http
-            .post(format!("{}/api/v1/admin/tools/call", gateway.base))
-            .header("X-API-Key", ANALYST_KEY)
-            .header("content-type", "application/json")
-            .body(body.clone())
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("REST attempt {attempt}: the upload was cut off: {e:?}"));
-        assert_eq!(r.status(), 413, "REST attempt {attempt}");
-        let problem: Value = r.json().await.expect("problem+json");
-        assert_eq!(problem["status"], 413);
-        // MCP.
-        let r = http
-            .post(gateway.mcp_url("demo", "notes"))
+    let upload = |url: String| {
+        http.post(url)
             .header("X-API-Key", ANALYST_KEY)
             .header("content-type", "application/json")
             .header("accept", "application/json, text/event-stream")
             .body(body.clone())
             .send()
+    };
+    for attempt in 0..3 {
+        let r = upload(format!("{}/api/v1/admin/tools/call", gateway.base))
+            .await
+            .unwrap_or_else(|e| panic!("REST attempt {attempt}: the upload was cut off: {e:?}"));
+        assert_eq!(r.status(), 413, "REST attempt {attempt}");
+        let problem: Value = r.json().await.expect("problem+json");
+        assert_eq!(problem["status"], 413);
+        let r = upload(gateway.mcp_url("demo", "notes"))
             .await
             .unwrap_or_else(|e| panic!("MCP attempt {attempt}: the upload was cut off: {e:?}"));
         assert_eq!(r.status(), 413, "MCP attempt {attempt}");

@@ -4,10 +4,10 @@
 //!
 //! A request that may hear something before its answer (`may_stream` in `mcp`), from a client
 //! that accepts an event stream, runs beside a channel for those messages; as long as nothing
-//! is sent before the answer, the answer goes as a plain response. The first message turns the response into an event
-//! stream that carries the messages and then the answer. Closing that stream cancels the request
-//! (the 2026-07-28 rule; a dropped call to a 2025 upstream sends it `notifications/cancelled`),
-//! and the request is audited either way.
+//! is sent before the answer, the answer goes as a plain response. The first message turns the
+//! response into an event stream that carries the messages and then the answer. Closing that
+//! stream cancels the request (the 2026-07-28 rule; a dropped call to a 2025 upstream sends it
+//! `notifications/cancelled`), and the request is audited either way.
 //!
 //! Answers and cancellations a 2025 client sends to another replica reach this one over the
 //! change bus (`deliver_forwarded`).

@@ -85,7 +85,8 @@ struct Outcome {
     rps: f64,
     p50: Duration,
     p99: Duration,
-    cpu_ms_per_1000: Option<f64>,
+    /// The gateway's CPU µs per call.
+    cpu_us_per_call: Option<f64>,
     switches_per_call: Option<f64>,
     /// CPU µs per call of the upstream, Redis, Postgres and the load generator.
     others_us_per_call: [Option<f64>; 4],
@@ -161,6 +162,12 @@ fn tree_cpu_time(root: u32) -> Option<Duration> {
         }
     }
     Some(total)
+}
+
+/// CPU µs per call between two readings of CPU time.
+fn micros_per_call(before: Option<Duration>, after: Option<Duration>, calls: usize) -> Option<f64> {
+    let spent = after?.saturating_sub(before?);
+    (calls > 0).then(|| spent.as_secs_f64() * 1e6 / calls as f64)
 }
 
 /// The processes besides the gateway that every call costs CPU in, all on the same cores.
@@ -382,24 +389,13 @@ async fn run(scenario: Scenario, concurrency: usize, drive: &Drive<'_>) -> anyho
             .unwrap_or_default()
     };
     let calls = latencies.len();
-    let cpu_ms_per_1000 = match (scenario, cpu_before, cpu_after) {
-        (Scenario::Direct, _, _) => None,
-        (_, Some(before), Some(after)) if calls > 0 => {
-            Some((after - before).as_secs_f64() * 1000.0 / calls as f64 * 1000.0)
-        }
+    let gateway = scenario != Scenario::Direct;
+    let cpu_us_per_call = micros_per_call(cpu_before, cpu_after, calls).filter(|_| gateway);
+    let switches_per_call = match (switches_before, switches_after) {
+        (Some(before), Some(after)) if gateway && calls > 0 => Some(after.saturating_sub(before) as f64 / calls as f64),
         _ => None,
     };
-    let switches_per_call = match (scenario, switches_before, switches_after) {
-        (Scenario::Direct, _, _) => None,
-        (_, Some(before), Some(after)) if calls > 0 => Some(after.saturating_sub(before) as f64 / calls as f64),
-        _ => None,
-    };
-    let others_us_per_call = std::array::from_fn(|i| match (others_before[i], others_after[i]) {
-        (Some(before), Some(after)) if calls > 0 => {
-            Some(after.saturating_sub(before).as_secs_f64() * 1e6 / calls as f64)
-        }
-        _ => None,
-    });
+    let others_us_per_call = std::array::from_fn(|i| micros_per_call(others_before[i], others_after[i], calls));
     Ok(Outcome {
         others_us_per_call,
         calls,
@@ -407,7 +403,7 @@ async fn run(scenario: Scenario, concurrency: usize, drive: &Drive<'_>) -> anyho
         rps: calls as f64 / elapsed.as_secs_f64(),
         p50: at(0.5),
         p99: at(0.99),
-        cpu_ms_per_1000,
+        cpu_us_per_call,
         switches_per_call,
     })
 }
@@ -517,12 +513,12 @@ async fn main() -> anyhow::Result<()> {
                 o.p50.as_secs_f64() * 1e3,
                 o.p99.as_secs_f64() * 1e3,
                 o.errors,
-                o.cpu_ms_per_1000.map(|c| format!("{c:.1}")).unwrap_or_else(|| "-".into()),
+                o.cpu_us_per_call.map(|c| format!("{c:.1}")).unwrap_or_else(|| "-".into()),
                 o.switches_per_call.map(|c| format!("{c:.2}")).unwrap_or_else(|| "-".into()),
                 ratio
             );
             let _ = o.calls;
-            shares.push((scenario.name(), concurrency, o.cpu_ms_per_1000, o.others_us_per_call));
+            shares.push((scenario.name(), concurrency, o.cpu_us_per_call, o.others_us_per_call));
             if scenario == Scenario::Direct {
                 direct = Some(o);
             }
